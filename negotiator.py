@@ -1,0 +1,2240 @@
+#!/usr/bin/env python
+"""negotiator: a scriptable KVM/QEMU guest agent in one file.
+
+Copy this file onto a guest and run it; nothing outside the standard library
+is needed, on Python 2.6, 2.7 and 3.x.
+
+Inside the guest, ``python negotiator.py guest`` serves the virtio-serial port
+``negotiator-host-to-guest.0``: it answers the QEMU guest agent protocol
+(``guest-sync``, ``guest-ping``, ``guest-info``, ...) and runs the executables
+found in ``/usr/lib/negotiator/commands``.
+
+On the host, ``python negotiator.py host SOCKET COMMAND [ARG...]`` runs COMMAND
+in the guest through the UNIX socket QEMU exposes for that port: the command's
+output arrives on stdout and stderr as it is produced and its exit status
+becomes this command's exit status.
+
+The wire protocol is qemu-ga's: one JSON object per line, ``execute`` requests,
+``return``/``error`` replies, 0xFF resynchronisation.  negotiator adds its own
+``negotiator-*`` commands and streams command output as ``event`` lines.
+README.txt documents it in full.
+"""
+
+__version__ = '1.0.0'
+
+import binascii
+import errno
+import fcntl
+import json
+import logging
+import logging.handlers
+import optparse
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+
+
+# ============================================================================
+# Compatibility: the few names that differ between Python 2 and 3
+# ============================================================================
+
+try:
+    import six
+except ImportError:
+    six = None
+
+if six is not None:
+    PY3 = six.PY3
+    text_type = six.text_type
+    string_types = six.string_types
+    integer_types = six.integer_types
+elif sys.version_info[0] >= 3:
+    PY3 = True
+    text_type = str
+    string_types = (str,)
+    integer_types = (int,)
+else:
+    PY3 = False
+    text_type = unicode  # noqa: F821 (Python 2 only)
+    string_types = (basestring,)  # noqa: F821 (Python 2 only)
+    integer_types = (int, long)  # noqa: F821 (Python 2 only)
+
+#: A clock that never jumps, where the interpreter has one (3.3+).
+monotonic = getattr(time, 'monotonic', time.time)
+
+if PY3:
+    #: Popen arguments that start the child in a session (and process group)
+    #: of its own, so that a whole command tree can be killed at once.
+    NEW_SESSION = {'start_new_session': True}
+else:
+    NEW_SESSION = {'preexec_fn': os.setsid}
+
+
+# ============================================================================
+# Constants
+# ============================================================================
+
+#: The virtio-serial port on which the host asks and the guest answers.
+HOST_TO_GUEST_PORT = 'negotiator-host-to-guest.0'
+#: The port on which the guest asks and the host answers.
+GUEST_TO_HOST_PORT = 'negotiator-guest-to-host.0'
+#: The name the earliest python-negotiator release used for host-to-guest.
+LEGACY_PORT = 'negotiator-channel.0'
+#: Where the guest looks for its port when nothing else is found.
+FALLBACK_DEVICE = '/dev/vport0p1'
+#: Executables in this directory are the commands the other side may run.
+DEFAULT_COMMANDS_DIR = '/usr/lib/negotiator/commands'
+#: Seconds the host client waits for a whole call by default (0 = forever).
+DEFAULT_TIMEOUT = 10.0
+
+#: Longest request or reply line accepted.  Standard input travels inside a
+#: request, base64-encoded, so it may be up to three quarters of this.
+MAX_LINE = 16 * 1024 * 1024
+#: Largest standard input the host client forwards.
+MAX_STDIN = MAX_LINE // 4 * 3 - 64 * 1024
+#: Requests queued behind a running command before further ones are refused.
+MAX_PENDING = 64
+#: One write() on a virtio-serial port carries at most this many bytes.
+MAX_WRITE = 32768
+#: Bytes read from a pipe or a socket at once.
+READ_SIZE = 65536
+#: A command's output is not read while more than this waits to be sent ...
+HIGH_WATER = 1024 * 1024
+#: ... and is read again once the backlog is below this.
+LOW_WATER = 256 * 1024
+#: Seconds between checks whether a host connected to an idle port, in case
+#: the kernel sends no SIGIO; SIGIO normally wakes the agent at once.
+RECONNECT_CHECK = 1.0
+#: Seconds between attempts to open a port that is missing or busy.
+OPEN_RETRY = 1.0
+#: Seconds between repeated log lines about a port that stays unavailable.
+OPEN_LOG_EVERY = 60.0
+
+#: Exit statuses of the host client besides the remote command's own.
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+EXIT_PROTOCOL = 254
+EXIT_CONNECT = 255
+
+#: The byte that makes the reader of a stream drop its partial input.
+RESYNC_BYTE = b'\xff'
+
+#: Debian release codenames by major version, for guests whose
+#: /etc/debian_version holds only a number.
+DEBIAN_CODENAMES = {
+    '4': 'etch', '5': 'lenny', '6': 'squeeze', '7': 'wheezy', '8': 'jessie',
+    '9': 'stretch', '10': 'buster', '11': 'bullseye', '12': 'bookworm',
+    '13': 'trixie', '14': 'forky',
+}
+
+#: Filesystem types the disk-usage command skips: pseudo filesystems, and
+#: network filesystems whose statvfs() can hang the agent on a dead server.
+SKIPPED_FILESYSTEMS = frozenset([
+    'autofs', 'binfmt_misc', 'bpf', 'cgroup', 'cgroup2', 'cifs', 'configfs',
+    'debugfs', 'devpts', 'devtmpfs', 'efivarfs', 'fuse.sshfs', 'fusectl',
+    'hugetlbfs', 'mqueue', 'nfs', 'nfs4', 'nsfs', 'proc', 'pstore',
+    'rpc_pipefs', 'securityfs', 'selinuxfs', 'smb3', 'smbfs', 'sysfs',
+    'tracefs', '9p',
+])
+
+log = logging.getLogger('negotiator')
+
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+class NegotiatorError(Exception):
+    """Base of the errors this module raises on purpose.
+
+    ``status`` is the exit status the command-line interface ends with.
+    """
+    status = 1
+
+
+class ConnectError(NegotiatorError):
+    """The other side cannot be reached."""
+    status = EXIT_CONNECT
+
+
+class ProtocolError(NegotiatorError):
+    """The other side said something this side cannot accept."""
+    status = EXIT_PROTOCOL
+
+
+class CallTimeout(NegotiatorError):
+    """A call did not finish within its time limit."""
+    status = EXIT_TIMEOUT
+
+
+class RemoteError(NegotiatorError):
+    """The agent answered a request with an error reply.
+
+    :param error_class: the reply's ``class``, e.g. ``CommandNotFound``.
+    :param desc: the reply's human-readable ``desc``.
+    """
+
+    def __init__(self, error_class, desc):
+        NegotiatorError.__init__(self, desc)
+        self.error_class = error_class
+        self.desc = desc
+        self.status = ERROR_STATUSES.get(error_class, EXIT_PROTOCOL)
+
+
+class RequestError(Exception):
+    """A request the agent refuses; becomes an ``error`` reply.
+
+    :param desc: what was wrong, in qemu-ga's wording where it has one.
+    :param error_class: the reply's error class.
+    """
+
+    def __init__(self, desc, error_class='GenericError'):
+        Exception.__init__(self, desc)
+        self.desc = desc
+        self.error_class = error_class
+
+
+#: Error classes of negotiator-execute and the exit statuses they map to.
+ERROR_STATUSES = {
+    'NegotiatorCommandNotFound': EXIT_NOT_FOUND,
+    'NegotiatorCommandNotExecutable': EXIT_NOT_EXECUTABLE,
+}
+
+
+# ============================================================================
+# Wire protocol: newline-delimited JSON, as qemu-ga speaks it
+# ============================================================================
+
+def encode_message(message):
+    """Return ``message`` as one wire line: ASCII-only JSON ending in ``\\n``."""
+    line = json.dumps(message, separators=(',', ':'))
+    if not isinstance(line, bytes):
+        line = line.encode('ascii')
+    return line + b'\n'
+
+
+def decode_message(line):
+    """Parse one received line into a dict.
+
+    :raises RequestError: for anything but a UTF-8 JSON object.
+    """
+    try:
+        message = json.loads(line.decode('utf-8'))
+    except UnicodeDecodeError:
+        raise RequestError('Invalid JSON syntax: the line is not valid UTF-8')
+    except ValueError as e:
+        raise RequestError('Invalid JSON syntax: {0}'.format(e))
+    if not isinstance(message, dict):
+        raise RequestError('QMP input must be a JSON object')
+    return message
+
+
+def encode_bytes(data):
+    """Bytes as the base64 text qemu-ga uses for ``input-data``/``out-data``."""
+    return binascii.b2a_base64(data).rstrip(b'\n').decode('ascii')
+
+
+def decode_bytes(text, name):
+    """The bytes a base64 member carries.
+
+    :param name: the member's name, for the error message.
+    :raises RequestError: when ``text`` is not base64.
+    """
+    if not isinstance(text, string_types):
+        raise RequestError(
+            "Invalid parameter type for '{0}', expected: string".format(name))
+    try:
+        return binascii.a2b_base64(text.encode('ascii'))
+    except (binascii.Error, UnicodeError, ValueError):
+        raise RequestError("Parameter '{0}' is not valid base64".format(name))
+
+
+def make_event(name, data, request_id):
+    """A QMP-style event line tied to the request that caused it."""
+    if request_id is not None:
+        data['id'] = request_id
+    now = time.time()
+    return {'event': name, 'data': data,
+            'timestamp': {'seconds': int(now),
+                          'microseconds': int(now % 1 * 1000000)}}
+
+
+#: Markers LineReader.feed() returns besides complete lines.
+RESYNC = 'resync'
+OVERSIZED = 'oversized'
+
+
+class LineReader(object):
+    """Cuts a byte stream into lines, keeping the partial last line between reads.
+
+    A 0xFF byte drops the partial line, as in qemu-ga: a client that starts
+    with 0xFF knows the agent's reader starts afresh.  A line longer than
+    ``limit`` is dropped up to its newline and reported once as OVERSIZED.
+    """
+
+    def __init__(self, limit=MAX_LINE):
+        self.limit = limit
+        self.reset()
+
+    def reset(self):
+        """Forget the partial line."""
+        self._chunks = []
+        self._size = 0
+        self._dropping = False
+
+    def feed(self, data):
+        """Take received bytes.
+
+        :returns: complete lines (bytes, without the newline), RESYNC where
+            a 0xFF byte was and OVERSIZED where a too-long line began,
+            in stream order.
+        """
+        items = []
+        for index, piece in enumerate(data.split(RESYNC_BYTE)):
+            if index:
+                self.reset()
+                items.append(RESYNC)
+            self._feed_piece(piece, items)
+        return items
+
+    def _feed_piece(self, piece, items):
+        start = 0
+        newline = piece.find(b'\n')
+        while newline >= 0:
+            self._append(piece[start:newline], items)
+            if not self._dropping:
+                items.append(b''.join(self._chunks))
+            self.reset()
+            start = newline + 1
+            newline = piece.find(b'\n', start)
+        self._append(piece[start:], items)
+
+    def _append(self, part, items):
+        if self._dropping or not part:
+            return
+        self._size += len(part)
+        if self._size > self.limit:
+            self._chunks = []
+            self._dropping = True
+            items.append(OVERSIZED)
+        else:
+            self._chunks.append(part)
+
+
+# ============================================================================
+# Event loop: one poll()/select() loop for every descriptor
+# ============================================================================
+
+#: errno values that mean the other end of a descriptor has gone.
+DISCONNECT_ERRORS = (errno.EPIPE, errno.ECONNRESET, errno.EIO, errno.ENOTCONN,
+                     errno.ESHUTDOWN, errno.ENXIO)
+#: errno values that mean "nothing to do right now".
+WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+class Disconnected(Exception):
+    """The other end of a descriptor has gone."""
+
+
+def read_fd(fd, size=READ_SIZE):
+    """Read what is there without blocking.
+
+    :returns: bytes; ``b''`` at end of file or when the peer has gone;
+        None when nothing can be read yet.
+    """
+    while True:
+        try:
+            return os.read(fd, size)
+        except (OSError, IOError) as e:
+            if e.args[0] == errno.EINTR:
+                continue
+            if e.args[0] in WOULD_BLOCK:
+                return None
+            if e.args[0] in DISCONNECT_ERRORS:
+                return b''
+            raise
+
+
+def write_fd(fd, data):
+    """Write what the descriptor takes now.
+
+    :returns: the number of bytes written, 0 when it takes nothing yet.
+    :raises Disconnected: when the peer has gone.
+    """
+    while True:
+        try:
+            return os.write(fd, data)
+        except (OSError, IOError) as e:
+            if e.args[0] == errno.EINTR:
+                continue
+            if e.args[0] in WOULD_BLOCK:
+                return 0
+            if e.args[0] in DISCONNECT_ERRORS:
+                raise Disconnected(os.strerror(e.args[0]))
+            raise
+
+
+def set_nonblocking(fd):
+    """Make ``fd`` non-blocking and close-on-exec."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+    fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+
+
+def poll_fds(fds, want_write, timeout):
+    """Wait until descriptors are ready; poll() where it exists, else select().
+
+    :param fds: descriptors to watch for reading.
+    :param want_write: descriptors to watch for writing.
+    :param timeout: seconds, or None to wait forever.
+    :returns: ``(fd, readable, writable, hung_up)`` tuples; an empty list
+        also when a signal interrupted the wait.
+    """
+    try:
+        if hasattr(select, 'poll'):
+            return _poll(fds, want_write, timeout)
+        return _select(fds, want_write, timeout)
+    except (select.error, OSError, IOError) as e:
+        if e.args[0] == errno.EINTR:
+            return []
+        raise
+
+
+def _poll(fds, want_write, timeout):
+    poller = select.poll()
+    masks = {}
+    for fd in fds:
+        masks[fd] = select.POLLIN
+    for fd in want_write:
+        masks[fd] = masks.get(fd, 0) | select.POLLOUT
+    for fd, mask in masks.items():
+        poller.register(fd, mask)
+    if timeout is not None:
+        timeout = max(0, int(timeout * 1000 + 0.999))
+    ready = []
+    for fd, event in poller.poll(timeout):
+        hung_up = bool(event & (select.POLLHUP | select.POLLERR |
+                                select.POLLNVAL))
+        ready.append((fd, bool(event & select.POLLIN),
+                      bool(event & select.POLLOUT), hung_up))
+    return ready
+
+
+def _select(fds, want_write, timeout):
+    readable, writable, _ = select.select(list(fds), list(want_write), [],
+                                          timeout)
+    ready = {}
+    for fd in readable:
+        ready[fd] = (fd, True, False, False)
+    for fd in writable:
+        ready[fd] = (fd, fd in ready, True, False)
+    return list(ready.values())
+
+
+class Timer(object):
+    """A callback the loop runs once at ``deadline`` unless cancelled."""
+
+    def __init__(self, deadline, callback):
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Loop(object):
+    """Maps descriptors to callbacks and runs them as they become ready.
+
+    Signals wake the loop through a pipe (``signal.set_wakeup_fd``); their
+    handlers run as ordinary callbacks from the loop, never in the middle
+    of other work.
+    """
+
+    def __init__(self):
+        self._readers = {}
+        self._writers = {}
+        self._timers = []
+        self._signal_callbacks = {}
+        self._signals_seen = []
+        self.running = True
+        self._wake_read, self._wake_write = os.pipe()
+        set_nonblocking(self._wake_read)
+        set_nonblocking(self._wake_write)
+        self.add_reader(self._wake_read, self._drain_wakeups)
+
+    def add_reader(self, fd, callback):
+        """Call ``callback(hung_up)`` whenever ``fd`` is readable or hung up."""
+        self._readers[fd] = callback
+
+    def remove_reader(self, fd):
+        self._readers.pop(fd, None)
+
+    def add_writer(self, fd, callback):
+        """Call ``callback()`` whenever ``fd`` is writable."""
+        self._writers[fd] = callback
+
+    def remove_writer(self, fd):
+        self._writers.pop(fd, None)
+
+    def call_later(self, delay, callback):
+        """Run ``callback()`` after ``delay`` seconds; returns a Timer."""
+        timer = Timer(monotonic() + delay, callback)
+        self._timers.append(timer)
+        return timer
+
+    def on_signal(self, signum, callback):
+        """Run ``callback()`` from the loop whenever ``signum`` arrives."""
+        self._signal_callbacks[signum] = callback
+        signal.signal(signum, self._note_signal)
+        signal.siginterrupt(signum, False)
+        signal.set_wakeup_fd(self._wake_write)
+
+    def close(self):
+        """Release the wakeup pipe and restore the signals' defaults."""
+        for signum in self._signal_callbacks:
+            signal.signal(signum, signal.SIG_DFL)
+        if self._signal_callbacks:
+            signal.set_wakeup_fd(-1)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def _note_signal(self, signum, frame):
+        self._signals_seen.append(signum)
+
+    def _drain_wakeups(self, hung_up):
+        while read_fd(self._wake_read):
+            pass
+
+    def _next_timeout(self):
+        self._timers = [t for t in self._timers if not t.cancelled]
+        if not self._timers:
+            return None
+        return max(0.0, min(t.deadline for t in self._timers) - monotonic())
+
+    def run_once(self):
+        """Wait for the next events and run their callbacks."""
+        ready = poll_fds(self._readers, self._writers, self._next_timeout())
+        for fd, readable, writable, hung_up in ready:
+            if (readable or hung_up) and fd in self._readers:
+                self._readers[fd](hung_up)
+            if writable and fd in self._writers:
+                self._writers[fd]()
+        self._run_signal_callbacks()
+        self._run_due_timers()
+
+    def _run_signal_callbacks(self):
+        while self._signals_seen:
+            signum = self._signals_seen.pop(0)
+            self._signal_callbacks[signum]()
+
+    def _run_due_timers(self):
+        now = monotonic()
+        for timer in list(self._timers):
+            if timer.deadline <= now and not timer.cancelled:
+                timer.cancelled = True
+                timer.callback()
+
+    def run(self):
+        """Run until ``running`` is set to False."""
+        while self.running:
+            self.run_once()
+
+
+class Channel(object):
+    """One conversation's descriptor: lines in, buffered non-blocking writes out.
+
+    The handler receives whole lines and events and never touches the
+    descriptor: ``on_line(line)``, ``on_resync()``, ``on_oversized()``,
+    ``on_drained()`` (the output backlog fell below LOW_WATER) and
+    ``on_disconnect()``.
+    """
+
+    def __init__(self, loop, fd, handler, name):
+        self.loop = loop
+        self.fd = fd
+        self.handler = handler
+        self.name = name
+        self.reader = LineReader()
+        self._out = []
+        self.backlog = 0
+        self.connected = True
+        loop.add_reader(fd, self._on_readable)
+
+    def send(self, message):
+        """Queue one message; dropped silently once the peer has gone."""
+        if not self.connected:
+            return
+        self._out.append(encode_message(message))
+        self.backlog += len(self._out[-1])
+        self._flush()
+
+    def send_raw(self, data):
+        """Queue raw bytes, such as the 0xFF of guest-sync-delimited."""
+        if self.connected:
+            self._out.append(data)
+            self.backlog += len(data)
+            self._flush()
+
+    def _flush(self):
+        try:
+            while self._out:
+                chunk = self._out[0]
+                written = write_fd(self.fd, chunk[:MAX_WRITE])
+                if not written:
+                    self.loop.add_writer(self.fd, self._flush)
+                    return
+                self.backlog -= written
+                if written < len(chunk):
+                    self._out[0] = chunk[written:]
+                else:
+                    self._out.pop(0)
+        except Disconnected as e:
+            self.disconnect(str(e))
+            return
+        self.loop.remove_writer(self.fd)
+        self.handler.on_drained()
+
+    def _on_readable(self, hung_up):
+        for _ in range(16):
+            data = read_fd(self.fd)
+            if data is None:
+                return
+            if not data:
+                self.disconnect('end of file')
+                return
+            for item in self.reader.feed(data):
+                if item is RESYNC:
+                    self.handler.on_resync()
+                elif item is OVERSIZED:
+                    self.handler.on_oversized()
+                else:
+                    self.handler.on_line(item)
+                if not self.connected:
+                    return
+
+    def disconnect(self, why):
+        """Stop reading and writing; drop what was not sent."""
+        if not self.connected:
+            return
+        log.debug('%s: disconnected (%s)', self.name, why)
+        self.connected = False
+        self.loop.remove_reader(self.fd)
+        self.loop.remove_writer(self.fd)
+        self._out = []
+        self.backlog = 0
+        self.reader.reset()
+        self.handler.on_disconnect()
+
+    def reconnect(self):
+        """Serve the descriptor again after a disconnect (virtio ports)."""
+        self.connected = True
+        self.loop.add_reader(self.fd, self._on_readable)
+
+
+# ============================================================================
+# Commands: the executables of the commands directory and the built-ins
+# ============================================================================
+
+def check_command_name(name):
+    """Refuse names that could reach outside the commands directory.
+
+    :raises RequestError: for an empty name or one with ``/``, a leading
+        dot (so also ``..``) or a NUL byte.
+    """
+    if not isinstance(name, string_types):
+        raise RequestError(
+            "Invalid parameter type for 'command', expected: string")
+    if not name or '/' in name or name.startswith('.') or '\0' in name:
+        raise RequestError(
+            'Invalid command name {0!r}: a name is a file directly inside '
+            'the commands directory'.format(name))
+
+
+class CommandSet(object):
+    """The commands one side offers: a directory's executables and built-ins.
+
+    :param directory: the commands directory (it need not exist).
+    :param builtins: name -> function returning ``(output_bytes, status)``.
+    """
+
+    def __init__(self, directory, builtins):
+        self.directory = directory
+        self.builtins = builtins
+
+    def names(self):
+        """List ``(name, kind)`` for every command, sorted by name."""
+        found = {}
+        for name in self.builtins:
+            found[name] = 'builtin'
+        try:
+            entries = os.listdir(self.directory)
+        except OSError:
+            entries = []
+        for name in entries:
+            if not name.startswith('.') and self._executable(name):
+                found[name] = 'user'
+        return sorted(found.items())
+
+    def _executable(self, name):
+        path = os.path.join(self.directory, name)
+        try:
+            info = os.stat(path)
+        except OSError:
+            return False
+        return stat.S_ISREG(info.st_mode) and os.access(path, os.X_OK)
+
+    def resolve(self, name):
+        """Find what runs for ``name``.
+
+        :returns: ``('user', path)`` or ``('builtin', function)``.
+        :raises RequestError: NegotiatorCommandNotFound when nothing has
+            that name, NegotiatorCommandNotExecutable when the file exists
+            but cannot run.
+        """
+        check_command_name(name)
+        path = os.path.join(self.directory, name)
+        try:
+            info = os.stat(path)
+        except OSError:
+            info = None
+        if info is not None:
+            if stat.S_ISREG(info.st_mode) and os.access(path, os.X_OK):
+                return 'user', path
+            raise RequestError(
+                'Command {0!r} is not executable: {1} is not a regular file '
+                'with execute permission (chmod +x it)'.format(name, path),
+                'NegotiatorCommandNotExecutable')
+        if name in self.builtins:
+            return 'builtin', self.builtins[name]
+        raise RequestError(
+            'Command {0!r} not found in {1}; available: {2}'.format(
+                name, self.directory,
+                ', '.join(n for n, _ in self.names()) or 'none'),
+            'NegotiatorCommandNotFound')
+
+
+class Children(object):
+    """The child processes not reaped yet; checked whenever SIGCHLD arrives."""
+
+    def __init__(self):
+        self.running = set()
+
+    def check(self):
+        for process in list(self.running):
+            process.check_exit()
+
+    def kill_all(self):
+        for process in list(self.running):
+            process.kill()
+
+
+class Process(object):
+    """A command running as a child whose pipes join the loop.
+
+    The child runs in a session of its own with every other descriptor
+    closed, so that a background process it leaves behind never holds the
+    agent's port, and so that ``kill()`` reaches its whole process tree.
+
+    :param children: the Children registry that reaps it.
+    :param on_output: called with ``('out-data'|'err-data', bytes)``.
+    :param on_exit: called once with the reply's ``return`` dict.
+    """
+
+    def __init__(self, loop, children, argv, env, stdin_data, timeout,
+                 on_output, on_exit):
+        import subprocess  # only the serving side needs it: lean start-up
+        self.loop = loop
+        self.children = children
+        self.on_output = on_output
+        self.on_exit = on_exit
+        self.timed_out = False
+        self.killed = False
+        self._stdin_data = stdin_data
+        self._paused = False
+        devnull = None
+        if not stdin_data:
+            devnull = os.open(os.devnull, os.O_RDONLY)
+        try:
+            self.popen = subprocess.Popen(
+                argv, stdin=devnull or subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                close_fds=True, cwd='/', env=env, **NEW_SESSION)
+        finally:
+            if devnull is not None:
+                os.close(devnull)
+        self.pid = self.popen.pid
+        children.running.add(self)
+        self._pipes = {self.popen.stdout.fileno(): 'out-data',
+                       self.popen.stderr.fileno(): 'err-data'}
+        self._files = {self.popen.stdout.fileno(): self.popen.stdout,
+                       self.popen.stderr.fileno(): self.popen.stderr}
+        for fd in self._pipes:
+            set_nonblocking(fd)
+            loop.add_reader(fd, self._on_readable)
+        if stdin_data:
+            self._stdin_fd = self.popen.stdin.fileno()
+            set_nonblocking(self._stdin_fd)
+            loop.add_writer(self._stdin_fd, self._feed_stdin)
+        self._timer = None
+        if timeout:
+            self._timer = loop.call_later(timeout, self._on_timeout)
+
+    def _feed_stdin(self):
+        try:
+            written = write_fd(self._stdin_fd, self._stdin_data[:READ_SIZE])
+        except Disconnected:
+            written = len(self._stdin_data)
+        self._stdin_data = self._stdin_data[written:]
+        if not self._stdin_data:
+            self._close_stdin()
+
+    def _close_stdin(self):
+        self._stdin_data = b''
+        if self.popen.stdin and not self.popen.stdin.closed:
+            self.loop.remove_writer(self._stdin_fd)
+            self.popen.stdin.close()
+
+    def _on_readable(self, hung_up):
+        for fd in list(self._pipes):
+            self._read_pipe(fd)
+        self.check_exit()
+
+    def _read_pipe(self, fd):
+        data = read_fd(fd)
+        if data is None:
+            return
+        if not data:
+            self._close_pipe(fd)
+        else:
+            self.on_output(self._pipes[fd], data)
+
+    def _close_pipe(self, fd):
+        self.loop.remove_reader(fd)
+        del self._pipes[fd]
+        self._files.pop(fd).close()
+
+    def pause(self):
+        """Stop reading output until resume(): the peer is slower than us."""
+        if not self._paused:
+            self._paused = True
+            for fd in self._pipes:
+                self.loop.remove_reader(fd)
+
+    def resume(self):
+        if self._paused:
+            self._paused = False
+            for fd in self._pipes:
+                self.loop.add_reader(fd, self._on_readable)
+
+    def check_exit(self):
+        """Finish once the child has exited (called on SIGCHLD and on EOF).
+
+        Output already in the pipes is read first; the pipes are not waited
+        on after that, as a background process the command started may hold
+        them open for ever.
+        """
+        if self.popen.poll() is None:
+            return
+        for fd in list(self._pipes):
+            for _ in range(64):
+                data = read_fd(fd)
+                if not data:
+                    break
+                self.on_output(self._pipes[fd], data)
+            self._close_pipe(fd)
+        self._finish()
+
+    def _finish(self):
+        self.children.running.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._close_stdin()
+        status = self.popen.returncode
+        result = {}
+        if status < 0:
+            result['signal'] = -status
+        else:
+            result['exitcode'] = status
+        if self.timed_out:
+            result['timed-out'] = True
+        if not self.killed:
+            self.on_exit(result)
+
+    def _on_timeout(self):
+        log.info('command pid %d timed out: killing its process group',
+                 self.pid)
+        self.timed_out = True
+        self._kill_group()
+
+    def kill(self):
+        """Kill the whole process tree and discard its output and result.
+
+        The child stays registered until SIGCHLD lets check_exit() reap it.
+        """
+        self.killed = True
+        self._kill_group()
+        for fd in list(self._pipes):
+            self._close_pipe(fd)
+        self._close_stdin()
+
+    def _kill_group(self):
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# Built-in commands: read-only facts about this machine, in plain text
+# ---------------------------------------------------------------------------
+
+def read_text(path):
+    """A small file's text, or None when it cannot be read."""
+    try:
+        handle = open(path)
+        try:
+            return handle.read()
+        finally:
+            handle.close()
+    except (IOError, OSError):
+        return None
+
+
+def parse_shell_assignments(text):
+    """``KEY=value`` lines as in os-release and lsb-release, quotes removed."""
+    values = {}
+    for line in (text or '').splitlines():
+        line = line.strip()
+        if not line or line.startswith('#') or '=' not in line:
+            continue
+        key, value = line.split('=', 1)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in '"\'':
+            value = value[1:-1].replace('\\"', '"').replace('\\\\', '\\')
+        values[key.strip()] = value
+    return values
+
+
+def os_identity(root='/'):
+    """Name the distribution, from whichever release files the guest has.
+
+    Tried in order: /etc/os-release (systemd era), /etc/lsb-release
+    (Ubuntu), /etc/redhat-release (RHEL, CentOS, Fedora), /etc/debian_version.
+
+    :param root: the filesystem root to read from (a test seam).
+    :returns: dict with ``id``, ``name``, ``release``, ``codename`` and
+        ``pretty-name`` (empty strings when unknown).
+    """
+    def etc(name):
+        return read_text(os.path.join(root, 'etc', name))
+
+    info = {'id': '', 'name': '', 'release': '', 'codename': '',
+            'pretty-name': ''}
+    release = parse_shell_assignments(
+        etc('os-release') or read_text(os.path.join(root, 'usr/lib/os-release')))
+    lsb = parse_shell_assignments(etc('lsb-release'))
+    redhat = (etc('redhat-release') or '').strip()
+    debian = (etc('debian_version') or '').strip()
+    if release:
+        info.update({
+            'id': release.get('ID', ''), 'name': release.get('NAME', ''),
+            'release': release.get('VERSION_ID', ''),
+            'codename': release.get('VERSION_CODENAME', ''),
+            'pretty-name': release.get('PRETTY_NAME', '')})
+    elif lsb.get('DISTRIB_ID'):
+        info.update({
+            'id': lsb['DISTRIB_ID'].lower(), 'name': lsb['DISTRIB_ID'],
+            'release': lsb.get('DISTRIB_RELEASE', ''),
+            'codename': lsb.get('DISTRIB_CODENAME', ''),
+            'pretty-name': lsb.get('DISTRIB_DESCRIPTION', '')})
+    elif redhat:
+        info.update(parse_redhat_release(redhat))
+    elif debian:
+        major = debian.split('.')[0]
+        info.update({
+            'id': 'debian', 'name': 'Debian GNU/Linux', 'release': debian,
+            'codename': DEBIAN_CODENAMES.get(major, ''),
+            'pretty-name': 'Debian GNU/Linux {0}'.format(debian)})
+    if info['id'] == 'debian' and not info['codename'] and debian:
+        info['codename'] = DEBIAN_CODENAMES.get(debian.split('.')[0], '')
+    if not info['codename'] and lsb.get('DISTRIB_CODENAME'):
+        info['codename'] = lsb['DISTRIB_CODENAME']
+    return info
+
+
+def parse_redhat_release(text):
+    """Read e.g. ``CentOS release 6.10 (Final)`` into identity fields."""
+    words = text.split()
+    release = codename = ''
+    if 'release' in words:
+        position = words.index('release')
+        name = ' '.join(words[:position])
+        rest = words[position + 1:]
+        if rest:
+            release = rest[0]
+        if '(' in text and text.rstrip().endswith(')'):
+            codename = text[text.rindex('(') + 1:-1]
+    else:
+        name = text
+    lowered = name.lower()
+    if lowered.startswith('red hat'):
+        distro_id = 'rhel'
+    else:
+        distro_id = lowered.split()[0] if lowered else ''
+    return {'id': distro_id, 'name': name, 'release': release,
+            'codename': codename, 'pretty-name': text}
+
+
+def builtin_hostname(args):
+    return (socket.gethostname() + '\n').encode('utf-8'), 0
+
+
+def builtin_os_info(args):
+    info = os_identity()
+    uname = os.uname()
+    info['kernel'] = uname[2]
+    info['machine'] = uname[4]
+    lines = ['{0}={1}'.format(key, info[key]) for key in
+             ('id', 'name', 'release', 'codename', 'pretty-name', 'kernel',
+              'machine')]
+    return ('\n'.join(lines) + '\n').encode('utf-8'), 0
+
+
+def builtin_ip_addresses(args):
+    lines = []
+    for interface in network_interfaces():
+        for address in interface['ip-addresses']:
+            lines.append('{0} {1} {2}/{3}'.format(
+                interface['name'], address['ip-address-type'].replace(
+                    'ipv4', 'inet').replace('ipv6', 'inet6'),
+                address['ip-address'], address['prefix']))
+    return ('\n'.join(lines) + '\n').encode('utf-8'), 0
+
+
+def builtin_disk_usage(args):
+    lines = ['{0:<24} {1:<10} {2:>12} {3:>12} {4:>12} {5:>4} {6}'.format(
+        'Filesystem', 'Type', '1K-blocks', 'Used', 'Available', 'Use%',
+        'Mounted on')]
+    for device, mountpoint, fstype, size, used, available in disk_usage():
+        percent = '-'
+        if used + available:
+            percent = '{0}%'.format(
+                (used * 100 + used + available - 1) // (used + available))
+        lines.append('{0:<24} {1:<10} {2:>12} {3:>12} {4:>12} {5:>4} {6}'.format(
+            device, fstype, size // 1024, used // 1024, available // 1024,
+            percent, mountpoint))
+    return ('\n'.join(lines) + '\n').encode('utf-8'), 0
+
+
+def builtin_uptime(args):
+    uptime = (read_text('/proc/uptime') or '0').split()[0]
+    load = (read_text('/proc/loadavg') or '0 0 0').split()[:3]
+    text = 'uptime-seconds={0}\nload-1={1}\nload-5={2}\nload-15={3}\n'.format(
+        uptime, load[0], load[1], load[2])
+    return text.encode('ascii'), 0
+
+
+#: The built-in commands: name -> function(args) -> (stdout bytes, status).
+BUILTINS = {
+    'hostname': builtin_hostname,
+    'os-info': builtin_os_info,
+    'ip-addresses': builtin_ip_addresses,
+    'disk-usage': builtin_disk_usage,
+    'uptime': builtin_uptime,
+}
+
+
+def disk_usage(mounts_path='/proc/mounts'):
+    """Sizes of mounted local filesystems, like df.
+
+    :returns: ``(device, mountpoint, type, size, used, available)`` tuples,
+        sizes in bytes, one per mount point.
+    """
+    rows = []
+    seen = set()
+    for line in (read_text(mounts_path) or '').splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        device, mountpoint, fstype = fields[0], fields[1], fields[2]
+        mountpoint = mountpoint.replace('\\040', ' ')
+        if fstype in SKIPPED_FILESYSTEMS or mountpoint in seen:
+            continue
+        try:
+            usage = os.statvfs(mountpoint)
+        except OSError:
+            continue
+        if not usage.f_blocks:
+            continue
+        seen.add(mountpoint)
+        size = usage.f_blocks * usage.f_frsize
+        available = usage.f_bavail * usage.f_frsize
+        used = (usage.f_blocks - usage.f_bfree) * usage.f_frsize
+        rows.append((device, mountpoint, fstype, size, used, available))
+    return rows
+
+
+def network_interfaces(sys_net='/sys/class/net'):
+    """Interfaces with their addresses, in guest-network-get-interfaces' shape.
+
+    Addresses come from the kernel over netlink (every address, not only the
+    first per interface as SIOCGIFCONF gives); names, hardware addresses and
+    statistics come from sysfs.
+    """
+    names = {}
+    try:
+        entries = sorted(os.listdir(sys_net))
+    except OSError:
+        entries = []
+    for name in entries:
+        index = read_text(os.path.join(sys_net, name, 'ifindex'))
+        if index and index.strip().isdigit():
+            names[int(index)] = name
+    addresses = {}
+    for index, family, address, prefix in netlink_addresses():
+        addresses.setdefault(index, []).append({
+            'ip-address-type': family, 'ip-address': address,
+            'prefix': prefix})
+    interfaces = []
+    for index in sorted(names):
+        name = names[index]
+        interface = {'name': name,
+                     'ip-addresses': addresses.get(index, []),
+                     'statistics': interface_statistics(sys_net, name)}
+        hardware = read_text(os.path.join(sys_net, name, 'address'))
+        if hardware and hardware.strip():
+            interface['hardware-address'] = hardware.strip()
+        interfaces.append(interface)
+    return interfaces
+
+
+def interface_statistics(sys_net, name):
+    """Counters in qemu-ga's names, from /sys/class/net/NAME/statistics."""
+    counters = {}
+    for ours, kernel in (('rx-bytes', 'rx_bytes'), ('rx-packets', 'rx_packets'),
+                         ('rx-errs', 'rx_errors'), ('rx-dropped', 'rx_dropped'),
+                         ('tx-bytes', 'tx_bytes'), ('tx-packets', 'tx_packets'),
+                         ('tx-errs', 'tx_errors'), ('tx-dropped', 'tx_dropped')):
+        value = read_text(os.path.join(sys_net, name, 'statistics', kernel))
+        counters[ours] = int(value) if value and value.strip().isdigit() else 0
+    return counters
+
+
+#: Netlink constants from <linux/netlink.h>, <linux/rtnetlink.h>.
+NETLINK_ROUTE = 0
+RTM_GETADDR = 22
+RTM_NEWADDR = 20
+NLM_F_REQUEST = 1
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
+NLMSG_ERROR = 2
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+
+
+def netlink_addresses():
+    """Ask the kernel for every interface address (RTM_GETADDR dump).
+
+    :returns: ``(interface_index, 'ipv4'|'ipv6', address, prefix)`` tuples.
+    """
+    families = {socket.AF_INET: 'ipv4', socket.AF_INET6: 'ipv6'}
+    found = []
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    try:
+        request = struct.pack('=IHHII', 16 + 8, RTM_GETADDR,
+                              NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+        sock.send(request + struct.pack('=BBBBI', 0, 0, 0, 0, 0))
+        done = False
+        while not done:
+            data = sock.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from('=IH', data, offset)
+                if kind in (NLMSG_DONE, NLMSG_ERROR) or length < 16:
+                    done = True
+                    break
+                if kind == RTM_NEWADDR:
+                    entry = parse_address_message(
+                        data[offset + 16:offset + length], families)
+                    if entry:
+                        found.append(entry)
+                offset += (length + 3) & ~3
+    finally:
+        sock.close()
+    return found
+
+
+def parse_address_message(body, families):
+    """One RTM_NEWADDR message body into an address tuple (or None)."""
+    family, prefix, _, _, index = struct.unpack_from('=BBBBI', body)
+    if family not in families:
+        return None
+    attributes = {}
+    offset = 8
+    while offset + 4 <= len(body):
+        length, kind = struct.unpack_from('=HH', body, offset)
+        if length < 4:
+            break
+        attributes[kind] = body[offset + 4:offset + length]
+        offset += (length + 3) & ~3
+    raw = attributes.get(IFA_LOCAL) or attributes.get(IFA_ADDRESS)
+    if raw is None:
+        return None
+    return index, families[family], socket.inet_ntop(family, raw), prefix
+
+
+# ============================================================================
+# Serving requests: one Server per channel, on the guest and on the host
+# ============================================================================
+
+class Server(object):
+    """Answers the requests arriving on one channel, one at a time.
+
+    Requests wait in order behind a running command.  Whatever the client
+    sent before a 0xFF byte or before it hung up is dropped unanswered: on a
+    virtio-serial port such bytes can outlive their client, and a command
+    must never run for a client that has gone.
+
+    :param commands: the CommandSet offered to this channel.
+    :param children: the Children registry that reaps the commands run.
+    :param env: extra environment variables for the commands run.
+    :param on_disconnect: called after the client has gone.
+    """
+
+    #: The requests served: name -> (method, answers on success?).
+    REQUESTS = (
+        ('guest-sync-delimited', 'rpc_sync_delimited', True),
+        ('guest-sync', 'rpc_sync', True),
+        ('guest-ping', 'rpc_ping', True),
+        ('guest-info', 'rpc_info', True),
+        ('guest-get-host-name', 'rpc_host_name', True),
+        ('guest-get-osinfo', 'rpc_osinfo', True),
+        ('guest-network-get-interfaces', 'rpc_network_interfaces', True),
+        ('negotiator-list-commands', 'rpc_list_commands', True),
+        ('negotiator-execute', 'rpc_execute', True),
+    )
+
+    def __init__(self, loop, fd, name, commands, children, env=None,
+                 on_disconnect=None):
+        self.loop = loop
+        self.commands = commands
+        self.children = children
+        self.env = env or {}
+        self._on_disconnect = on_disconnect
+        self.pending = []
+        self.process = None
+        self.running_id = None
+        self.methods = {}
+        for request, method, _ in self.REQUESTS:
+            self.methods[request] = getattr(self, method)
+        self.channel = Channel(loop, fd, self, name)
+
+    # -- what the channel reports ------------------------------------------
+
+    def on_line(self, line):
+        if not line.strip():
+            return
+        if len(self.pending) >= MAX_PENDING:
+            log.warning('%s: %d requests already waiting; refusing one',
+                        self.channel.name, MAX_PENDING)
+            self._send_error(None, RequestError(
+                'Too many requests waiting; send one at a time'))
+            return
+        self.pending.append(line)
+        self._serve_pending()
+
+    def on_resync(self):
+        if self.pending or self.process:
+            log.info('%s: 0xFF received: dropping %d waiting request(s)%s',
+                     self.channel.name, len(self.pending),
+                     ' and the running command' if self.process else '')
+        self._abandon()
+
+    def on_oversized(self):
+        log.warning('%s: dropped a request line longer than %d bytes',
+                    self.channel.name, MAX_LINE)
+        self._send_error(None, RequestError(
+            'Request line longer than {0} bytes; dropped'.format(MAX_LINE)))
+
+    def on_drained(self):
+        if self.process and self.channel.backlog < LOW_WATER:
+            self.process.resume()
+        self._serve_pending()
+
+    def on_disconnect(self):
+        self._abandon()
+        if self._on_disconnect:
+            self._on_disconnect()
+
+    def close(self):
+        """Stop serving: kill what runs, release the channel's callbacks."""
+        self.channel.disconnect('closing')
+
+    def _abandon(self):
+        self.pending = []
+        if self.process:
+            log.info('%s: killing command pid %d: its client has gone',
+                     self.channel.name, self.process.pid)
+            self.process.kill()
+            self.process = None
+
+    # -- answering ---------------------------------------------------------
+
+    def _serve_pending(self):
+        while (self.pending and not self.process and self.channel.connected
+               and self.channel.backlog < HIGH_WATER):
+            self._handle(self.pending.pop(0))
+
+    def _handle(self, line):
+        request_id = None
+        try:
+            request = decode_message(line)
+            request_id = request.get('id')
+            name, arguments = self._parse_request(request)
+            log.debug('%s: request %s', self.channel.name, name)
+            result = self.methods[name](arguments, request_id)
+        except RequestError as e:
+            log.info('%s: error reply: %s', self.channel.name, e.desc)
+            self._send_error(request_id, e)
+            return
+        except Exception as e:
+            log.error('%s: internal error: %s', self.channel.name, e,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            self._send_error(request_id, RequestError(
+                'Internal error in negotiator: {0}'.format(e)))
+            return
+        if result is not None:
+            self._send_return(request_id, result)
+
+    def _parse_request(self, request):
+        name = request.get('execute')
+        if name is None:
+            raise RequestError("QMP input lacks member 'execute'")
+        if not isinstance(name, string_types):
+            raise RequestError(
+                "QMP input member 'execute' must be a string")
+        for key in request:
+            if key not in ('execute', 'arguments', 'id'):
+                raise RequestError(
+                    "QMP input member '{0}' is unexpected".format(key))
+        if name not in self.methods:
+            raise RequestError(
+                'The command {0} has not been found'.format(name),
+                'CommandNotFound')
+        arguments = request.get('arguments', {})
+        if not isinstance(arguments, dict):
+            raise RequestError(
+                "QMP input member 'arguments' must be an object")
+        return name, arguments
+
+    def _send_return(self, request_id, result):
+        reply = {'return': result}
+        if request_id is not None:
+            reply['id'] = request_id
+        self.channel.send(reply)
+
+    def _send_error(self, request_id, error):
+        reply = {'error': {'class': error.error_class, 'desc': error.desc}}
+        if request_id is not None:
+            reply['id'] = request_id
+        self.channel.send(reply)
+
+    # -- the requests ------------------------------------------------------
+
+    def rpc_sync(self, arguments, request_id):
+        """Echo the client's id: it proves which reply belongs to whom."""
+        return require_integer(arguments, 'id')
+
+    def rpc_sync_delimited(self, arguments, request_id):
+        """Like guest-sync, with 0xFF first so the client can skip stale data."""
+        sync_id = require_integer(arguments, 'id')
+        self.channel.send_raw(RESYNC_BYTE)
+        return sync_id
+
+    def rpc_ping(self, arguments, request_id):
+        return {}
+
+    def rpc_info(self, arguments, request_id):
+        supported = []
+        for name, _, answers in self.REQUESTS:
+            supported.append({'enabled': True, 'name': name,
+                              'success-response': answers})
+        return {'version': __version__, 'supported_commands': supported}
+
+    def rpc_host_name(self, arguments, request_id):
+        return {'host-name': socket.gethostname()}
+
+    def rpc_osinfo(self, arguments, request_id):
+        info = os_identity()
+        uname = os.uname()
+        result = {'kernel-release': uname[2], 'kernel-version': uname[3],
+                  'machine': uname[4]}
+        for ours, theirs in (('id', 'id'), ('name', 'name'),
+                             ('pretty-name', 'pretty-name'),
+                             ('release', 'version-id')):
+            if info[ours]:
+                result[theirs] = info[ours]
+        release = parse_shell_assignments(read_text('/etc/os-release'))
+        if release.get('VERSION'):
+            result['version'] = release['VERSION']
+        return result
+
+    def rpc_network_interfaces(self, arguments, request_id):
+        return network_interfaces()
+
+    def rpc_list_commands(self, arguments, request_id):
+        return [{'name': name, 'kind': kind}
+                for name, kind in self.commands.names()]
+
+    def rpc_execute(self, arguments, request_id):
+        """Run a command, streaming its output as events, then reply."""
+        name = arguments.get('command')
+        if name is None:
+            raise RequestError("Parameter 'command' is missing")
+        args = arguments.get('args', [])
+        if (not isinstance(args, list) or
+                not all(isinstance(a, string_types) for a in args)):
+            raise RequestError(
+                "Invalid parameter type for 'args', expected: array of strings")
+        stdin_data = b''
+        if arguments.get('input-data') is not None:
+            stdin_data = decode_bytes(arguments['input-data'], 'input-data')
+        timeout = arguments.get('timeout', 0)
+        if (isinstance(timeout, bool) or
+                not isinstance(timeout, integer_types + (float,)) or
+                timeout < 0):
+            raise RequestError(
+                "Invalid parameter type for 'timeout', expected: number >= 0")
+        kind, target = self.commands.resolve(name)
+        if kind == 'builtin':
+            output, status = target(args)
+            self._send_output(request_id, 'out-data', output)
+            return {'exitcode': status}
+        env = dict(os.environ)
+        env.update(self.env)
+        env['NEGOTIATOR_COMMAND'] = name
+        env['NEGOTIATOR_VERSION'] = __version__
+        log.info('%s: running %s %s', self.channel.name, target,
+                 ' '.join(args))
+        try:
+            self.process = Process(
+                self.loop, self.children, [target] + list(args), env, stdin_data, timeout,
+                lambda stream, data: self._send_output(request_id, stream,
+                                                       data),
+                lambda result: self._finish_execute(request_id, result))
+        except OSError as e:
+            raise RequestError(
+                'Command {0!r} could not start: {1}'.format(name, e.strerror),
+                'NegotiatorCommandNotExecutable')
+        self.running_id = request_id
+        return None
+
+    def _send_output(self, request_id, stream, data):
+        if not data:
+            return
+        self.channel.send(make_event('negotiator-output',
+                                     {stream: encode_bytes(data)}, request_id))
+        if self.process and self.channel.backlog > HIGH_WATER:
+            self.process.pause()
+
+    def _finish_execute(self, request_id, result):
+        self.process = None
+        self._send_return(request_id, result)
+        self._serve_pending()
+
+
+def require_integer(arguments, name):
+    """An integer argument, with qemu-ga's errors when it is absent or wrong."""
+    if name not in arguments:
+        raise RequestError("Parameter '{0}' is missing".format(name))
+    value = arguments[name]
+    if isinstance(value, bool) or not isinstance(value, integer_types):
+        raise RequestError(
+            "Invalid parameter type for '{0}', expected: integer".format(name))
+    return value
+
+
+# ============================================================================
+# Guest agent: find and hold the port, serve it for ever
+# ============================================================================
+
+def find_port(names=(HOST_TO_GUEST_PORT, LEGACY_PORT),
+              sys_ports='/sys/class/virtio-ports', dev='/dev'):
+    """Find the device of the first port named in ``names``.
+
+    Looks in sysfs (any kernel with virtio-serial), then for udev's
+    /dev/virtio-ports/NAME links, then falls back to /dev/vport0p1.
+
+    :returns: the device path, or None when no candidate exists.
+    """
+    try:
+        entries = sorted(os.listdir(sys_ports))
+    except OSError:
+        entries = []
+    for wanted in names:
+        for entry in entries:
+            port_name = read_text(os.path.join(sys_ports, entry, 'name'))
+            if port_name and port_name.strip() == wanted:
+                return os.path.join(dev, entry)
+        link = os.path.join(dev, 'virtio-ports', wanted)
+        if os.path.exists(link):
+            return link
+    fallback = os.path.join(dev, 'vport0p1')
+    if os.path.exists(fallback):
+        return fallback
+    return None
+
+
+def lock_path_for(device, lock_dir=None):
+    """The lock file that keeps two agents off one port."""
+    if lock_dir is None:
+        lock_dir = '/run/lock' if os.path.isdir('/run/lock') else '/var/lock'
+        if not os.path.isdir(lock_dir):
+            lock_dir = '/tmp'
+    name = os.path.realpath(device).strip('/').replace('/', '-')
+    return os.path.join(lock_dir, 'negotiator.{0}.lock'.format(name))
+
+
+def take_lock(path):
+    """Hold ``path`` locked for as long as this process lives.
+
+    :returns: the lock file's descriptor.
+    :raises NegotiatorError: when another agent holds it.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, int('644', 8))
+    set_nonblocking(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (IOError, OSError) as e:
+        if e.args[0] not in WOULD_BLOCK + (errno.EACCES,):
+            raise
+        holder = (read_text(path) or '?').strip()
+        os.close(fd)
+        raise NegotiatorError(
+            'another negotiator agent (pid {0}) already serves this port '
+            '(lock {1}); not starting a second one'.format(holder, path))
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode('ascii') + b'\n')
+    return fd
+
+
+
+class PortService(object):
+    """Serves a virtio-serial port, through every host connect and hang-up.
+
+    While no host client is connected the port reports hang-up and reads
+    return end-of-file at once; polling it then would spin.  So after a
+    hang-up the port leaves the poll set, and the agent looks again when
+    SIGIO says something changed, or every RECONNECT_CHECK seconds.
+
+    :param device: the port's path, or None to look for it with find_port().
+    """
+
+    def __init__(self, loop, device, commands, children):
+        self.loop = loop
+        self.device = device
+        self.commands = commands
+        self.children = children
+        self.server = None
+        self._check_timer = None
+        self._last_complaint = None
+
+    def start(self):
+        self.loop.on_signal(signal.SIGIO, self._watch_for_host)
+        self._try_open()
+
+    def _try_open(self):
+        device = self.device or find_port()
+        if device is None:
+            self._complain('no virtio-serial port named %s found: is the '
+                           'channel in the guest\'s definition and the '
+                           'virtio_console module loaded? Waiting for it.',
+                           HOST_TO_GUEST_PORT)
+            self.loop.call_later(OPEN_RETRY, self._try_open)
+            return
+        try:
+            fd = os.open(device, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                self._complain('port %s is busy: another process has it '
+                               'open (find it with: fuser -v %s); retrying',
+                               device, device)
+            elif e.errno == errno.ENOENT:
+                self._complain('port %s does not exist yet; waiting for it',
+                               device)
+            else:
+                self._complain('cannot open port %s: %s; retrying', device,
+                               e.strerror)
+            self.loop.call_later(OPEN_RETRY, self._try_open)
+            return
+        set_nonblocking(fd)
+        fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_ASYNC)
+        log.info('serving port %s', device)
+        self.server = Server(self.loop, fd, device, self.commands,
+                             self.children, on_disconnect=self._watch_for_host)
+        self._watch_for_host()
+
+    def _complain(self, message, *args):
+        now = monotonic()
+        if (self._last_complaint is None or
+                now - self._last_complaint >= OPEN_LOG_EVERY):
+            log.warning(message, *args)
+            self._last_complaint = now
+
+    def _watch_for_host(self):
+        """Serve the port while a host is connected; else check back later."""
+        if self.server is None:
+            return
+        if self._check_timer:
+            self._check_timer.cancel()
+            self._check_timer = None
+        channel = self.server.channel
+        if port_hung_up(channel.fd):
+            if channel.connected:
+                channel.disconnect('host hung up')
+            else:
+                self._check_timer = self.loop.call_later(
+                    RECONNECT_CHECK, self._watch_for_host)
+        elif not channel.connected:
+            log.debug('host connected to the port')
+            channel.reconnect()
+
+    def stop(self):
+        if self.server:
+            self.server.close()
+
+
+def port_hung_up(fd):
+    """Whether no host client holds the port right now."""
+    for _, _, _, hung_up in poll_fds([fd], [], 0):
+        if hung_up:
+            return True
+    return False
+
+
+class ListenService(object):
+    """Serves a UNIX socket, each connection as a conversation of its own.
+
+    This is what a port looks like without a VM: for tests, and to try
+    negotiator on a laptop (like qemu-ga's ``-m unix-listen``).
+    """
+
+    def __init__(self, loop, path, commands, children):
+        self.loop = loop
+        self.path = path
+        self.commands = commands
+        self.children = children
+        self.servers = {}
+        self.sock = None
+
+    def start(self):
+        refuse_if_served(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        set_nonblocking(self.sock.fileno())
+        self.sock.bind(self.path)
+        self.sock.listen(16)
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+        log.info('listening on %s', self.path)
+
+    def _accept(self, hung_up):
+        try:
+            conn, _ = self.sock.accept()
+        except socket.error as e:
+            if e.args[0] in WOULD_BLOCK or e.args[0] == errno.EINTR:
+                return
+            raise
+        set_nonblocking(conn.fileno())
+        name = '{0}#{1}'.format(self.path, conn.fileno())
+        log.debug('%s: client connected', name)
+        self.servers[conn] = Server(
+            self.loop, conn.fileno(), name, self.commands, self.children,
+            on_disconnect=lambda: self._forget(conn))
+
+    def _forget(self, conn):
+        self.servers.pop(conn, None)
+        conn.close()
+
+    def stop(self):
+        for server in list(self.servers.values()):
+            server.close()
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def refuse_if_served(path):
+    """Remove a stale socket file; refuse to take over a live one."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except socket.error:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise NegotiatorError(
+        'another agent already listens on {0}; not starting a second '
+        'one'.format(path))
+
+
+def run_guest(options):
+    """The guest agent's main loop; returns when SIGTERM or SIGINT arrive."""
+    commands = CommandSet(options.commands_dir, BUILTINS)
+    children = Children()
+    loop = Loop()
+    lock_fd = None
+    try:
+        if options.listen:
+            service = ListenService(loop, options.listen, commands, children)
+        else:
+            device = options.device or find_port() or FALLBACK_DEVICE
+            lock_fd = take_lock(lock_path_for(device))
+            service = PortService(loop, options.device, commands, children)
+
+        def stop():
+            log.info('stopping')
+            loop.running = False
+
+        loop.on_signal(signal.SIGTERM, stop)
+        loop.on_signal(signal.SIGINT, stop)
+        loop.on_signal(signal.SIGCHLD, children.check)
+        service.start()
+        log.info('negotiator %s guest agent started (commands: %s)',
+                 __version__, options.commands_dir)
+        loop.run()
+        service.stop()
+        children.kill_all()
+    finally:
+        loop.close()
+        if lock_fd is not None:
+            os.close(lock_fd)
+    return 0
+
+
+# ============================================================================
+# Host client: one call through the socket of a guest's port
+# ============================================================================
+
+class Client(object):
+    """One conversation with an agent: resynchronise, then call.
+
+    Everything a previous client left behind in the port (replies it did not
+    wait for) is skipped: the conversation starts with 0xFF and
+    ``guest-sync-delimited`` with a fresh random id, and every line up to
+    that id's reply is discarded.  Afterwards only lines that carry this
+    client's request ids are taken.
+
+    :param fd: a connected, non-blocking descriptor.
+    :param deadline: monotonic() time by which everything must be done,
+        or None.
+    """
+
+    def __init__(self, fd, deadline, name):
+        self.fd = fd
+        self.deadline = deadline
+        self.name = name
+        self.reader = LineReader()
+        self._lines = []
+        self._next_id = random_id()
+
+    def send(self, data):
+        while data:
+            try:
+                written = write_fd(self.fd, data[:MAX_WRITE])
+            except Disconnected as e:
+                raise ConnectError('{0}: the agent side closed the connection '
+                                   '({1})'.format(self.name, e))
+            data = data[written:]
+            if data:
+                self._wait(writable=True)
+
+    def _wait(self, writable=False):
+        timeout = None
+        if self.deadline is not None:
+            timeout = self.deadline - monotonic()
+            if timeout <= 0:
+                raise CallTimeout('timed out')
+        if writable:
+            poll_fds([], [self.fd], timeout)
+        else:
+            poll_fds([self.fd], [], timeout)
+
+    def receive(self):
+        """The next received item (line, RESYNC or OVERSIZED); waits for it."""
+        while not self._lines:
+            data = read_fd(self.fd)
+            if data is None:
+                self._wait()
+                continue
+            if not data:
+                raise ConnectError(
+                    '{0}: the connection closed before the agent '
+                    'answered'.format(self.name))
+            self._lines.extend(self.reader.feed(data))
+        return self._lines.pop(0)
+
+    def sync(self):
+        """Start the conversation afresh, skipping any stale output."""
+        sync_id = random_id()
+        self.send(RESYNC_BYTE + encode_message(
+            {'execute': 'guest-sync-delimited', 'arguments': {'id': sync_id}}))
+        after_delimiter = False
+        while True:
+            item = self.receive()
+            if item is RESYNC:
+                after_delimiter = True
+                continue
+            if item is OVERSIZED or not after_delimiter:
+                continue
+            message = parse_reply(item)
+            if message is not None and message.get('return') == sync_id:
+                return
+            log.debug('%s: skipping a stale line before the sync reply',
+                      self.name)
+
+    def call(self, name, arguments=None, on_event=None):
+        """Send one request; wait for its reply.
+
+        :param on_event: called with each event tied to this request.
+        :returns: the reply's ``return`` value.
+        :raises RemoteError: for an ``error`` reply.
+        """
+        request_id = self._next_id
+        self._next_id += 1
+        request = {'execute': name, 'id': request_id}
+        if arguments is not None:
+            request['arguments'] = arguments
+        self.send(encode_message(request))
+        while True:
+            item = self.receive()
+            if item is RESYNC or item is OVERSIZED:
+                continue
+            message = parse_reply(item)
+            if message is None:
+                continue
+            if 'event' in message:
+                data = message.get('data')
+                if (on_event and isinstance(data, dict) and
+                        data.get('id') == request_id):
+                    on_event(message['event'], data)
+                continue
+            if message.get('id') != request_id:
+                continue
+            if 'error' in message:
+                error = message['error']
+                if not isinstance(error, dict):
+                    raise ProtocolError('malformed error reply: {0!r}'.format(
+                        item[:200]))
+                raise RemoteError(error.get('class', 'GenericError'),
+                                  error.get('desc', ''))
+            if 'return' not in message:
+                raise ProtocolError('reply without return or error: {0!r}'
+                                    .format(item[:200]))
+            return message['return']
+
+
+def parse_reply(line):
+    """A received line as a dict, or None for anything else (logged)."""
+    try:
+        message = decode_message(line)
+    except RequestError:
+        log.debug('skipping a line that is not a JSON object: %r', line[:80])
+        return None
+    return message
+
+
+def random_id():
+    """A random positive id that fits in the 63 bits qemu-ga accepts."""
+    return int(binascii.hexlify(os.urandom(7)), 16)
+
+
+def connect_socket(path):
+    """Connect to the UNIX socket of a guest's port.
+
+    :raises ConnectError: with a one-line reason and what to do about it.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except socket.error as e:
+        sock.close()
+        code = e.args[0]
+        if code == errno.ENOENT:
+            reason = ('no such socket: is the guest running, and does its '
+                      'definition have the {0} channel?'.format(
+                          HOST_TO_GUEST_PORT))
+        elif code == errno.EACCES:
+            reason = 'permission denied: run as root (or the socket\'s owner)'
+        elif code == errno.ECONNREFUSED:
+            reason = ('connection refused: nothing serves this socket '
+                      '(the guest is stopped?)')
+        elif code == errno.ENOTSOCK:
+            reason = 'not a socket'
+        else:
+            reason = os.strerror(code)
+        raise ConnectError('cannot connect to {0}: {1}'.format(path, reason))
+    set_nonblocking(sock.fileno())
+    return sock
+
+
+def open_client(path, timeout):
+    """Connect and resynchronise; returns ``(socket, Client)``."""
+    deadline = None
+    if timeout:
+        deadline = monotonic() + timeout
+    sock = connect_socket(path)
+    client = Client(sock.fileno(), deadline, path)
+    try:
+        client.sync()
+    except CallTimeout:
+        sock.close()
+        raise ConnectError(
+            'no agent answered on {0} within {1:g} s: is "negotiator.py '
+            'guest" running in the guest? (another client may hold the port '
+            'too)'.format(path, timeout))
+    except NegotiatorError:
+        sock.close()
+        raise
+    return sock, client
+
+
+class OutputWriter(object):
+    """Writes streamed output to stdout/stderr exactly as it arrives.
+
+    In ``collect`` mode (for --json) it keeps the bytes instead.  A reader
+    that closed its end (``| head``) stops output, not the call.
+    """
+
+    def __init__(self, collect):
+        self.collect = collect
+        self.captured = {'out-data': [], 'err-data': []}
+        self._closed = set()
+
+    def __call__(self, event, data):
+        if event != 'negotiator-output':
+            return
+        for stream, fd in (('out-data', 1), ('err-data', 2)):
+            if stream not in data:
+                continue
+            chunk = decode_bytes(data[stream], stream)
+            if self.collect:
+                self.captured[stream].append(chunk)
+            else:
+                self._write(fd, chunk)
+
+    def _write(self, fd, chunk):
+        while chunk and fd not in self._closed:
+            try:
+                chunk = chunk[os.write(fd, chunk):]
+            except (OSError, IOError) as e:
+                if e.args[0] == errno.EINTR:
+                    continue
+                if e.args[0] in WOULD_BLOCK:
+                    poll_fds([], [fd], None)
+                    continue
+                self._closed.add(fd)
+
+    def text(self, stream):
+        return b''.join(self.captured[stream]).decode('utf-8', 'replace')
+
+    def data(self, stream):
+        return encode_bytes(b''.join(self.captured[stream]))
+
+
+def read_stdin(deadline):
+    """All of standard input, within the call's deadline."""
+    chunks = []
+    size = 0
+    while True:
+        timeout = None
+        if deadline is not None:
+            timeout = deadline - monotonic()
+            if timeout <= 0:
+                raise CallTimeout(
+                    'timed out reading standard input (use -n or </dev/null '
+                    'when there is none)')
+        if not poll_fds([0], [], timeout):
+            continue
+        try:
+            data = os.read(0, READ_SIZE)
+        except (OSError, IOError) as e:
+            if e.args[0] == errno.EINTR:
+                continue
+            raise
+        if not data:
+            return b''.join(chunks)
+        chunks.append(data)
+        size += len(data)
+        if size > MAX_STDIN:
+            raise NegotiatorError(
+                'standard input is larger than {0} bytes: pass big data '
+                'another way'.format(MAX_STDIN))
+
+
+def status_of(result):
+    """The shell-style exit status of a negotiator-execute result."""
+    if result.get('timed-out'):
+        return EXIT_TIMEOUT
+    if 'signal' in result:
+        return 128 + int(result['signal'])
+    return int(result.get('exitcode', EXIT_PROTOCOL))
+
+
+def run_host(options, socket_path, command):
+    """``host`` mode: one call; returns the exit status."""
+    timeout = options.timeout or None
+    started = monotonic()
+    sock, client = open_client(socket_path, timeout)
+    try:
+        if options.ping:
+            return host_ping(client, socket_path, started, options.json)
+        if options.list:
+            return host_list(client, options.json)
+        return host_execute(client, command, options, timeout)
+    finally:
+        sock.close()
+
+
+def host_ping(client, path, started, as_json):
+    sent = monotonic()
+    client.call('guest-ping')
+    round_trip = (monotonic() - sent) * 1000
+    version = client.call('guest-info').get('version', '?')
+    if as_json:
+        print_json({'version': version, 'round-trip-ms': round(round_trip, 3),
+                    'connect-ms': round((sent - started) * 1000, 3)})
+    else:
+        sys.stdout.write('{0}: agent {1}, round trip {2:.2f} ms\n'.format(
+            path, version, round_trip))
+    return 0
+
+
+def host_list(client, as_json):
+    try:
+        commands = client.call('negotiator-list-commands')
+    except RemoteError as e:
+        if e.error_class != 'CommandNotFound':
+            raise
+        raise ProtocolError('the agent does not offer negotiator commands '
+                            '(is it qemu-ga rather than negotiator?)')
+    if as_json:
+        print_json({'commands': commands})
+    else:
+        for entry in commands:
+            sys.stdout.write('{0}{1}\n'.format(
+                entry['name'],
+                '  (built-in)' if entry.get('kind') == 'builtin' else ''))
+    return 0
+
+
+def host_execute(client, command, options, timeout):
+    arguments = {'command': command[0], 'args': command[1:]}
+    if options.stdin or (not options.no_stdin and not os.isatty(0)):
+        data = read_stdin(client.deadline)
+        if data:
+            arguments['input-data'] = encode_bytes(data)
+    if client.deadline is not None:
+        arguments['timeout'] = max(0.001, client.deadline - monotonic())
+        # The agent kills the command at the deadline and says so: allow
+        # that answer a moment to arrive.
+        client.deadline += 2.0
+    writer = OutputWriter(collect=options.json)
+    try:
+        result = client.call('negotiator-execute', arguments, writer)
+    except CallTimeout:
+        raise CallTimeout('{0!r} timed out after {1:g} s'.format(
+            command[0], timeout))
+    status = status_of(result)
+    if options.json:
+        print_json({'command': command, 'exitcode': result.get('exitcode'),
+                    'signal': result.get('signal'),
+                    'timed-out': bool(result.get('timed-out')),
+                    'status': status, 'stdout': writer.text('out-data'),
+                    'stderr': writer.text('err-data'),
+                    'out-data': writer.data('out-data'),
+                    'err-data': writer.data('err-data')})
+    elif result.get('timed-out'):
+        log.error('%r timed out after %g s and was killed in the guest',
+                  command[0], timeout)
+    return status
+
+
+def print_json(value):
+    sys.stdout.write(json.dumps(value, sort_keys=True) + '\n')
+
+
+# ============================================================================
+# Command-line interface
+# ============================================================================
+
+MAIN_USAGE = """%prog [--version] MODE [OPTIONS] ...
+
+Modes:
+  guest   run the agent inside a guest (on its virtio-serial port)
+  host    run a command in a guest, from the host
+
+Examples:
+  %prog guest
+  %prog host /var/lib/libvirt/qemu/channel/target/GUEST.negotiator-host-to-guest.0 uptime
+  %prog host SOCKET --list
+
+'%prog MODE --help' tells more about each mode."""
+
+GUEST_USAGE = """%prog guest [OPTIONS]
+
+Serve the virtio-serial port negotiator-host-to-guest.0 (found through
+/sys/class/virtio-ports, or the older name negotiator-channel.0, else
+/dev/vport0p1) until SIGTERM or SIGINT.  The host may run every regular,
+executable file directly inside the commands directory, and the built-ins
+(hostname, os-info, ip-addresses, disk-usage, uptime); a file of the same
+name wins over a built-in.  Commands get NEGOTIATOR_COMMAND and
+NEGOTIATOR_VERSION in their environment, run in / with stdin from the
+request (or /dev/null), and are killed with their whole process group when
+the host goes away or their time is up."""
+
+HOST_USAGE = """%prog host [OPTIONS] SOCKET COMMAND [ARG...]
+
+Run COMMAND with its ARGs in the guest whose port's UNIX socket is SOCKET
+(libvirt: /var/lib/libvirt/qemu/channel/target/...negotiator-host-to-guest.0).
+Options go before SOCKET; everything after COMMAND is passed on verbatim.
+The command's stdout and stderr arrive here as they are produced; its exit
+status becomes this program's.  Standard input is forwarded when it is not
+a terminal.
+
+Exit statuses: the command's own (128+N when killed by signal N);
+124 timed out; 126 not executable; 127 command not found;
+254 protocol error; 255 cannot connect or no agent answering;
+2 usage error."""
+
+
+def make_parser(usage):
+    parser = optparse.OptionParser(usage=usage, version='%prog ' + __version__,
+                                   prog=os.path.basename(sys.argv[0]))
+    parser.add_option('-v', '--verbose', action='store_const', const=2,
+                      dest='verbosity', default=1,
+                      help='log debugging details (and tracebacks)')
+    parser.add_option('-q', '--quiet', action='store_const', const=0,
+                      dest='verbosity', help='log only warnings and errors')
+    return parser
+
+
+def guest_parser():
+    parser = make_parser(GUEST_USAGE)
+    parser.add_option('--device', metavar='PATH',
+                      help='the port\'s character device (default: found '
+                      'by name)')
+    parser.add_option('--listen', metavar='PATH',
+                      help='serve a UNIX socket at PATH instead of a port '
+                      '(to try negotiator without a VM)')
+    parser.add_option('--commands-dir', metavar='DIR',
+                      default=DEFAULT_COMMANDS_DIR,
+                      help='directory of the commands the host may run '
+                      '(default: %default)')
+    parser.add_option('--syslog', action='store_true',
+                      help='log to syslog instead of stderr')
+    return parser
+
+
+def host_parser():
+    parser = make_parser(HOST_USAGE)
+    parser.disable_interspersed_args()
+    parser.add_option('-t', '--timeout', type='float', metavar='SECONDS',
+                      default=DEFAULT_TIMEOUT,
+                      help='give up after SECONDS, killing the command in '
+                      'the guest (default: %default; 0 = never)')
+    parser.add_option('--stdin', action='store_true',
+                      help='forward standard input even from a terminal')
+    parser.add_option('-n', '--no-stdin', action='store_true',
+                      help='do not forward standard input')
+    parser.add_option('--list', action='store_true',
+                      help='list the commands the guest offers')
+    parser.add_option('--ping', action='store_true',
+                      help='print the agent\'s version and round-trip time')
+    parser.add_option('--json', action='store_true',
+                      help='print one JSON object with the result instead '
+                      'of the output')
+    return parser
+
+
+def setup_logging(verbosity, use_syslog=False):
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[verbosity]
+    if use_syslog:
+        handler = logging.handlers.SysLogHandler(address='/dev/log')
+        handler.setFormatter(logging.Formatter(
+            'negotiator[%(process)d]: %(message)s'))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter('negotiator: %(message)s'))
+    log.addHandler(handler)
+    log.setLevel(level)
+
+
+def main(argv=None):
+    """The command-line interface; returns the exit status."""
+    if argv is None:
+        argv = sys.argv[1:]
+    main_parser = optparse.OptionParser(
+        usage=MAIN_USAGE, version='%prog ' + __version__,
+        prog=os.path.basename(sys.argv[0]))
+    main_parser.disable_interspersed_args()
+    _, rest = main_parser.parse_args(argv)
+    if not rest:
+        main_parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    mode, rest = rest[0], rest[1:]
+    if mode == 'guest':
+        options, extra = guest_parser().parse_args(rest)
+        if extra:
+            guest_parser().error('unexpected arguments: {0}'.format(
+                ' '.join(extra)))
+        setup_logging(options.verbosity, options.syslog)
+        action = lambda: run_guest(options)
+    elif mode == 'host':
+        parser = host_parser()
+        options, extra = parser.parse_args(rest)
+        if len(extra) > 1 and extra[1].startswith('-'):
+            # Options between SOCKET and COMMAND: forgiving, as ssh is.
+            options, more = parser.parse_args(extra[1:], options)
+            extra = extra[:1] + more
+        if not extra:
+            parser.error('SOCKET is missing')
+        if len(extra) < 2 and not (options.list or options.ping):
+            parser.error('COMMAND is missing (or use --list or --ping)')
+        if options.timeout < 0:
+            parser.error('--timeout must be 0 (never) or more seconds')
+        setup_logging(options.verbosity)
+        action = lambda: run_host(options, extra[0], extra[1:])
+    else:
+        main_parser.error('unknown mode {0!r}: use guest or host'.format(mode))
+    try:
+        return action()
+    except NegotiatorError as e:
+        log.error('%s', e, exc_info=log.isEnabledFor(logging.DEBUG))
+        if mode == 'host' and options.json:
+            print_json({'error': {'class': getattr(e, 'error_class',
+                                                   type(e).__name__),
+                                  'desc': str(e)}, 'status': e.status})
+        return e.status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(main())
