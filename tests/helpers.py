@@ -1,0 +1,200 @@
+"""What the tests share: running the CLI, an agent on a socket, a raw client.
+
+Everything here runs on Python 2.7 and 3.6+ (no f-strings).
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+NEGOTIATOR = os.path.join(ROOT, 'negotiator.py')
+
+#: Generous bound that only catches hangs.
+HANG = 30.0
+
+
+def run_cli(args, stdin=b'', timeout=HANG, env=None):
+    """Run ``python negotiator.py ARGS``; returns (status, stdout, stderr)."""
+    process = subprocess.Popen(
+        [sys.executable, NEGOTIATOR] + list(args), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + timeout
+    out, err = communicate(process, stdin, deadline)
+    return process.returncode, out, err
+
+
+def communicate(process, stdin, deadline):
+    """Popen.communicate with a deadline on every Python (kills on hang)."""
+    import threading
+    result = {}
+
+    def talk():
+        result['out'] = process.communicate(stdin)
+    thread = threading.Thread(target=talk)
+    thread.daemon = True
+    thread.start()
+    thread.join(max(0.1, deadline - time.time()))
+    if thread.is_alive():
+        process.kill()
+        thread.join(5)
+        raise AssertionError('command hung: {0!r}'.format(process.args
+                             if hasattr(process, 'args') else process.pid))
+    return result['out']
+
+
+def make_command(directory, name, script, mode=0o755):
+    """Write an executable command file; returns its path."""
+    path = os.path.join(directory, name)
+    with open(path, 'w') as handle:
+        handle.write(script)
+    os.chmod(path, mode)
+    return path
+
+
+class Workdir(object):
+    """A short temporary directory (UNIX socket paths must stay short)."""
+
+    def __init__(self):
+        self.path = tempfile.mkdtemp(prefix='neg', dir='/tmp')
+        self.commands = os.path.join(self.path, 'commands')
+        os.mkdir(self.commands)
+
+    def join(self, *names):
+        return os.path.join(self.path, *names)
+
+    def cleanup(self):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class Agent(object):
+    """``negotiator.py guest --listen SOCKET`` running in the background."""
+
+    def __init__(self, workdir, extra_args=(), verbose=True):
+        self.workdir = workdir
+        self.socket = workdir.join('agent.sock')
+        self.log_path = workdir.join('agent.log')
+        args = [sys.executable, NEGOTIATOR, 'guest', '--listen', self.socket,
+                '--commands-dir', workdir.commands] + list(extra_args)
+        if verbose:
+            args.append('-v')
+        self.log_file = open(self.log_path, 'wb')
+        self.process = subprocess.Popen(args, stdin=open(os.devnull),
+                                        stdout=self.log_file,
+                                        stderr=subprocess.STDOUT)
+        wait_for(lambda: self.process.poll() is not None or
+                 connectable(self.socket))
+        if self.process.poll() is not None:
+            raise AssertionError('agent did not start:\n' + self.log())
+
+    def log(self):
+        with open(self.log_path, 'rb') as handle:
+            return handle.read().decode('utf-8', 'replace')
+
+    def host(self, *args, **kwargs):
+        """Run ``negotiator.py host SOCKET ARGS``."""
+        options = list(kwargs.pop('options', ['-n']))
+        return run_cli(['host'] + options + [self.socket] + list(args),
+                       **kwargs)
+
+    def client(self):
+        return RawClient(self.socket)
+
+    def cpu_seconds(self):
+        """User plus system CPU time the agent has used so far."""
+        with open('/proc/{0}/stat'.format(self.process.pid)) as handle:
+            fields = handle.read().rsplit(')', 1)[1].split()
+        ticks = os.sysconf('SC_CLK_TCK')
+        return (int(fields[11]) + int(fields[12])) / float(ticks)
+
+    def stop(self):
+        """SIGTERM; the agent must exit 0 and must not have logged a traceback."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: self.process.poll() is not None)
+        self.log_file.close()
+        text = self.log()
+        assert 'Traceback' not in text, text
+        assert self.process.returncode == 0, (self.process.returncode, text)
+        return text
+
+
+def connectable(path):
+    """Whether something accepts connections on the UNIX socket ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except socket.error:
+        return False
+    finally:
+        probe.close()
+
+
+def wait_for(condition, timeout=HANG, interval=0.01):
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError('condition not met within {0} s'.format(
+                timeout))
+        time.sleep(interval)
+
+
+class RawClient(object):
+    """A client that speaks raw bytes to a socket, for protocol tests."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(HANG)
+        self.sock.connect(path)
+        self.buffer = b''
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def request(self, message):
+        self.send(json.dumps(message).encode('ascii') + b'\n')
+
+    def read_line(self, timeout=HANG):
+        """The next line, raw (without its newline); b'' at end of file."""
+        self.sock.settimeout(timeout)
+        while b'\n' not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                rest, self.buffer = self.buffer, b''
+                return rest
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b'\n', 1)
+        return line
+
+    def read_message(self, timeout=HANG):
+        line = self.read_line(timeout)
+        assert line, 'connection closed'
+        return json.loads(line.decode('ascii'))
+
+    def call(self, message):
+        self.request(message)
+        return self.read_message()
+
+    def nothing_within(self, seconds):
+        """True when nothing at all arrives within ``seconds``."""
+        if self.buffer:
+            return False
+        self.sock.settimeout(seconds)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return True
+        self.buffer += data
+        return False
+
+    def close(self):
+        self.sock.close()
+

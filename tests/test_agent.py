@@ -1,0 +1,286 @@
+"""The guest agent's loop: port hang-up, reconnects, busy ports, second agents.
+
+A pseudo-terminal stands in for the virtio-serial port here: like a port
+whose host client has gone, its slave side reports hang-up and fails reads
+once the master side is closed.  The real port is exercised with QEMU guests.
+"""
+
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import tty
+
+import pytest
+
+import negotiator
+from helpers import (HANG, NEGOTIATOR, Workdir, make_command, run_cli,
+                     wait_for)
+
+
+class PtyPort(object):
+    """A pty whose slave path the agent opens as its device."""
+
+    def __init__(self):
+        self.master, slave = os.openpty()
+        tty.setraw(slave)
+        self.path = os.ttyname(slave)
+        self.slave = slave
+
+    def release_slave(self):
+        os.close(self.slave)
+
+    def send(self, message):
+        os.write(self.master, json.dumps(message).encode('ascii') + b'\n')
+
+    def read_line(self, timeout=HANG):
+        data = b''
+        deadline = time.time() + timeout
+        while not data.endswith(b'\n'):
+            ready, _, _ = select.select([self.master], [], [],
+                                        max(0, deadline - time.time()))
+            if not ready:
+                raise AssertionError('no reply on the pty: {0!r}'.format(data))
+            data += os.read(self.master, 1)
+        return data[:-1]
+
+    def call(self, message):
+        self.send(message)
+        return json.loads(self.read_line().decode('ascii'))
+
+    def hang_up(self):
+        os.close(self.master)
+
+
+class PortAgent(object):
+    """``negotiator.py guest --device PATH`` in the background."""
+
+    def __init__(self, workdir, device, name='agent'):
+        self.log_path = workdir.join(name + '.log')
+        self.log_file = open(self.log_path, 'wb')
+        self.process = subprocess.Popen(
+            [sys.executable, NEGOTIATOR, 'guest', '-v', '--device', device,
+             '--commands-dir', workdir.commands],
+            stdin=open(os.devnull), stdout=self.log_file,
+            stderr=subprocess.STDOUT)
+
+    def log(self):
+        with open(self.log_path, 'rb') as handle:
+            return handle.read().decode('utf-8', 'replace')
+
+    def wait_log(self, text):
+        wait_for(lambda: text in self.log())
+
+    def cpu_seconds(self):
+        with open('/proc/{0}/stat'.format(self.process.pid)) as handle:
+            fields = handle.read().rsplit(')', 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / float(
+            os.sysconf('SC_CLK_TCK'))
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: self.process.poll() is not None)
+        self.log_file.close()
+        text = self.log()
+        assert 'Traceback' not in text, text
+        assert self.process.returncode == 0, text
+        return text
+
+
+@pytest.fixture
+def workdir():
+    workdir = Workdir()
+    yield workdir
+    workdir.cleanup()
+
+
+def test_port_served_then_idle_without_spinning_after_hang_up(workdir):
+    port = PtyPort()
+    agent = PortAgent(workdir, port.path)
+    agent.wait_log('serving port')
+    port.release_slave()
+    assert port.call({'execute': 'guest-ping', 'id': 1}) == {
+        'return': {}, 'id': 1}
+    port.hang_up()
+    agent.wait_log('disconnected')
+    before = agent.cpu_seconds()
+    time.sleep(3)
+    used = agent.cpu_seconds() - before
+    assert used < 0.3, 'agent used {0} s of CPU in 3 s while idle'.format(used)
+    assert agent.process.poll() is None
+    agent.stop()
+
+
+def test_second_agent_on_the_same_port_exits_clearly(workdir):
+    port = PtyPort()
+    first = PortAgent(workdir, port.path, 'first')
+    first.wait_log('serving port')
+    status, out, err = run_cli(['guest', '--device', port.path,
+                                '--commands-dir', workdir.commands])
+    assert status == 1
+    assert out == b''
+    lines = err.decode('utf-8').splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        'negotiator: another negotiator agent (pid {0}) already serves this '
+        'port'.format(first.process.pid))
+    port.release_slave()
+    assert port.call({'execute': 'guest-ping'}) == {'return': {}}
+    first.stop()
+
+
+def test_agent_waits_for_a_port_that_appears_later(workdir):
+    port = PtyPort()
+    link = workdir.join('vport')
+    agent = PortAgent(workdir, link)
+    agent.wait_log('does not exist yet; waiting for it')
+    os.symlink(port.path, link)
+    agent.wait_log('serving port')
+    port.release_slave()
+    assert port.call({'execute': 'guest-ping'}) == {'return': {}}
+    agent.stop()
+
+
+def test_background_process_of_a_command_neither_delays_nor_holds_the_port(
+        workdir):
+    pid_file = workdir.join('bg.pid')
+    make_command(workdir.commands, 'leave-behind',
+                 '#!/bin/sh\nsleep 60 &\necho $! > "$1"\necho started\n')
+    port = PtyPort()
+    agent = PortAgent(workdir, port.path)
+    agent.wait_log('serving port')
+    port.release_slave()
+    port.send({'execute': 'negotiator-execute', 'id': 1,
+               'arguments': {'command': 'leave-behind', 'args': [pid_file]}})
+    messages = []
+    while not messages or 'event' in messages[-1]:
+        messages.append(json.loads(port.read_line().decode('ascii')))
+    assert messages[-1] == {'return': {'exitcode': 0}, 'id': 1}
+    background = int(open(pid_file).read())
+    try:
+        held = [os.readlink('/proc/{0}/fd/{1}'.format(background, fd))
+                for fd in os.listdir('/proc/{0}/fd'.format(background))]
+        assert port.path not in held
+        assert all(not target.startswith('/dev/pts/') for target in held), held
+    finally:
+        os.kill(background, signal.SIGKILL)
+    agent.stop()
+
+
+def test_sigterm_kills_the_running_command_and_exits_zero(workdir):
+    pid_file = workdir.join('cmd.pid')
+    make_command(workdir.commands, 'sleeper',
+                 '#!/bin/sh\necho $$ > "$1"\nexec sleep 60\n')
+    port = PtyPort()
+    agent = PortAgent(workdir, port.path)
+    agent.wait_log('serving port')
+    port.release_slave()
+    port.send({'execute': 'negotiator-execute', 'id': 1,
+               'arguments': {'command': 'sleeper', 'args': [pid_file]}})
+    wait_for(lambda: os.path.exists(pid_file) and open(pid_file).read())
+    pid = int(open(pid_file).read())
+    agent.stop()
+    wait_for(lambda: not os.path.exists('/proc/{0}'.format(pid)) or
+             open('/proc/{0}/stat'.format(pid)).read().rsplit(')', 1)[1]
+             .split()[0] == 'Z')
+
+
+def test_busy_port_is_retried_with_one_log_line(workdir, monkeypatch, caplog):
+    """EBUSY (another process holds the port) is retried, not fatal."""
+    port = PtyPort()
+    real_open = os.open
+    attempts = []
+
+    def busy_twice(path, flags, *mode):
+        if path == port.path:
+            attempts.append(path)
+            if len(attempts) <= 2:
+                raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), path)
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(os, 'open', busy_twice)
+    monkeypatch.setattr(negotiator, 'OPEN_RETRY', 0.05)
+    caplog.set_level(logging.INFO, logger='negotiator')
+    loop = negotiator.Loop()
+    service = negotiator.PortService(
+        loop, port.path, negotiator.CommandSet(workdir.commands, {}),
+        negotiator.Children())
+    try:
+        service.start()
+        deadline = time.time() + HANG
+        while service.server is None and time.time() < deadline:
+            loop.run_once()
+        assert len(attempts) == 3
+        busy = [r.getMessage() for r in caplog.records if 'busy' in
+                r.getMessage()]
+        assert busy == ['port {0} is busy: another process has it open (find '
+                        'it with: fuser -v {0}); retrying'.format(port.path)]
+    finally:
+        service.stop()
+        loop.close()
+        os.close(port.slave)
+        os.close(port.master)
+
+
+def test_find_port_by_name_then_fallback(workdir):
+    sys_ports = workdir.join('sys')
+    dev = workdir.join('dev')
+    os.makedirs(os.path.join(dev, 'virtio-ports'))
+    for entry, name in (('vport0p1', 'org.qemu.guest_agent.0'),
+                        ('vport0p2', 'negotiator-channel.0'),
+                        ('vport0p3', 'negotiator-host-to-guest.0')):
+        os.makedirs(os.path.join(sys_ports, entry))
+        with open(os.path.join(sys_ports, entry, 'name'), 'w') as handle:
+            handle.write(name + '\n')
+    assert negotiator.find_port(sys_ports=sys_ports, dev=dev) == os.path.join(
+        dev, 'vport0p3')
+    os.remove(os.path.join(sys_ports, 'vport0p3', 'name'))
+    assert negotiator.find_port(sys_ports=sys_ports, dev=dev) == os.path.join(
+        dev, 'vport0p2')
+    empty = workdir.join('nothing')
+    assert negotiator.find_port(sys_ports=empty, dev=dev) is None
+    open(os.path.join(dev, 'vport0p1'), 'w').close()
+    assert negotiator.find_port(sys_ports=empty, dev=dev) == os.path.join(
+        dev, 'vport0p1')
+    os.symlink(os.path.join(dev, 'vport0p1'),
+               os.path.join(dev, 'virtio-ports', 'negotiator-host-to-guest.0'))
+    assert negotiator.find_port(sys_ports=empty, dev=dev) == os.path.join(
+        dev, 'virtio-ports', 'negotiator-host-to-guest.0')
+
+
+def test_listen_socket_reconnects_and_refuses_a_second_agent(workdir):
+    from helpers import Agent
+    agent = Agent(workdir)
+    before = agent.cpu_seconds()
+    for _ in range(3):
+        client = agent.client()
+        assert client.call({'execute': 'guest-ping'}) == {'return': {}}
+        client.close()
+    status, out, err = run_cli(['guest', '--listen', agent.socket])
+    assert status == 1
+    assert err.decode('utf-8') == (
+        'negotiator: another agent already listens on {0}; not starting a '
+        'second one\n'.format(agent.socket))
+    time.sleep(1)
+    assert agent.cpu_seconds() - before < 0.3
+    agent.stop()
+    assert not os.path.exists(agent.socket)
+
+
+def test_stale_socket_file_is_replaced(workdir):
+    import socket
+    from helpers import Agent
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(workdir.join('agent.sock'))
+    stale.close()
+    agent = Agent(workdir)
+    client = agent.client()
+    assert client.call({'execute': 'guest-ping'}) == {'return': {}}
+    client.close()
+    agent.stop()
