@@ -61,9 +61,9 @@ elif sys.version_info[0] >= 3:
     integer_types = (int,)
 else:
     PY3 = False
-    text_type = unicode  # noqa: F821 (Python 2 only)
-    string_types = (basestring,)  # noqa: F821 (Python 2 only)
-    integer_types = (int, long)  # noqa: F821 (Python 2 only)
+    text_type = unicode  # novm (Python 2 only)
+    string_types = (basestring,)  # novm (Python 2 only)
+    integer_types = (int, long)  # novm (Python 2 only)
 
 #: A clock that never jumps, where the interpreter has one (3.3+).
 monotonic = getattr(time, 'monotonic', time.time)
@@ -913,6 +913,17 @@ def read_text(path):
         return None
 
 
+#: A backslash escape inside double quotes, as os-release(5) allows them.
+SHELL_ESCAPE = re.compile(r'\\([\\"$`])')
+
+
+def read_os_release(root='/'):
+    """The fields of /etc/os-release, else /usr/lib/os-release (may be {})."""
+    return parse_shell_assignments(
+        read_text(os.path.join(root, 'etc/os-release')) or
+        read_text(os.path.join(root, 'usr/lib/os-release')))
+
+
 def parse_shell_assignments(text):
     """``KEY=value`` lines as in os-release and lsb-release, quotes removed."""
     values = {}
@@ -922,8 +933,10 @@ def parse_shell_assignments(text):
             continue
         key, value = line.split('=', 1)
         value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in '"\'':
-            value = value[1:-1].replace('\\"', '"').replace('\\\\', '\\')
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = SHELL_ESCAPE.sub(r'\1', value[1:-1])
+        elif len(value) >= 2 and value[0] == value[-1] == "'":
+            value = value[1:-1]
         values[key.strip()] = value
     return values
 
@@ -943,8 +956,7 @@ def os_identity(root='/'):
 
     info = {'id': '', 'name': '', 'release': '', 'codename': '',
             'pretty-name': ''}
-    release = parse_shell_assignments(
-        etc('os-release') or read_text(os.path.join(root, 'usr/lib/os-release')))
+    release = read_os_release(root)
     lsb = parse_shell_assignments(etc('lsb-release'))
     redhat = (etc('redhat-release') or '').strip()
     debian = (etc('debian_version') or '').strip()
@@ -963,20 +975,21 @@ def os_identity(root='/'):
     elif redhat:
         info.update(parse_redhat_release(redhat))
     elif debian:
-        major = debian.split('.')[0]
         info.update({
             'id': 'debian', 'name': 'Debian GNU/Linux', 'release': debian,
-            'codename': DEBIAN_CODENAMES.get(major, ''),
             'pretty-name': 'Debian GNU/Linux {0}'.format(debian)})
-    if info['id'] == 'debian' and not info['codename'] and debian:
-        info['codename'] = DEBIAN_CODENAMES.get(debian.split('.')[0], '')
-    if not info['codename'] and lsb.get('DISTRIB_CODENAME'):
-        info['codename'] = lsb['DISTRIB_CODENAME']
+    if not info['codename']:
+        info['codename'] = (
+            lsb.get('DISTRIB_CODENAME') or
+            (redhat and parse_redhat_release(redhat)['codename']) or
+            (info['id'] == 'debian' and
+             DEBIAN_CODENAMES.get(debian.split('.')[0])) or '')
     return info
 
 
 def parse_redhat_release(text):
     """Read e.g. ``CentOS release 6.10 (Final)`` into identity fields."""
+    text = text.strip()
     words = text.split()
     release = codename = ''
     if 'release' in words:
@@ -985,7 +998,7 @@ def parse_redhat_release(text):
         rest = words[position + 1:]
         if rest:
             release = rest[0]
-        if '(' in text and text.rstrip().endswith(')'):
+        if '(' in text and text.endswith(')'):
             codename = text[text.rindex('(') + 1:-1]
     else:
         name = text
@@ -998,6 +1011,11 @@ def parse_redhat_release(text):
             'codename': codename, 'pretty-name': text}
 
 
+def text_lines(lines):
+    """A built-in's output: each line ends in a newline, UTF-8 encoded."""
+    return ''.join(line + '\n' for line in lines).encode('utf-8')
+
+
 def builtin_hostname(args):
     return (socket.gethostname() + '\n').encode('utf-8'), 0
 
@@ -1007,10 +1025,9 @@ def builtin_os_info(args):
     uname = os.uname()
     info['kernel'] = uname[2]
     info['machine'] = uname[4]
-    lines = ['{0}={1}'.format(key, info[key]) for key in
-             ('id', 'name', 'release', 'codename', 'pretty-name', 'kernel',
-              'machine')]
-    return ('\n'.join(lines) + '\n').encode('utf-8'), 0
+    return text_lines(['{0}={1}'.format(key, info[key]) for key in
+                       ('id', 'name', 'release', 'codename', 'pretty-name',
+                        'kernel', 'machine')]), 0
 
 
 def builtin_ip_addresses(args):
@@ -1021,7 +1038,7 @@ def builtin_ip_addresses(args):
                 interface['name'], address['ip-address-type'].replace(
                     'ipv4', 'inet').replace('ipv6', 'inet6'),
                 address['ip-address'], address['prefix']))
-    return ('\n'.join(lines) + '\n').encode('utf-8'), 0
+    return text_lines(lines), 0
 
 
 def builtin_disk_usage(args):
@@ -1036,7 +1053,7 @@ def builtin_disk_usage(args):
         lines.append('{0:<24} {1:<10} {2:>12} {3:>12} {4:>12} {5:>4} {6}'.format(
             device, fstype, size // 1024, used // 1024, available // 1024,
             percent, mountpoint))
-    return ('\n'.join(lines) + '\n').encode('utf-8'), 0
+    return text_lines(lines), 0
 
 
 def builtin_uptime(args):
@@ -1057,29 +1074,34 @@ BUILTINS = {
 }
 
 
+#: An octal escape in /proc/mounts (space, tab, newline, backslash).
+MOUNT_ESCAPE = re.compile(r'\\([0-7]{3})')
+
+
 def disk_usage(mounts_path='/proc/mounts'):
     """Sizes of mounted local filesystems, like df.
 
     :returns: ``(device, mountpoint, type, size, used, available)`` tuples,
         sizes in bytes, one per mount point.
     """
-    rows = []
-    seen = set()
+    mounts = {}
+    order = []
     for line in (read_text(mounts_path) or '').splitlines():
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        device, mountpoint, fstype = fields[0], fields[1], fields[2]
-        mountpoint = mountpoint.replace('\\040', ' ')
-        if fstype in SKIPPED_FILESYSTEMS or mountpoint in seen:
-            continue
+        fields = [MOUNT_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+                  for field in line.split()[:3]]
+        if len(fields) == 3 and fields[2] not in SKIPPED_FILESYSTEMS:
+            if fields[1] not in mounts:
+                order.append(fields[1])
+            mounts[fields[1]] = fields  # the last mount on a path is visible
+    rows = []
+    for mountpoint in order:
+        device, _, fstype = mounts[mountpoint]
         try:
             usage = os.statvfs(mountpoint)
         except OSError:
             continue
         if not usage.f_blocks:
             continue
-        seen.add(mountpoint)
         size = usage.f_blocks * usage.f_frsize
         available = usage.f_bavail * usage.f_frsize
         used = (usage.f_blocks - usage.f_bfree) * usage.f_frsize
@@ -1387,7 +1409,7 @@ class Server(object):
                              ('release', 'version-id')):
             if info[ours]:
                 result[theirs] = info[ours]
-        release = parse_shell_assignments(read_text('/etc/os-release'))
+        release = read_os_release()
         if release.get('VERSION'):
             result['version'] = release['VERSION']
         return result
@@ -2240,5 +2262,10 @@ def main(argv=None):
         return 130
 
 
-if __name__ == '__main__':
+def main_exit():
+    """Entry point of the installed ``negotiator`` script."""
     sys.exit(main())
+
+
+if __name__ == '__main__':
+    main_exit()

@@ -1,0 +1,697 @@
+# -*- coding: utf-8 -*-
+"""The command-line interface: ``negotiator.py host`` end to end, and usage.
+
+One agent (``guest --listen``) serves the whole module; its commands
+directory holds small POSIX sh scripts.  Every call checks exact bytes,
+exact exit statuses and exact one-line messages.
+
+Must stay valid on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
+"""
+
+import base64
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import negotiator
+from helpers import (HANG, NEGOTIATOR, Agent, Workdir, communicate,
+                     make_command, run_cli, wait_for)
+
+BUILTINS = ('disk-usage', 'hostname', 'ip-addresses', 'os-info', 'uptime')
+
+#: name -> script; {marks} is the directory scripts that must never run
+#: leave a trace in.
+SCRIPTS = {
+    'exit-with': (
+        "#!/bin/sh\n"
+        "printf 'out %s' \"$1\"\n"
+        "printf 'err %s' \"$1\" >&2\n"
+        "exit \"$1\"\n"),
+    'kill-self': (
+        "#!/bin/sh\n"
+        "printf before\n"
+        "kill -9 $$\n"
+        "printf after\n"),
+    # Each argument followed by a NUL: the exact argv, recoverable.
+    'args': (
+        "#!/bin/sh\n"
+        "for a in \"$@\"; do printf '%s\\000' \"$a\"; done\n"),
+    'cat-files': (
+        "#!/bin/sh\n"
+        "cat \"$1\"\n"
+        "cat \"$2\" >&2\n"),
+    'cat-stdin': (
+        "#!/bin/sh\n"
+        "cat\n"
+        "printf '<eof>'\n"),
+    'sleeper': (
+        "#!/bin/sh\n"
+        "echo $$ > \"$1\"\n"
+        "sleep 30 &\n"
+        "echo $! > \"$2\"\n"
+        "wait\n"
+        "echo survived\n"),
+    'streamer': (
+        "#!/bin/sh\n"
+        "echo first\n"
+        "i=0\n"
+        "while [ ! -e \"$1\" ] && [ $i -lt 200 ]; do\n"
+        "    sleep 0.1; i=$((i + 1))\n"
+        "done\n"
+        "if [ -e \"$1\" ]; then echo second; else echo 'no marker'; fi\n"),
+    'big-output': (
+        "#!/bin/sh\n"
+        "head -c 4000000 /dev/zero\n"),
+    'bad-interpreter': (
+        "#!/nonexistent/interpreter\n"),
+    '.hidden': (
+        "#!/bin/sh\n"
+        "touch {marks}/hidden\n"),
+}
+USER_COMMANDS = sorted(n for n in SCRIPTS if not n.startswith('.'))
+ALL_COMMANDS = sorted(USER_COMMANDS + list(BUILTINS))
+TRAP = "#!/bin/sh\ntouch {marks}/{name}\n"
+
+
+@pytest.fixture(scope='module')
+def agent():
+    wd = Workdir()
+    marks = wd.join('marks')
+    os.mkdir(marks)
+    for name, script in SCRIPTS.items():
+        make_command(wd.commands, name, script.format(marks=marks))
+    # Things that exist but must never run.
+    make_command(wd.commands, 'not-executable',
+                 TRAP.format(marks=marks, name='not-executable'), mode=0o644)
+    os.mkdir(os.path.join(wd.commands, 'a-directory'))
+    os.mkdir(os.path.join(wd.commands, 'sub'))
+    make_command(os.path.join(wd.commands, 'sub'), 'b',
+                 TRAP.format(marks=marks, name='sub-b'))
+    make_command(wd.path, 'escape', TRAP.format(marks=marks, name='escape'))
+    the_agent = Agent(wd)
+    the_agent.marks = marks
+    yield the_agent
+    try:
+        text = the_agent.stop()
+        assert 'internal error' not in text, text
+    finally:
+        wd.cleanup()
+
+
+@pytest.fixture
+def workdir():
+    wd = Workdir()
+    yield wd
+    wd.cleanup()
+
+
+def host(agent, *args, **kwargs):
+    """agent.host(), also checking that no traceback reached stderr."""
+    status, out, err = agent.host(*args, **kwargs)
+    assert b'Traceback' not in err, err.decode('utf-8', 'replace')
+    return status, out, err
+
+
+def cli(args, **kwargs):
+    status, out, err = run_cli(args, **kwargs)
+    assert b'Traceback' not in err, err.decode('utf-8', 'replace')
+    return status, out, err
+
+
+def b(text):
+    return text.encode('utf-8')
+
+
+def last_line(data):
+    return data.rstrip(b'\n').split(b'\n')[-1]
+
+
+def not_found_message(agent, name):
+    return b("negotiator: Command '{0}' not found in {1}; available: {2}\n"
+             .format(name, agent.workdir.commands, ', '.join(ALL_COMMANDS)))
+
+
+def write_file(path, data):
+    with open(path, 'wb') as handle:
+        handle.write(data)
+    return path
+
+
+def process_state(pid):
+    """A /proc state letter ('R', 'S', 'Z', ...), or None when gone."""
+    try:
+        with open('/proc/{0}/stat'.format(pid)) as handle:
+            return handle.read().rsplit(')', 1)[1].split()[0]
+    except (IOError, OSError):
+        return None
+
+
+def read_pid(path):
+    with open(path) as handle:
+        return int(handle.read().strip())
+
+
+def shell_quote(text):
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+# ---------------------------------------------------------------------------
+# Usage: help, version, usage errors
+# ---------------------------------------------------------------------------
+
+def test_main_help():
+    status, out, err = cli(['--help'])
+    assert (status, err) == (0, b'')
+    assert out.startswith(b'Usage: negotiator.py [--version] MODE [OPTIONS]')
+    for word in (b'Modes:', b'guest ', b'host ', b'--version', b'--help'):
+        assert word in out
+
+
+def test_guest_help():
+    status, out, err = cli(['guest', '--help'])
+    assert (status, err) == (0, b'')
+    assert out.startswith(b'Usage: negotiator.py guest [OPTIONS]')
+    for word in (b'--listen=PATH', b'--commands-dir=DIR', b'--device=PATH',
+                 b'--syslog', b'-v, --verbose', b'-q, --quiet',
+                 b'/usr/lib/negotiator/commands'):
+        assert word in out
+
+
+def test_host_help():
+    status, out, err = cli(['host', '--help'])
+    assert (status, err) == (0, b'')
+    assert out.startswith(
+        b'Usage: negotiator.py host [OPTIONS] SOCKET COMMAND [ARG...]')
+    for word in (b'128+N when killed by signal N', b'124 timed out',
+                 b'126 not executable', b'127 command not found',
+                 b'254 protocol error',
+                 b'255 cannot connect or no agent answering',
+                 b'2 usage error', b'-t SECONDS, --timeout=SECONDS',
+                 b'--stdin', b'-n, --no-stdin', b'--list', b'--ping',
+                 b'--json', b'-v, --verbose', b'-q, --quiet'):
+        assert word in out, word
+
+
+def test_version():
+    status, out, err = cli(['--version'])
+    assert (status, err) == (0, b'')
+    assert out == b('negotiator.py {0}\n'.format(negotiator.__version__))
+
+
+def test_no_mode_is_usage_error():
+    status, out, err = cli([])
+    assert (status, out) == (2, b'')
+    assert err.startswith(b'Usage: negotiator.py [--version] MODE')
+
+
+def test_unknown_mode_is_usage_error():
+    status, out, err = cli(['sideways'])
+    assert (status, out) == (2, b'')
+    assert last_line(err) == (b"negotiator.py: error: unknown mode "
+                              b"'sideways': use guest or host")
+    assert err.count(b'error:') == 1
+
+
+@pytest.mark.parametrize('args, message', [
+    ([], 'SOCKET is missing'),
+    (['/nonexistent/sock'], 'COMMAND is missing (or use --list or --ping)'),
+    (['-t', '-1', '/nonexistent/sock', 'uptime'],
+     '--timeout must be 0 (never) or more seconds'),
+    (['-t', 'soon', '/nonexistent/sock', 'uptime'],
+     "option -t: invalid floating-point value: 'soon'"),
+], ids=['no-socket', 'no-command', 'negative-timeout', 'bad-timeout'])
+def test_host_usage_errors(args, message):
+    # Status 2, not 255: the socket (which does not exist) is never tried.
+    status, out, err = cli(['host'] + args)
+    assert (status, out) == (2, b'')
+    assert err.startswith(b'Usage: negotiator.py host [OPTIONS] SOCKET')
+    assert last_line(err) == b('negotiator.py: error: ' + message)
+
+
+# ---------------------------------------------------------------------------
+# Exit statuses
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('code', [0, 3, 255])
+def test_remote_exit_status_passes_through(agent, code):
+    status, out, err = host(agent, 'exit-with', str(code))
+    assert (status, out, err) == (code, b('out {0}'.format(code)),
+                                  b('err {0}'.format(code)))
+
+
+def test_killed_by_signal_is_128_plus_n(agent):
+    assert host(agent, 'kill-self') == (137, b'before', b'')
+
+
+def test_command_not_found(agent):
+    status, out, err = host(agent, 'no-such-command')
+    assert (status, out) == (127, b'')
+    assert err == not_found_message(agent, 'no-such-command')
+
+
+@pytest.mark.parametrize('name', ['not-executable', 'a-directory'])
+def test_not_executable(agent, name):
+    status, out, err = host(agent, name)
+    assert (status, out) == (126, b'')
+    assert err == b(
+        "negotiator: Command '{0}' is not executable: {1} is not a regular "
+        "file with execute permission (chmod +x it)\n".format(
+            name, os.path.join(agent.workdir.commands, name)))
+    assert os.listdir(agent.marks) == []
+
+
+def test_unstartable_command_is_not_executable(agent):
+    status, out, err = host(agent, 'bad-interpreter')
+    assert (status, out) == (126, b'')
+    # Python 3.6's subprocess puts the path into strerror; later ones not.
+    path = os.path.join(agent.workdir.commands, 'bad-interpreter')
+    assert err in (
+        b"negotiator: Command 'bad-interpreter' could not start: "
+        b"No such file or directory\n",
+        b("negotiator: Command 'bad-interpreter' could not start: "
+          "No such file or directory: '{0}'\n".format(path)))
+
+
+@pytest.mark.parametrize('name', ['../escape', '.hidden', 'sub/b', '..', ''],
+                         ids=['dotdot-path', 'hidden', 'slash', 'dotdot',
+                              'empty'])
+def test_command_name_tricks_are_refused(agent, name):
+    # The agent refuses the name with a GenericError reply, which the host
+    # maps to 254 (protocol error); nothing runs.
+    status, out, err = host(agent, name)
+    assert (status, out) == (254, b'')
+    assert err == b(
+        "negotiator: Invalid command name '{0}': a name is a file directly "
+        "inside the commands directory\n".format(name))
+    assert os.listdir(agent.marks) == []
+
+
+@pytest.mark.parametrize('as_json', [False, True], ids=['plain', 'json'])
+def test_timeout_kills_the_command(agent, workdir, as_json):
+    pid_file, child_file = workdir.join('pid'), workdir.join('child')
+    if as_json:
+        options = ['-n', '--json', '--timeout=0.5']
+    else:
+        options = ['-n', '-t', '1']
+    started = time.time()
+    status, out, err = host(agent, 'sleeper', pid_file, child_file,
+                            options=options)
+    assert time.time() - started < 10
+    assert status == 124
+    if as_json:
+        result = json.loads(out.decode('ascii'))
+        assert (result['exitcode'], result['signal'], result['timed-out'],
+                result['status'], result['stdout'], result['out-data']) == (
+                    None, 9, True, 124, '', '')
+        assert err == b''
+    else:
+        assert out == b''
+        assert err == (b"negotiator: 'sleeper' timed out after 1 s and was "
+                       b"killed in the guest\n")
+    pid, child = read_pid(pid_file), read_pid(child_file)
+    # The script is reaped by the agent; its background child is killed
+    # with the group (it may linger as a zombie of an init that does not
+    # reap).
+    wait_for(lambda: process_state(pid) is None, timeout=10)
+    wait_for(lambda: process_state(child) in (None, 'Z'), timeout=10)
+
+
+# ---------------------------------------------------------------------------
+# Output: stdout and stderr separate and byte-exact
+# ---------------------------------------------------------------------------
+
+ALL_BYTES = bytes(bytearray(range(256)))
+PAYLOADS = {
+    # Every byte value, NUL bytes, invalid UTF-8, no trailing newline.
+    'binary': (ALL_BYTES + b'\x00\x00\xff\xfe\xc3(\xed\xa0\x80 no newline',
+               ALL_BYTES[::-1] + b'\xc0\xaf\x00\n\x80'),
+    'text-without-newline': (b'line 1\nline 2', b'warning'),
+    'empty': (b'', b''),
+    'random-1mb': (None, None),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(PAYLOADS))
+def test_output_is_byte_exact_and_separate(agent, workdir, kind):
+    stdout, stderr = PAYLOADS[kind]
+    if stdout is None:
+        stdout, stderr = os.urandom(1 << 20), os.urandom(1 << 20)
+    status, out, err = host(agent, 'cat-files',
+                            write_file(workdir.join('out'), stdout),
+                            write_file(workdir.join('err'), stderr))
+    assert status == 0
+    assert len(out) == len(stdout) and out == stdout
+    assert len(err) == len(stderr) and err == stderr
+
+
+# ---------------------------------------------------------------------------
+# Standard input and arguments
+# ---------------------------------------------------------------------------
+
+def test_stdin_is_forwarded_byte_exact(agent):
+    data = ALL_BYTES + os.urandom(1 << 20) + b'\x00'
+    status, out, err = host(agent, 'cat-stdin', stdin=data, options=[])
+    assert (status, err) == (0, b'')
+    assert len(out) == len(data) + 5 and out == data + b'<eof>'
+
+
+def test_no_stdin_sends_nothing(agent):
+    # The command sees end of file at once (else it would time out).
+    assert host(agent, 'cat-stdin', stdin=b'must not arrive',
+                options=['--no-stdin']) == (0, b'<eof>', b'')
+
+
+def test_empty_stdin(agent):
+    assert host(agent, 'cat-stdin', stdin=b'', options=[]) == (
+        0, b'<eof>', b'')
+
+
+def test_stdin_option_forwards(agent):
+    assert host(agent, 'cat-stdin', stdin=b'abc\n', options=['--stdin']) == (
+        0, b'abc\n<eof>', b'')
+
+
+ODD_ARGS = ['two words', '"double"', "'single'", '$HOME', '*', '', '-t',
+            '--json', '-n', '--', '`id`', '$(id)', 'a;b|c&d', '\\n', ' ',
+            'tab\there', 'new\nline', '~', '>x', '-']
+
+
+def test_arguments_arrive_verbatim(agent):
+    status, out, err = host(agent, 'args', *ODD_ARGS)
+    assert (status, err) == (0, b'')
+    assert out.split(b'\x00')[:-1] == [b(a) for a in ODD_ARGS]
+
+
+def test_options_after_command_belong_to_the_command(agent):
+    # Options between SOCKET and COMMAND are the host's; after COMMAND,
+    # everything is the command's.
+    status, out, err = cli(['host', agent.socket, '-n', '--json', 'args',
+                            '-t', '--json', '-v', '--list'])
+    assert (status, err) == (0, b'')
+    result = json.loads(out.decode('ascii'))
+    assert result['command'] == ['args', '-t', '--json', '-v', '--list']
+    assert base64.b64decode(result['out-data']) == b'-t\x00--json\x00-v\x00--list\x00'
+
+
+def test_non_utf8_argument_arrives_verbatim(agent):
+    arg = b'\xff\xfe-\x80'
+    if sys.version_info[0] < 3:
+        args = ['host', '-n', agent.socket, 'args', arg]
+    else:
+        args = [b'host', b'-n', agent.socket.encode('ascii'), b'args', arg]
+    assert cli(args) == (0, arg + b'\x00', b'')
+
+
+def test_non_ascii_argument_in_c_locale(monkeypatch):
+    # Guest agents usually run as services, without LANG.
+    monkeypatch.delenv('LANG', raising=False)
+    monkeypatch.setenv('LC_ALL', 'C')
+    wd = Workdir()
+    try:
+        make_command(wd.commands, 'args', SCRIPTS['args'])
+        c_agent = Agent(wd, verbose=False)
+        try:
+            result = c_agent.host('args', 'caf\xc3\xa9' if sys.version_info[0] < 3
+                                  else u'caf\xe9')
+        finally:
+            c_agent.stop()
+    finally:
+        wd.cleanup()
+    assert result == (0, b'caf\xc3\xa9\x00', b'')
+
+
+# ---------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------
+
+def read_until(fd, done, timeout):
+    """Read ``fd`` until ``done(data)`` or end of file, within ``timeout``."""
+    data = b''
+    deadline = time.time() + timeout
+    while not done(data):
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            raise AssertionError('nothing more within {0} s; got {1!r}'.format(
+                timeout, data))
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def test_output_streams_while_the_command_runs(agent, workdir):
+    # The command prints a line, then waits for the marker file, which is
+    # created only after that line has arrived here: no timing involved.
+    marker = workdir.join('marker')
+    process = subprocess.Popen(
+        [sys.executable, NEGOTIATOR, 'host', '-n', '-t', '60', agent.socket,
+         'streamer', marker], stdin=open(os.devnull, 'rb'),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        fd = process.stdout.fileno()
+        first = read_until(fd, lambda data: b'\n' in data, 15)
+        assert first == b'first\n'
+        open(marker, 'w').close()
+        rest = read_until(fd, lambda data: False, HANG)
+        assert rest == b'second\n'
+        err = read_until(process.stderr.fileno(), lambda data: False, HANG)
+        assert err == b''
+        wait_for(lambda: process.poll() is not None)
+        assert process.returncode == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_stdout_closed_early(agent):
+    # `host ... | head -c 10`: the host stops writing, not the call; it
+    # finishes with the command's status and no traceback.
+    script = ('{0} {1} host -n {2} big-output | head -c 10 | od -An -tx1; '
+              'echo "${{PIPESTATUS[0]}}"').format(
+                  shell_quote(sys.executable), shell_quote(NEGOTIATOR),
+                  shell_quote(agent.socket))
+    process = subprocess.Popen(['bash', '-c', script], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = communicate(process, b'', time.time() + HANG)
+    assert process.returncode == 0
+    assert err == b''
+    assert out.split() == [b'00'] * 10 + [b'0']
+
+
+# ---------------------------------------------------------------------------
+# --list, --ping, --json
+# ---------------------------------------------------------------------------
+
+def test_list(agent):
+    status, out, err = host(agent, options=['--list'])
+    assert (status, err) == (0, b'')
+    assert out == b''.join(
+        b(name + ('  (built-in)' if name in BUILTINS else '') + '\n')
+        for name in ALL_COMMANDS)
+
+
+def test_list_json(agent):
+    status, out, err = host(agent, options=['--list', '--json'])
+    assert (status, err) == (0, b'')
+    assert json.loads(out.decode('ascii')) == {'commands': [
+        {'name': name, 'kind': 'builtin' if name in BUILTINS else 'user'}
+        for name in ALL_COMMANDS]}
+
+
+def test_ping(agent):
+    status, out, err = host(agent, options=['--ping'])
+    assert (status, err) == (0, b'')
+    assert re.match(
+        r'\A' + re.escape(agent.socket) + r': agent ' +
+        re.escape(negotiator.__version__) + r', round trip \d+\.\d\d ms\n\Z',
+        out.decode('ascii')), out
+
+
+def test_ping_json(agent):
+    status, out, err = host(agent, options=['--ping', '--json'])
+    assert (status, err) == (0, b'')
+    result = json.loads(out.decode('ascii'))
+    assert sorted(result) == ['connect-ms', 'round-trip-ms', 'version']
+    assert result['version'] == negotiator.__version__
+    assert 0 <= result['round-trip-ms'] < HANG * 1000
+    assert 0 <= result['connect-ms'] < HANG * 1000
+
+
+JSON_KEYS = ['command', 'err-data', 'exitcode', 'out-data', 'signal',
+             'status', 'stderr', 'stdout', 'timed-out']
+
+
+def test_json_success(agent, workdir):
+    stdout, stderr = b'hello \xff\n\x00', b'warn\n'
+    status, out, err = host(
+        agent, 'cat-files', write_file(workdir.join('out'), stdout),
+        write_file(workdir.join('err'), stderr), options=['-n', '--json'])
+    assert (status, err) == (0, b'')
+    assert out.endswith(b'}\n') and out.count(b'\n') == 1
+    result = json.loads(out.decode('ascii'))
+    assert sorted(result) == JSON_KEYS
+    assert result['command'] == ['cat-files', workdir.join('out'),
+                                 workdir.join('err')]
+    assert (result['exitcode'], result['signal'], result['timed-out'],
+            result['status']) == (0, None, False, 0)
+    assert result['stdout'] == u'hello \ufffd\n\x00'
+    assert result['stderr'] == u'warn\n'
+    assert base64.b64decode(result['out-data']) == stdout
+    assert base64.b64decode(result['err-data']) == stderr
+
+
+@pytest.mark.parametrize('command, expected', [
+    (['exit-with', '3'], (3, None, 3, u'out 3', u'err 3')),
+    (['kill-self'], (None, 9, 137, u'before', u'')),
+])
+def test_json_status(agent, command, expected):
+    status, out, err = host(agent, *command, options=['-n', '--json'])
+    assert (status, err) == (expected[2], b'')
+    result = json.loads(out.decode('ascii'))
+    assert sorted(result) == JSON_KEYS
+    assert (result['exitcode'], result['signal'], result['status'],
+            result['stdout'], result['stderr']) == expected
+    assert result['timed-out'] is False
+
+
+def test_json_not_found(agent):
+    status, out, err = host(agent, 'nope', options=['-n', '--json'])
+    assert status == 127
+    assert err == not_found_message(agent, 'nope')
+    assert json.loads(out.decode('ascii')) == {
+        'error': {'class': 'NegotiatorCommandNotFound',
+                  'desc': not_found_message(agent, 'nope').decode('ascii')[
+                      len('negotiator: '):-1]},
+        'status': 127}
+
+
+def test_json_connect_error(workdir):
+    path = workdir.join('missing.sock')
+    status, out, err = cli(['host', '-n', '--json', path, 'uptime'])
+    desc = ('cannot connect to {0}: no such socket: is the guest running, '
+            'and does its definition have the negotiator-host-to-guest.0 '
+            'channel?'.format(path))
+    assert status == 255
+    assert err == b('negotiator: ' + desc + '\n')
+    assert json.loads(out.decode('ascii')) == {
+        'error': {'class': 'ConnectError', 'desc': desc}, 'status': 255}
+
+
+# ---------------------------------------------------------------------------
+# Logging: -q keeps errors, -v adds details
+# ---------------------------------------------------------------------------
+
+def missing_socket_message(path):
+    return b('negotiator: cannot connect to {0}: no such socket: is the guest '
+             'running, and does its definition have the '
+             'negotiator-host-to-guest.0 channel?\n'.format(path))
+
+
+def test_quiet_still_reports_errors(workdir):
+    path = workdir.join('missing.sock')
+    assert cli(['host', '-q', '-n', path, 'uptime']) == (
+        255, b'', missing_socket_message(path))
+
+
+def test_verbose_adds_details(workdir):
+    path = workdir.join('missing.sock')
+    status, out, err = run_cli(['host', '-v', '-n', path, 'uptime'])
+    assert (status, out) == (255, b'')
+    assert err.startswith(missing_socket_message(path))
+    assert b'Traceback' in err   # -v: "log debugging details (and tracebacks)"
+
+
+# ---------------------------------------------------------------------------
+# Connection errors
+# ---------------------------------------------------------------------------
+
+def test_missing_socket(workdir):
+    path = workdir.join('missing.sock')
+    assert cli(['host', '-n', path, 'uptime']) == (
+        255, b'', missing_socket_message(path))
+
+
+@pytest.mark.parametrize('kind', ['file', 'directory'])
+def test_not_a_socket(workdir, kind):
+    path = workdir.join('not-a-socket')
+    if kind == 'file':
+        write_file(path, b'{"return": {}}\n')
+    else:
+        os.mkdir(path)
+    status, out, err = cli(['host', '-n', path, 'uptime'])
+    assert (status, out) == (255, b'')
+    assert re.match(b'\\Anegotiator: cannot connect to ' +
+                    re.escape(b(path)) + b': [^\n]+\n\\Z', err), err
+
+
+def test_connection_refused(workdir):
+    path = workdir.join('dead.sock')
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()
+    status, out, err = cli(['host', '-n', path, 'uptime'])
+    assert (status, out) == (255, b'')
+    assert err == b(
+        'negotiator: cannot connect to {0}: connection refused: nothing '
+        'serves this socket (the guest is stopped?)\n'.format(path))
+
+
+def test_permission_denied(workdir):
+    if os.geteuid() == 0:
+        pytest.skip('root bypasses the socket file permission check')
+    path = workdir.join('locked.sock')
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(path)
+        server.listen(1)
+        os.chmod(path, 0)
+        status, out, err = cli(['host', '-n', path, 'uptime'])
+    finally:
+        server.close()
+    assert (status, out) == (255, b'')
+    assert err == b(
+        'negotiator: cannot connect to {0}: permission denied: run as root '
+        '(or the socket\'s owner)\n'.format(path))
+
+
+def test_nobody_answers(workdir):
+    # A socket that accepts connections but never reads nor answers.
+    path = workdir.join('silent.sock')
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(path)
+        server.listen(1)
+        started = time.time()
+        status, out, err = cli(['host', '-n', '-t', '1', path, 'uptime'])
+        elapsed = time.time() - started
+    finally:
+        server.close()
+    assert elapsed < 10
+    assert (status, out) == (255, b'')
+    assert err == b(
+        'negotiator: no agent answered on {0} within 1 s: is "negotiator.py '
+        'guest" running in the guest? (another client may hold the port '
+        'too)\n'.format(path))
+
+
+# ---------------------------------------------------------------------------
+# Last: the agent survived every error above
+# ---------------------------------------------------------------------------
+
+def test_zz_agent_still_serves(agent):
+    status, out, err = host(agent, options=['--ping'])
+    assert (status, err) == (0, b'')
+    assert out.startswith(b(agent.socket + ': agent '))
