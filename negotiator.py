@@ -23,6 +23,7 @@ README.txt documents it in full.
 __version__ = '1.0.0'
 
 import binascii
+import codecs
 import errno
 import fcntl
 import json
@@ -68,12 +69,52 @@ else:
 #: A clock that never jumps, where the interpreter has one (3.3+).
 monotonic = getattr(time, 'monotonic', time.time)
 
+# Command names and arguments are bytes to the operating system and text on
+# the wire.  The wire carries them as UTF-8 text in which each byte that is
+# not UTF-8 stands as a lone surrogate U+DC80..U+DCFF, Python 3's
+# "surrogateescape", so that any argument arrives byte for byte.
+
 if PY3:
     #: Popen arguments that start the child in a session (and process group)
     #: of its own, so that a whole command tree can be killed at once.
     NEW_SESSION = {'start_new_session': True}
+
+    def wire_text(arg):
+        """A command-line argument as wire text."""
+        return os.fsencode(arg).decode('utf-8', 'surrogateescape')
+
+    def wire_bytes(text):
+        """The bytes that wire text stands for."""
+        return text.encode('utf-8', 'surrogateescape')
+
+    def native_str(text):
+        """Wire text as this Python's str."""
+        return text
 else:
     NEW_SESSION = {'preexec_fn': os.setsid}
+
+    def _escape_undecodable(error):
+        undecodable = error.object[error.start:error.end]
+        return (''.join('\\udc%02x' % ord(b) for b in undecodable)
+                .decode('unicode_escape'), error.end)
+    codecs.register_error('negotiator-surrogateescape', _escape_undecodable)
+
+    #: A lone surrogate U+DC80..U+DCFF as Python 2's UTF-8 encoder writes it.
+    _ESCAPED_BYTE = re.compile(b'\xed[\xb2\xb3][\x80-\xbf]')
+
+    def _unescape_byte(match):
+        low, high = ord(match.group()[1]), ord(match.group()[2])
+        return chr(((low & 0x3f) << 6 | (high & 0x3f)) - 0xc00)
+
+    def wire_text(arg):
+        return arg.decode('utf-8', 'negotiator-surrogateescape')
+
+    def wire_bytes(text):
+        if isinstance(text, bytes):
+            return text
+        return _ESCAPED_BYTE.sub(_unescape_byte, text.encode('utf-8'))
+
+    native_str = wire_bytes
 
 
 # ============================================================================
@@ -92,6 +133,11 @@ FALLBACK_DEVICE = '/dev/vport0p1'
 DEFAULT_COMMANDS_DIR = '/usr/lib/negotiator/commands'
 #: Seconds the host client waits for a whole call by default (0 = forever).
 DEFAULT_TIMEOUT = 10.0
+#: The longest timeout accepted, in seconds (about 31 years).
+MAX_TIMEOUT = 1e9
+#: The longest single wait in poll(), in seconds: a later deadline is
+#: reached by waiting again (poll's millisecond count is a C int).
+MAX_POLL_WAIT = 3600.0
 
 #: Longest request or reply line accepted.  Standard input travels inside a
 #: request, base64-encoded, so it may be up to three quarters of this.
@@ -260,14 +306,25 @@ def decode_bytes(text, name):
 BASE64_TEXT = re.compile(r'\A[A-Za-z0-9+/]*={0,2}\Z')
 
 
-def make_event(name, data, request_id):
-    """A QMP-style event line tied to the request that caused it."""
+def encode_output_event(request_id, stream, data):
+    """The wire line of a negotiator-output event, built directly.
+
+    A QMP-style event tied to the request by ``data.id``.  The base64 text
+    is put in place of an empty string rather than passed through the JSON
+    encoder, which would scan it for characters to escape (it has none):
+    this is the bulk of a command's output.
+    """
+    fields = {stream: ''}
     if request_id is not None:
-        data['id'] = request_id
+        fields['id'] = request_id
     now = time.time()
-    return {'event': name, 'data': data,
-            'timestamp': {'seconds': int(now),
-                          'microseconds': int(now % 1 * 1000000)}}
+    head = encode_message({'event': 'negotiator-output', 'data': fields,
+                           'timestamp': {'seconds': int(now),
+                                         'microseconds': int(now % 1 * 1e6)}})
+    marker = '"{0}":""'.format(stream).encode('ascii')
+    before, after = head.split(marker, 1)
+    return b''.join([before, marker[:-1], binascii.b2a_base64(data)[:-1],
+                     b'"', after])
 
 
 #: Markers LineReader.feed() returns besides complete lines.
@@ -422,7 +479,7 @@ def _poll(fds, want_write, timeout):
     for fd, mask in masks.items():
         poller.register(fd, mask)
     if timeout is not None:
-        timeout = max(0, int(timeout * 1000 + 0.999))
+        timeout = int(min(max(timeout, 0), MAX_POLL_WAIT) * 1000 + 0.999)
     ready = []
     for fd, event in poller.poll(timeout):
         hung_up = bool(event & (select.POLLHUP | select.POLLERR |
@@ -433,6 +490,8 @@ def _poll(fds, want_write, timeout):
 
 
 def _select(fds, want_write, timeout):
+    if timeout is not None:
+        timeout = min(max(timeout, 0), MAX_POLL_WAIT)
     readable, writable, _ = select.select(list(fds), list(want_write), [],
                                           timeout)
     ready = {}
@@ -659,7 +718,7 @@ def check_command_name(name):
             "Invalid parameter type for 'command', expected: string")
     if not name or '/' in name or name.startswith('.') or '\0' in name:
         raise RequestError(
-            'Invalid command name {0!r}: a name is a file directly inside '
+            "Invalid command name '{0}': a name is a file directly inside "
             'the commands directory'.format(name))
 
 
@@ -714,13 +773,13 @@ class CommandSet(object):
             if stat.S_ISREG(info.st_mode) and os.access(path, os.X_OK):
                 return 'user', path
             raise RequestError(
-                'Command {0!r} is not executable: {1} is not a regular file '
+                "Command '{0}' is not executable: {1} is not a regular file "
                 'with execute permission (chmod +x it)'.format(name, path),
                 'NegotiatorCommandNotExecutable')
         if name in self.builtins:
             return 'builtin', self.builtins[name]
         raise RequestError(
-            'Command {0!r} not found in {1}; available: {2}'.format(
+            "Command '{0}' not found in {1}; available: {2}".format(
                 name, self.directory,
                 ', '.join(n for n, _ in self.names()) or 'none'),
             'NegotiatorCommandNotFound')
@@ -763,6 +822,7 @@ class Process(object):
         self.timed_out = False
         self.killed = False
         self._stdin_data = stdin_data
+        self._stdin_sent = 0
         self._paused = False
         devnull = None
         if not stdin_data:
@@ -793,12 +853,13 @@ class Process(object):
             self._timer = loop.call_later(timeout, self._on_timeout)
 
     def _feed_stdin(self):
+        start = self._stdin_sent
         try:
-            written = write_fd(self._stdin_fd, self._stdin_data[:READ_SIZE])
+            self._stdin_sent += write_fd(
+                self._stdin_fd, self._stdin_data[start:start + READ_SIZE])
         except Disconnected:
-            written = len(self._stdin_data)
-        self._stdin_data = self._stdin_data[written:]
-        if not self._stdin_data:
+            self._stdin_sent = len(self._stdin_data)
+        if self._stdin_sent >= len(self._stdin_data):
             self._close_stdin()
 
     def _close_stdin(self):
@@ -1236,17 +1297,21 @@ class Server(object):
     :param on_disconnect: called after the client has gone.
     """
 
-    #: The requests served: name -> (method, answers on success?).
+    #: The requests served: (name, method, parameters), each parameter as
+    #: (name, type in PARAMETER_TYPES, required?), checked in this order
+    #: before the method runs, as QEMU's generated code checks them.
     REQUESTS = (
-        ('guest-sync-delimited', 'rpc_sync_delimited', True),
-        ('guest-sync', 'rpc_sync', True),
-        ('guest-ping', 'rpc_ping', True),
-        ('guest-info', 'rpc_info', True),
-        ('guest-get-host-name', 'rpc_host_name', True),
-        ('guest-get-osinfo', 'rpc_osinfo', True),
-        ('guest-network-get-interfaces', 'rpc_network_interfaces', True),
-        ('negotiator-list-commands', 'rpc_list_commands', True),
-        ('negotiator-execute', 'rpc_execute', True),
+        ('guest-sync-delimited', 'rpc_sync_delimited', (('id', 'int', True),)),
+        ('guest-sync', 'rpc_sync', (('id', 'int', True),)),
+        ('guest-ping', 'rpc_ping', ()),
+        ('guest-info', 'rpc_info', ()),
+        ('guest-get-host-name', 'rpc_host_name', ()),
+        ('guest-get-osinfo', 'rpc_osinfo', ()),
+        ('guest-network-get-interfaces', 'rpc_network_interfaces', ()),
+        ('negotiator-list-commands', 'rpc_list_commands', ()),
+        ('negotiator-execute', 'rpc_execute', (
+            ('command', 'str', True), ('args', 'strs', False),
+            ('input-data', 'str', False), ('timeout', 'seconds', False))),
     )
 
     def __init__(self, loop, fd, name, commands, children, env=None,
@@ -1258,10 +1323,9 @@ class Server(object):
         self._on_disconnect = on_disconnect
         self.pending = []
         self.process = None
-        self.running_id = None
         self.methods = {}
-        for request, method, _ in self.REQUESTS:
-            self.methods[request] = getattr(self, method)
+        for request, method, parameters in self.REQUESTS:
+            self.methods[request] = (getattr(self, method), parameters)
         self.channel = Channel(loop, fd, self, name)
 
     # -- what the channel reports ------------------------------------------
@@ -1327,7 +1391,9 @@ class Server(object):
             request_id = request.get('id')
             name, arguments = self._parse_request(request)
             log.debug('%s: request %s', self.channel.name, name)
-            result = self.methods[name](arguments, request_id)
+            method, parameters = self.methods[name]
+            check_arguments(arguments, parameters)
+            result = method(arguments, request_id)
         except RequestError as e:
             log.info('%s: error reply: %s', self.channel.name, e.desc)
             self._send_error(request_id, e)
@@ -1342,24 +1408,24 @@ class Server(object):
             self._send_return(request_id, result)
 
     def _parse_request(self, request):
+        """The request's name and arguments, checked in qemu-ga's order."""
         name = request.get('execute')
-        if name is None:
-            raise RequestError("QMP input lacks member 'execute'")
-        if not isinstance(name, string_types):
-            raise RequestError(
-                "QMP input member 'execute' must be a string")
-        for key in request:
-            if key not in ('execute', 'arguments', 'id'):
-                raise RequestError(
-                    "QMP input member '{0}' is unexpected".format(key))
-        if name not in self.methods:
-            raise RequestError(
-                'The command {0} has not been found'.format(name),
-                'CommandNotFound')
+        if 'execute' in request and not isinstance(name, string_types):
+            raise RequestError("QMP input member 'execute' must be a string")
         arguments = request.get('arguments', {})
         if not isinstance(arguments, dict):
             raise RequestError(
                 "QMP input member 'arguments' must be an object")
+        for key in request:
+            if key not in ('execute', 'arguments', 'id'):
+                raise RequestError(
+                    "QMP input member '{0}' is unexpected".format(key))
+        if name is None:
+            raise RequestError("QMP input lacks member 'execute'")
+        if name not in self.methods:
+            raise RequestError(
+                'The command {0} has not been found'.format(name),
+                'CommandNotFound')
         return name, arguments
 
     def _send_return(self, request_id, result):
@@ -1378,22 +1444,21 @@ class Server(object):
 
     def rpc_sync(self, arguments, request_id):
         """Echo the client's id: it proves which reply belongs to whom."""
-        return require_integer(arguments, 'id')
+        return arguments['id']
 
     def rpc_sync_delimited(self, arguments, request_id):
         """Like guest-sync, with 0xFF first so the client can skip stale data."""
-        sync_id = require_integer(arguments, 'id')
         self.channel.send_raw(RESYNC_BYTE)
-        return sync_id
+        return arguments['id']
 
     def rpc_ping(self, arguments, request_id):
         return {}
 
     def rpc_info(self, arguments, request_id):
         supported = []
-        for name, _, answers in self.REQUESTS:
+        for name, _, _ in self.REQUESTS:
             supported.append({'enabled': True, 'name': name,
-                              'success-response': answers})
+                              'success-response': True})
         return {'version': __version__, 'supported_commands': supported}
 
     def rpc_host_name(self, arguments, request_id):
@@ -1423,23 +1488,16 @@ class Server(object):
 
     def rpc_execute(self, arguments, request_id):
         """Run a command, streaming its output as events, then reply."""
-        name = arguments.get('command')
-        if name is None:
-            raise RequestError("Parameter 'command' is missing")
         args = arguments.get('args', [])
-        if (not isinstance(args, list) or
-                not all(isinstance(a, string_types) for a in args)):
-            raise RequestError(
-                "Invalid parameter type for 'args', expected: array of strings")
+        try:
+            name = native_str(arguments['command'])
+            argv = [wire_bytes(arg) for arg in args]
+        except UnicodeError:
+            raise RequestError("Parameters 'command' and 'args' must be "
+                               "UTF-8 text")
         stdin_data = b''
         if arguments.get('input-data') is not None:
             stdin_data = decode_bytes(arguments['input-data'], 'input-data')
-        timeout = arguments.get('timeout', 0)
-        if (isinstance(timeout, bool) or
-                not isinstance(timeout, integer_types + (float,)) or
-                timeout < 0):
-            raise RequestError(
-                "Invalid parameter type for 'timeout', expected: number >= 0")
         kind, target = self.commands.resolve(name)
         if kind == 'builtin':
             output, status = target(args)
@@ -1449,26 +1507,25 @@ class Server(object):
         env.update(self.env)
         env['NEGOTIATOR_COMMAND'] = name
         env['NEGOTIATOR_VERSION'] = __version__
-        log.info('%s: running %s %s', self.channel.name, target,
-                 ' '.join(args))
+        log.info('%s: running %s with %d argument(s)', self.channel.name,
+                 target, len(argv))
         try:
             self.process = Process(
-                self.loop, self.children, [target] + list(args), env, stdin_data, timeout,
+                self.loop, self.children, [target] + argv, env, stdin_data,
+                arguments.get('timeout', 0),
                 lambda stream, data: self._send_output(request_id, stream,
                                                        data),
                 lambda result: self._finish_execute(request_id, result))
         except OSError as e:
             raise RequestError(
-                'Command {0!r} could not start: {1}'.format(name, e.strerror),
+                "Command '{0}' could not start: {1}".format(name, e.strerror),
                 'NegotiatorCommandNotExecutable')
-        self.running_id = request_id
         return None
 
     def _send_output(self, request_id, stream, data):
         if not data:
             return
-        self.channel.send(make_event('negotiator-output',
-                                     {stream: encode_bytes(data)}, request_id))
+        self.channel.send_raw(encode_output_event(request_id, stream, data))
         if self.process and self.channel.backlog > HIGH_WATER:
             self.process.pause()
 
@@ -1478,15 +1535,51 @@ class Server(object):
         self._serve_pending()
 
 
-def require_integer(arguments, name):
-    """An integer argument, with qemu-ga's errors when it is absent or wrong."""
-    if name not in arguments:
-        raise RequestError("Parameter '{0}' is missing".format(name))
-    value = arguments[name]
-    if isinstance(value, bool) or not isinstance(value, integer_types):
-        raise RequestError(
-            "Invalid parameter type for '{0}', expected: integer".format(name))
-    return value
+def is_int64(value):
+    return (isinstance(value, integer_types) and not isinstance(value, bool)
+            and -2 ** 63 <= value < 2 ** 63)
+
+
+def is_seconds(value):
+    return (isinstance(value, integer_types + (float,)) and
+            not isinstance(value, bool) and 0 <= value <= MAX_TIMEOUT)
+
+
+def is_string_list(value):
+    return (isinstance(value, list) and
+            all(isinstance(item, string_types) for item in value))
+
+
+#: Parameter types: name -> (check, what the error says is expected).
+PARAMETER_TYPES = {
+    'int': (is_int64, 'integer'),
+    'str': (lambda value: isinstance(value, string_types), 'string'),
+    'strs': (is_string_list, 'array of strings'),
+    'seconds': (is_seconds, 'number >= 0'),
+}
+
+
+def check_arguments(arguments, parameters):
+    """Check a request's arguments, with qemu-ga's error messages.
+
+    :param parameters: ``(name, type, required)`` tuples, checked in order;
+        members not named there are refused last.
+    :raises RequestError: for a missing, mistyped or unexpected member.
+    """
+    for name, kind, required in parameters:
+        if name not in arguments:
+            if required:
+                raise RequestError("Parameter '{0}' is missing".format(name))
+            continue
+        check, expected = PARAMETER_TYPES[kind]
+        if not check(arguments[name]):
+            raise RequestError(
+                "Invalid parameter type for '{0}', expected: {1}".format(
+                    name, expected))
+    known = [name for name, _, _ in parameters]
+    for name in arguments:
+        if name not in known:
+            raise RequestError("Parameter '{0}' is unexpected".format(name))
 
 
 # ============================================================================
@@ -1781,14 +1874,15 @@ class Client(object):
         self._next_id = random_id()
 
     def send(self, data):
-        while data:
+        sent = 0
+        while sent < len(data):
             try:
-                written = write_fd(self.fd, data[:MAX_WRITE])
+                written = write_fd(self.fd, data[sent:sent + MAX_WRITE])
             except Disconnected as e:
                 raise ConnectError('{0}: the agent side closed the connection '
                                    '({1})'.format(self.name, e))
-            data = data[written:]
-            if data:
+            sent += written
+            if not written:
                 self._wait(writable=True)
 
     def _wait(self, writable=False):
@@ -1959,7 +2053,11 @@ class OutputWriter(object):
         for stream, fd in (('out-data', 1), ('err-data', 2)):
             if stream not in data:
                 continue
-            chunk = decode_bytes(data[stream], stream)
+            try:
+                chunk = binascii.a2b_base64(data[stream].encode('ascii'))
+            except (binascii.Error, AttributeError, UnicodeError):
+                raise ProtocolError('the agent sent output that is not '
+                                    'base64')
             if self.collect:
                 self.captured[stream].append(chunk)
             else:
@@ -2071,7 +2169,8 @@ def host_list(client, as_json):
 
 
 def host_execute(client, command, options, timeout):
-    arguments = {'command': command[0], 'args': command[1:]}
+    arguments = {'command': wire_text(command[0]),
+                 'args': [wire_text(arg) for arg in command[1:]]}
     if options.stdin or (not options.no_stdin and not os.isatty(0)):
         data = read_stdin(client.deadline)
         if data:
@@ -2085,7 +2184,7 @@ def host_execute(client, command, options, timeout):
     try:
         result = client.call('negotiator-execute', arguments, writer)
     except CallTimeout:
-        raise CallTimeout('{0!r} timed out after {1:g} s'.format(
+        raise CallTimeout("'{0}' timed out after {1:g} s".format(
             command[0], timeout))
     status = status_of(result)
     if options.json:
@@ -2097,7 +2196,7 @@ def host_execute(client, command, options, timeout):
                     'out-data': writer.data('out-data'),
                     'err-data': writer.data('err-data')})
     elif result.get('timed-out'):
-        log.error('%r timed out after %g s and was killed in the guest',
+        log.error("'%s' timed out after %g s and was killed in the guest",
                   command[0], timeout)
     return status
 
@@ -2243,8 +2342,8 @@ def main(argv=None):
             parser.error('SOCKET is missing')
         if len(extra) < 2 and not (options.list or options.ping):
             parser.error('COMMAND is missing (or use --list or --ping)')
-        if options.timeout < 0:
-            parser.error('--timeout must be 0 (never) or more seconds')
+        if not 0 <= options.timeout <= MAX_TIMEOUT:
+            parser.error('--timeout must be 0 (never) or a number of seconds')
         setup_logging(options.verbosity)
         action = lambda: run_host(options, extra[0], extra[1:])
     else:

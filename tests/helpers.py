@@ -25,7 +25,8 @@ def run_cli(args, stdin=b'', timeout=HANG, env=None):
     """Run ``python negotiator.py ARGS``; returns (status, stdout, stderr)."""
     process = subprocess.Popen(
         [sys.executable, NEGOTIATOR] + list(args), stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        close_fds=True)
     deadline = time.time() + timeout
     out, err = communicate(process, stdin, deadline)
     return process.returncode, out, err
@@ -88,7 +89,8 @@ class Agent(object):
         self.log_file = open(self.log_path, 'wb')
         self.process = subprocess.Popen(args, stdin=open(os.devnull),
                                         stdout=self.log_file,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT,
+                                        close_fds=True)
         wait_for(lambda: self.process.poll() is not None or
                  connectable(self.socket))
         if self.process.poll() is not None:

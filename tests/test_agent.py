@@ -67,7 +67,8 @@ class PortAgent(object):
             [sys.executable, NEGOTIATOR, 'guest', '-v', '--device', device,
              '--commands-dir', workdir.commands],
             stdin=open(os.devnull), stdout=self.log_file,
-            stderr=subprocess.STDOUT)
+            stderr=subprocess.STDOUT, close_fds=True)
+        STARTED.append(self.process)
 
     def log(self):
         with open(self.log_path, 'rb') as handle:
@@ -93,10 +94,19 @@ class PortAgent(object):
         return text
 
 
+#: Agents started by the current test, killed if the test left them running.
+STARTED = []
+
+
 @pytest.fixture
 def workdir():
     workdir = Workdir()
     yield workdir
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     workdir.cleanup()
 
 

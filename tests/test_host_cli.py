@@ -223,7 +223,7 @@ def test_unknown_mode_is_usage_error():
     ([], 'SOCKET is missing'),
     (['/nonexistent/sock'], 'COMMAND is missing (or use --list or --ping)'),
     (['-t', '-1', '/nonexistent/sock', 'uptime'],
-     '--timeout must be 0 (never) or more seconds'),
+     '--timeout must be 0 (never) or a number of seconds'),
     (['-t', 'soon', '/nonexistent/sock', 'uptime'],
      "option -t: invalid floating-point value: 'soon'"),
 ], ids=['no-socket', 'no-command', 'negative-timeout', 'bad-timeout'])
@@ -296,10 +296,7 @@ def test_command_name_tricks_are_refused(agent, name):
 @pytest.mark.parametrize('as_json', [False, True], ids=['plain', 'json'])
 def test_timeout_kills_the_command(agent, workdir, as_json):
     pid_file, child_file = workdir.join('pid'), workdir.join('child')
-    if as_json:
-        options = ['-n', '--json', '--timeout=0.5']
-    else:
-        options = ['-n', '-t', '1']
+    options = ['-n', '--json', '--timeout=1'] if as_json else ['-n', '-t', '1']
     started = time.time()
     status, out, err = host(agent, 'sleeper', pid_file, child_file,
                             options=options)
@@ -307,6 +304,7 @@ def test_timeout_kills_the_command(agent, workdir, as_json):
     assert status == 124
     if as_json:
         result = json.loads(out.decode('ascii'))
+        assert sorted(result) == JSON_KEYS
         assert (result['exitcode'], result['signal'], result['timed-out'],
                 result['status'], result['stdout'], result['out-data']) == (
                     None, 9, True, 124, '', '')
@@ -321,6 +319,84 @@ def test_timeout_kills_the_command(agent, workdir, as_json):
     # reap).
     wait_for(lambda: process_state(pid) is None, timeout=10)
     wait_for(lambda: process_state(child) in (None, 'Z'), timeout=10)
+
+
+def test_stdin_never_closed_times_out(agent):
+    # Standard input is a pipe nobody closes: the host gives up at its
+    # deadline and says what to do.
+    process = subprocess.Popen(
+        [sys.executable, NEGOTIATOR, 'host', '-t', '1', agent.socket,
+         'cat-stdin'], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    try:
+        process.stdin.write(b'partial')
+        process.stdin.flush()
+        started = time.time()
+        wait_for(lambda: process.poll() is not None, timeout=10)
+        assert time.time() - started < 10
+        out, err = process.stdout.read(), process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            pipe.close()
+    assert (process.returncode, out) == (124, b'')
+    assert err == (b'negotiator: timed out reading standard input (use -n or '
+                   b'</dev/null when there is none)\n')
+
+
+@pytest.fixture
+def own_agent():
+    """An agent of the test's own, for calls that might kill an agent."""
+    wd = Workdir()
+    # Runs long enough for the agent to wait on its timer meanwhile.
+    make_command(wd.commands, 'pause', "#!/bin/sh\nsleep 0.3\nprintf done\n")
+    the_agent = Agent(wd)
+    yield the_agent
+    try:
+        if 'Traceback' in the_agent.log():
+            # It crashed, which the test itself reports (its liveness check).
+            wait_for(lambda: the_agent.process.poll() is not None)
+            the_agent.log_file.close()
+        else:
+            the_agent.stop()   # asserts exit status 0 and no traceback
+    finally:
+        wd.cleanup()
+
+
+@pytest.mark.parametrize('timeout', ['3e6', 'inf', 'nan'])
+def test_huge_or_odd_timeout_is_handled(own_agent, timeout):
+    # 3e6 s (35 days) is a plausible "no limit in practice"; inf and nan
+    # are floats optparse accepts.  Either the call works or -t is refused
+    # as a usage error, never a traceback, and the agent lives on.
+    status, out, err = run_cli(['host', '-n', '-t', timeout, own_agent.socket,
+                                'pause'])
+    # Whatever the call sent has been served before the ping is.
+    ping = own_agent.host(options=['--ping'])
+    assert b'Traceback' not in err, err.decode('utf-8', 'replace')
+    if status == 2:
+        assert out == b''
+        assert last_line(err).startswith(b'negotiator.py: error: ')
+    else:
+        assert (status, out, err) == (0, b'done', b'')
+    assert ping[0] == 0, own_agent.log()
+
+
+def test_agent_survives_a_huge_execute_timeout(own_agent):
+    # What "host -t 3e6" sends when it gets that far: the agent must not
+    # fall over on a timer beyond poll()'s range.
+    client = own_agent.client()
+    try:
+        reply = client.call({'execute': 'negotiator-execute', 'id': 1,
+                             'arguments': {'command': 'pause',
+                                           'timeout': 3e6}})
+        while 'event' in reply:
+            reply = client.read_message()
+    finally:
+        client.close()
+    assert reply == {'return': {'exitcode': 0}, 'id': 1}
+    assert own_agent.process.poll() is None, own_agent.log()
 
 
 # ---------------------------------------------------------------------------
@@ -386,7 +462,7 @@ ODD_ARGS = ['two words', '"double"', "'single'", '$HOME', '*', '', '-t',
 def test_arguments_arrive_verbatim(agent):
     status, out, err = host(agent, 'args', *ODD_ARGS)
     assert (status, err) == (0, b'')
-    assert out.split(b'\x00')[:-1] == [b(a) for a in ODD_ARGS]
+    assert out == b''.join(b(a) + b'\x00' for a in ODD_ARGS)
 
 
 def test_options_after_command_belong_to_the_command(agent):
@@ -397,7 +473,8 @@ def test_options_after_command_belong_to_the_command(agent):
     assert (status, err) == (0, b'')
     result = json.loads(out.decode('ascii'))
     assert result['command'] == ['args', '-t', '--json', '-v', '--list']
-    assert base64.b64decode(result['out-data']) == b'-t\x00--json\x00-v\x00--list\x00'
+    assert base64.b64decode(result['out-data']) == (
+        b'-t\x00--json\x00-v\x00--list\x00')
 
 
 def test_non_utf8_argument_arrives_verbatim(agent):
@@ -418,8 +495,10 @@ def test_non_ascii_argument_in_c_locale(monkeypatch):
         make_command(wd.commands, 'args', SCRIPTS['args'])
         c_agent = Agent(wd, verbose=False)
         try:
-            result = c_agent.host('args', 'caf\xc3\xa9' if sys.version_info[0] < 3
-                                  else u'caf\xe9')
+            word = u'caf\xe9'
+            if sys.version_info[0] < 3:
+                word = word.encode('utf-8')
+            result = c_agent.host('args', word)
         finally:
             c_agent.stop()
     finally:
