@@ -81,7 +81,7 @@ if PY3:
 
     def wire_text(arg):
         """A command-line argument as wire text."""
-        return os.fsencode(arg).decode('utf-8', 'surrogateescape')
+        return os.fsencode(arg).decode('utf-8', 'surrogateescape')  # novm
 
     def wire_bytes(text):
         """The bytes that wire text stands for."""
