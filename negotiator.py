@@ -28,7 +28,6 @@ import errno
 import fcntl
 import json
 import logging
-import logging.handlers
 import optparse
 import os
 import re
@@ -2301,6 +2300,7 @@ def host_parser():
 def setup_logging(verbosity, use_syslog=False):
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[verbosity]
     if use_syslog:
+        import logging.handlers  # only here: it costs start-up time
         handler = logging.handlers.SysLogHandler(address='/dev/log')
         handler.setFormatter(logging.Formatter(
             'negotiator[%(process)d]: %(message)s'))
