@@ -2300,8 +2300,8 @@ def host_parser():
 def setup_logging(verbosity, use_syslog=False):
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[verbosity]
     if use_syslog:
-        import logging.handlers  # only here: it costs start-up time
-        handler = logging.handlers.SysLogHandler(address='/dev/log')
+        from logging.handlers import SysLogHandler  # costs start-up time
+        handler = SysLogHandler(address='/dev/log')
         handler.setFormatter(logging.Formatter(
             'negotiator[%(process)d]: %(message)s'))
     else:
