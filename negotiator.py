@@ -161,6 +161,9 @@ OPEN_RETRY = 1.0
 #: Seconds between repeated log lines about a port that stays unavailable.
 OPEN_LOG_EVERY = 60.0
 
+#: Where syslog listens (--syslog).
+SYSLOG_SOCKET = '/dev/log'
+
 #: Exit statuses of the host client besides the remote command's own.
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124
@@ -2298,17 +2301,25 @@ def host_parser():
 
 
 def setup_logging(verbosity, use_syslog=False):
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[verbosity]
-    if use_syslog:
+    """Log to stderr, or to syslog where the guest has a syslog socket.
+
+    A logging failure (syslog restarted, stderr closed) must never print a
+    traceback or stop the agent, so the logging module's are switched off.
+    """
+    logging.raiseExceptions = False
+    log.setLevel((logging.WARNING, logging.INFO, logging.DEBUG)[verbosity])
+    if use_syslog and os.path.exists(SYSLOG_SOCKET):
         from logging.handlers import SysLogHandler  # costs start-up time
-        handler = SysLogHandler(address='/dev/log')
+        handler = SysLogHandler(address=SYSLOG_SOCKET)
         handler.setFormatter(logging.Formatter(
             'negotiator[%(process)d]: %(message)s'))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter('negotiator: %(message)s'))
+        log.addHandler(handler)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter('negotiator: %(message)s'))
     log.addHandler(handler)
-    log.setLevel(level)
+    if use_syslog:
+        log.warning('no syslog socket %s: logging to stderr', SYSLOG_SOCKET)
 
 
 def main(argv=None):
