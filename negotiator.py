@@ -308,6 +308,10 @@ def decode_bytes(text, name):
 BASE64_TEXT = re.compile(r'\A[A-Za-z0-9+/]*={0,2}\Z')
 
 
+#: The request id of a request that had none ("id": null is an id).
+NO_ID = object()
+
+
 def encode_output_event(request_id, stream, data):
     """The wire line of a negotiator-output event, built directly.
 
@@ -317,7 +321,7 @@ def encode_output_event(request_id, stream, data):
     this is the bulk of a command's output.
     """
     fields = {stream: ''}
-    if request_id is not None:
+    if request_id is not NO_ID:
         fields['id'] = request_id
     now = time.time()
     head = encode_message({'event': 'negotiator-output', 'data': fields,
@@ -1096,7 +1100,7 @@ def builtin_os_info(args):
 def builtin_ip_addresses(args):
     lines = []
     for interface in network_interfaces():
-        for address in interface['ip-addresses']:
+        for address in interface.get('ip-addresses', []):
             lines.append('{0} {1} {2}/{3}'.format(
                 interface['name'], address['ip-address-type'].replace(
                     'ipv4', 'inet').replace('ipv6', 'inet6'),
@@ -1196,9 +1200,10 @@ def network_interfaces(sys_net='/sys/class/net'):
     interfaces = []
     for index in sorted(names):
         name = names[index]
-        interface = {'name': name,
-                     'ip-addresses': addresses.get(index, []),
-                     'statistics': interface_statistics(sys_net, name)}
+        interface = {'name': name}
+        if index in addresses:  # qemu-ga leaves both out otherwise
+            interface['ip-addresses'] = addresses[index]
+            interface['statistics'] = interface_statistics(sys_net, name)
         hardware = read_text(os.path.join(sys_net, name, 'address'))
         if hardware and hardware.strip():
             interface['hardware-address'] = hardware.strip()
@@ -1338,7 +1343,7 @@ class Server(object):
         if len(self.pending) >= MAX_PENDING:
             log.warning('%s: %d requests already waiting; refusing one',
                         self.channel.name, MAX_PENDING)
-            self._send_error(None, RequestError(
+            self._send_error(NO_ID, RequestError(
                 'Too many requests waiting; send one at a time'))
             return
         self.pending.append(line)
@@ -1354,7 +1359,7 @@ class Server(object):
     def on_oversized(self):
         log.warning('%s: dropped a request line longer than %d bytes',
                     self.channel.name, MAX_LINE)
-        self._send_error(None, RequestError(
+        self._send_error(NO_ID, RequestError(
             'Request line longer than {0} bytes; dropped'.format(MAX_LINE)))
 
     def on_drained(self):
@@ -1387,10 +1392,10 @@ class Server(object):
             self._handle(self.pending.pop(0))
 
     def _handle(self, line):
-        request_id = None
+        request_id = NO_ID
         try:
             request = decode_message(line)
-            request_id = request.get('id')
+            request_id = request.get('id', NO_ID)
             name, arguments = self._parse_request(request)
             log.debug('%s: request %s', self.channel.name, name)
             method, parameters = self.methods[name]
@@ -1432,13 +1437,13 @@ class Server(object):
 
     def _send_return(self, request_id, result):
         reply = {'return': result}
-        if request_id is not None:
+        if request_id is not NO_ID:
             reply['id'] = request_id
         self.channel.send(reply)
 
     def _send_error(self, request_id, error):
         reply = {'error': {'class': error.error_class, 'desc': error.desc}}
-        if request_id is not None:
+        if request_id is not NO_ID:
             reply['id'] = request_id
         self.channel.send(reply)
 

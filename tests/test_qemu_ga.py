@@ -1,0 +1,335 @@
+# -*- coding: utf-8 -*-
+"""Differential tests: the real qemu-ga and negotiator get the same requests.
+
+One real ``qemu-ga`` (Debian package qemu-guest-agent) and one
+``negotiator.py guest`` serve the whole module.  Each request goes to both,
+on a fresh connection (qemu-ga's JSON parser state belongs to the process,
+so a fresh connection per request keeps one case from leaking into the
+next), and the parsed replies are compared.  See
+/work/notes/qemu-ga-replies.md for the catalogue of qemu-ga's answers.
+
+The host client is also run against the real qemu-ga: it opens every
+connection with a 0xFF byte, which qemu-ga answers with an error line that
+the client must skip.
+
+qemu-ga missing is a FAILURE, not a skip: CI installs it.
+
+Must stay valid on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from helpers import (Agent, RawClient, Workdir, connectable, run_cli,
+                     wait_for)
+
+INSTALL_HINT = ('qemu-ga not found on PATH (nor in /usr/sbin, /sbin): '
+                'install it (Debian/Ubuntu: apt-get install '
+                'qemu-guest-agent) to run the differential tests')
+
+try:
+    INTEGERS = (int, long)  # noqa: F821 (Python 2)
+except NameError:
+    INTEGERS = (int,)
+
+
+def find_qemu_ga():
+    """qemu-ga's path; Debian puts it in /usr/sbin, often not on PATH."""
+    directories = os.environ.get('PATH', '').split(os.pathsep)
+    for directory in directories + ['/usr/sbin', '/sbin']:
+        path = os.path.join(directory or '.', 'qemu-ga')
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def stop_process(process):
+    """SIGTERM, then SIGKILL if it lingers; always reaps."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        deadline = time.time() + 10
+        while process.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        if process.poll() is None:
+            process.kill()
+    process.wait()
+
+
+@pytest.fixture(scope='module')
+def qemu_ga_path():
+    path = find_qemu_ga()
+    if path is None:
+        pytest.fail(INSTALL_HINT, pytrace=False)
+    return path
+
+
+@pytest.fixture(scope='module')
+def qga(qemu_ga_path):
+    """The real qemu-ga on a UNIX socket; yields the socket path."""
+    workdir = Workdir()
+    state = workdir.join('state')
+    os.mkdir(state)                     # qemu-ga exits if it is missing
+    sock = workdir.join('qga.sock')
+    log_path = workdir.join('qga.log')
+    log_file = open(log_path, 'wb')
+    process = subprocess.Popen(
+        [qemu_ga_path, '-m', 'unix-listen', '-p', sock, '-t', state],
+        stdin=open(os.devnull), stdout=log_file, stderr=subprocess.STDOUT,
+        close_fds=True)
+    try:
+        wait_for(lambda: process.poll() is not None or connectable(sock))
+        if process.poll() is not None:
+            with open(log_path, 'rb') as handle:
+                raise AssertionError('qemu-ga did not start (status {0}):\n'
+                                     '{1}'.format(process.returncode,
+                                                  handle.read()))
+        yield sock
+    finally:
+        stop_process(process)
+        log_file.close()
+        workdir.cleanup()
+
+
+@pytest.fixture(scope='module')
+def agent():
+    workdir = Workdir()
+    running = Agent(workdir)
+    try:
+        yield running
+    finally:
+        try:
+            running.stop()
+        finally:
+            workdir.cleanup()
+
+
+@pytest.fixture(scope='module')
+def qga_version(qemu_ga_path):
+    """The version qemu-ga prints, e.g. '7.2.22'."""
+    output = subprocess.Popen([qemu_ga_path, '--version'],
+                              stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT).communicate()[0]
+    match = re.search(r'(\d+(?:\.\d+)+)', output.decode('utf-8', 'replace'))
+    assert match, output
+    return match.group(1)
+
+
+def exchange(path, data):
+    """Send raw bytes on a fresh connection; returns the first reply line."""
+    client = RawClient(path)
+    try:
+        client.send(data)
+        line = client.read_line()
+    finally:
+        client.close()
+    assert line, 'no reply to {0!r}'.format(data)
+    return line
+
+
+def parse(line):
+    return json.loads(line.decode('utf-8'))
+
+
+def encode(message):
+    return json.dumps(message).encode('ascii') + b'\n'
+
+
+def both(qga, agent, message):
+    """The parsed replies of (qemu-ga, negotiator) to one request."""
+    data = encode(message)
+    return parse(exchange(qga, data)), parse(exchange(agent.socket, data))
+
+
+def ping(request_id):
+    return {'execute': 'guest-ping', 'id': request_id}
+
+
+def sync(arguments, name='guest-sync'):
+    return {'execute': name, 'arguments': arguments}
+
+
+# ---------------------------------------------------------------------------
+# Replies that must be equal once parsed.
+
+EXACT = [
+    ('ping-id-string', ping('x')),
+    ('ping-id-int', ping(7)),
+    ('ping-id-object', ping({'a': [1]})),
+    ('ping-id-null', ping(None)),
+    ('ping-no-id', {'execute': 'guest-ping'}),
+    ('ping-empty-arguments', {'execute': 'guest-ping', 'arguments': {}}),
+    ('sync-123', sync({'id': 123})),
+    ('sync-negative', sync({'id': -5})),
+    ('sync-int64-max', sync({'id': 2 ** 63 - 1})),
+    ('sync-with-request-id', dict(sync({'id': 42}), id='req')),
+    ('unknown-command', {'execute': 'guest-nosuch'}),
+    ('unknown-command-with-id', {'execute': 'guest-nosuch', 'id': 3}),
+    ('sync-id-missing', sync({})),
+    ('sync-no-arguments', {'execute': 'guest-sync'}),
+    ('sync-id-string', sync({'id': 'x'})),
+    ('sync-id-float', sync({'id': 1.5})),
+    ('sync-id-2**63', sync({'id': 2 ** 63})),
+    ('sync-id-bool', sync({'id': True})),
+    ('delimited-id-string', sync({'id': 'x'}, 'guest-sync-delimited')),
+    ('ping-arguments-list', {'execute': 'guest-ping', 'arguments': []}),
+    ('execute-not-string', {'execute': 5}),
+    ('lacks-execute', {}),
+    ('unexpected-member', {'execute': 'guest-ping', 'bogus': 1}),
+    ('ping-unexpected-argument', {'execute': 'guest-ping',
+                                  'arguments': {'x': 1}}),
+    ('sync-unexpected-argument', sync({'id': 1, 'x': 2})),
+    ('host-name', {'execute': 'guest-get-host-name'}),
+]
+
+
+@pytest.mark.parametrize('message', [case[1] for case in EXACT],
+                         ids=[case[0] for case in EXACT])
+def test_same_reply(qga, agent, message):
+    expected, actual = both(qga, agent, message)
+    assert actual == expected
+
+
+def test_sync_delimited(qga, agent):
+    data = encode(sync({'id': 42}, 'guest-sync-delimited'))
+    expected = exchange(qga, data)
+    actual = exchange(agent.socket, data)
+    assert expected[:1] == b'\xff'          # the catalogue's claim holds
+    assert actual[:1] == expected[:1]
+    assert parse(actual[1:]) == parse(expected[1:]) == {'return': 42}
+
+
+# ---------------------------------------------------------------------------
+# JSON syntax errors: same class; descs differ (qemu-ga's own lexer messages).
+# qemu-ga is a stream parser: "{bad" keeps it inside the object (no reply),
+# so it gets the closing "}" that ends the value; negotiator reads lines.
+
+SYNTAX = [
+    ('open-brace', b'{bad\n', b'{bad\n}\n'),
+    ('bad-keyword', b'{bad}\n', b'{bad}\n'),
+    ('array', b'[1,2]\n', b'[1,2]\n'),
+    ('string', b'"x"\n', b'"x"\n'),
+]
+
+
+@pytest.mark.parametrize('ours,theirs', [case[1:] for case in SYNTAX],
+                         ids=[case[0] for case in SYNTAX])
+def test_syntax_error_class(qga, agent, ours, theirs):
+    expected = parse(exchange(qga, theirs))
+    actual = parse(exchange(agent.socket, ours))
+    assert list(expected) == ['error']
+    assert expected['error']['class'] == 'GenericError'
+    assert list(actual) == ['error'], actual
+    assert actual['error']['class'] == expected['error']['class']
+    assert sorted(actual['error']) == sorted(expected['error'])
+
+
+# ---------------------------------------------------------------------------
+# Replies that describe the machine both agents run on.
+
+def test_osinfo(qga, agent):
+    expected, actual = both(qga, agent, {'execute': 'guest-get-osinfo'})
+    assert actual == expected
+
+
+def interfaces(qga, agent):
+    expected, actual = both(qga, agent,
+                            {'execute': 'guest-network-get-interfaces'})
+    return expected['return'], actual['return']
+
+
+def addresses(interface):
+    return set((a['ip-address-type'], a['ip-address'], a['prefix'])
+               for a in interface.get('ip-addresses', []))
+
+
+def test_network_interfaces(qga, agent):
+    expected, actual = interfaces(qga, agent)
+    assert [i['name'] for i in actual] == [i['name'] for i in expected]
+    for theirs, ours in zip(expected, actual):
+        name = theirs['name']
+        assert (ours.get('hardware-address') ==
+                theirs.get('hardware-address')), name
+        assert addresses(ours) == addresses(theirs), name
+        if 'statistics' in theirs and 'statistics' in ours:
+            assert sorted(ours['statistics']) == sorted(theirs['statistics'])
+            for value in ours['statistics'].values():
+                assert (isinstance(value, INTEGERS) and
+                        not isinstance(value, bool)), (name, value)
+
+
+def test_network_interface_members(qga, agent):
+    """Same members per interface (qemu-ga leaves ip-addresses and
+    statistics out for an interface without addresses)."""
+    expected, actual = interfaces(qga, agent)
+    assert [sorted(i) for i in actual] == [sorted(i) for i in expected]
+
+
+def test_guest_info(qga, agent):
+    expected, actual = both(qga, agent, {'execute': 'guest-info'})
+    theirs, ours = expected['return'], actual['return']
+    assert sorted(ours) == sorted(theirs)
+    assert isinstance(ours['version'], type(u''))
+    their_keys = set(frozenset(entry) for entry in
+                     theirs['supported_commands'])
+    assert len(their_keys) == 1, their_keys
+    by_name = dict((entry['name'], entry)
+                   for entry in theirs['supported_commands'])
+    shared = []
+    for entry in ours['supported_commands']:
+        assert frozenset(entry) in their_keys, entry
+        if entry['name'] in by_name:
+            shared.append(entry['name'])
+            assert entry == by_name[entry['name']]
+    for name in ('guest-sync', 'guest-sync-delimited', 'guest-ping',
+                 'guest-info', 'guest-get-host-name', 'guest-get-osinfo',
+                 'guest-network-get-interfaces'):
+        assert name in shared
+
+
+# ---------------------------------------------------------------------------
+# The host client against the real qemu-ga.
+
+def host(*args):
+    status, out, err = run_cli(('host', '--timeout', '20') + args)
+    return status, out.decode('utf-8'), err.decode('utf-8')
+
+
+def test_version_agrees(qga, agent, qga_version):
+    expected, _ = both(qga, agent, {'execute': 'guest-info'})
+    assert expected['return']['version'] == qga_version
+
+
+def test_host_ping(qga, qga_version):
+    status, out, err = host('--ping', qga)
+    assert (status, err) == (0, '')
+    pattern = r'{0}: agent {1}, round trip [0-9]+\.[0-9]{{2}} ms\n\Z'.format(
+        re.escape(qga), re.escape(qga_version))
+    assert re.match(pattern, out), out
+
+
+def test_host_ping_json(qga, qga_version):
+    status, out, err = host('--json', '--ping', qga)
+    assert (status, err) == (0, '')
+    result = json.loads(out)
+    assert isinstance(result, dict)
+    assert result['version'] == qga_version
+    assert result['round-trip-ms'] >= 0
+
+
+def test_host_list_refused(qga):
+    status, out, err = host('--list', qga)
+    assert (status, out) == (254, '')
+    assert err.count('\n') == 1 and err.endswith('\n'), err
+    assert 'does not offer negotiator commands' in err
+
+
+def test_qga_still_serves_after_host_client(qga):
+    """The 0xFF the client sent left no parser state behind in qemu-ga."""
+    assert parse(exchange(qga, encode(ping('after')))) == {
+        'return': {}, 'id': 'after'}
