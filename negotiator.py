@@ -1844,6 +1844,9 @@ def run_guest(options):
         service.start()
         log.info('negotiator %s guest agent started (commands: %s)',
                  __version__, options.commands_dir)
+        if not os.path.isdir(options.commands_dir):
+            log.warning('commands directory %s does not exist: only the '
+                        'built-in commands are offered', options.commands_dir)
         loop.run()
         service.stop()
         children.kill_all()
