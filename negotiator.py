@@ -51,17 +51,14 @@ except ImportError:
 
 if six is not None:
     PY3 = six.PY3
-    text_type = six.text_type
     string_types = six.string_types
     integer_types = six.integer_types
 elif sys.version_info[0] >= 3:
     PY3 = True
-    text_type = str
     string_types = (str,)
     integer_types = (int,)
 else:
     PY3 = False
-    text_type = unicode  # novm (Python 2 only)
     string_types = (basestring,)  # novm (Python 2 only)
     integer_types = (int, long)  # novm (Python 2 only)
 
