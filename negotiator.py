@@ -637,14 +637,10 @@ class Channel(object):
 
     def send(self, message):
         """Queue one message; dropped silently once the peer has gone."""
-        if not self.connected:
-            return
-        self._out.append(encode_message(message))
-        self.backlog += len(self._out[-1])
-        self._flush()
+        self.send_raw(encode_message(message))
 
     def send_raw(self, data):
-        """Queue raw bytes, such as the 0xFF of guest-sync-delimited."""
+        """Queue bytes already encoded, or the 0xFF of guest-sync-delimited."""
         if self.connected:
             self._out.append(data)
             self.backlog += len(data)
@@ -840,10 +836,10 @@ class Process(object):
                 os.close(devnull)
         self.pid = self.popen.pid
         children.running.add(self)
-        self._pipes = {self.popen.stdout.fileno(): 'out-data',
-                       self.popen.stderr.fileno(): 'err-data'}
-        self._files = {self.popen.stdout.fileno(): self.popen.stdout,
-                       self.popen.stderr.fileno(): self.popen.stderr}
+        #: Open output pipes: descriptor -> (stream name, file object).
+        self._pipes = {
+            self.popen.stdout.fileno(): ('out-data', self.popen.stdout),
+            self.popen.stderr.fileno(): ('err-data', self.popen.stderr)}
         for fd in self._pipes:
             set_nonblocking(fd)
             loop.add_reader(fd, self._on_readable)
@@ -883,12 +879,11 @@ class Process(object):
         if not data:
             self._close_pipe(fd)
         else:
-            self.on_output(self._pipes[fd], data)
+            self.on_output(self._pipes[fd][0], data)
 
     def _close_pipe(self, fd):
         self.loop.remove_reader(fd)
-        del self._pipes[fd]
-        self._files.pop(fd).close()
+        self._pipes.pop(fd)[1].close()
 
     def pause(self):
         """Stop reading output until resume(): the peer is slower than us."""
@@ -917,7 +912,7 @@ class Process(object):
                 data = read_fd(fd)
                 if not data:
                     break
-                self.on_output(self._pipes[fd], data)
+                self.on_output(self._pipes[fd][0], data)
             self._close_pipe(fd)
         self._finish()
 
