@@ -75,39 +75,28 @@ class Workdir(object):
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-class Agent(object):
-    """``negotiator.py guest --listen SOCKET`` running in the background."""
+class GuestProcess(object):
+    """``negotiator.py guest ARGS`` running in the background, logging to a file.
 
-    def __init__(self, workdir, extra_args=(), verbose=True):
+    :param args: the guest mode's arguments (--commands-dir is added).
+    """
+
+    def __init__(self, workdir, args, log_name='agent'):
         self.workdir = workdir
-        self.socket = workdir.join('agent.sock')
-        self.log_path = workdir.join('agent.log')
-        args = [sys.executable, NEGOTIATOR, 'guest', '--listen', self.socket,
-                '--commands-dir', workdir.commands] + list(extra_args)
-        if verbose:
-            args.append('-v')
+        self.log_path = workdir.join(log_name + '.log')
         self.log_file = open(self.log_path, 'wb')
-        self.process = subprocess.Popen(args, stdin=open(os.devnull),
-                                        stdout=self.log_file,
-                                        stderr=subprocess.STDOUT,
-                                        close_fds=True)
-        wait_for(lambda: self.process.poll() is not None or
-                 connectable(self.socket))
-        if self.process.poll() is not None:
-            raise AssertionError('agent did not start:\n' + self.log())
+        self.process = subprocess.Popen(
+            [sys.executable, NEGOTIATOR, 'guest', '--commands-dir',
+             workdir.commands] + list(args),
+            stdin=open(os.devnull), stdout=self.log_file,
+            stderr=subprocess.STDOUT, close_fds=True)
 
     def log(self):
         with open(self.log_path, 'rb') as handle:
             return handle.read().decode('utf-8', 'replace')
 
-    def host(self, *args, **kwargs):
-        """Run ``negotiator.py host SOCKET ARGS``."""
-        options = list(kwargs.pop('options', ['-n']))
-        return run_cli(['host'] + options + [self.socket] + list(args),
-                       **kwargs)
-
-    def client(self):
-        return RawClient(self.socket)
+    def wait_log(self, text):
+        wait_for(lambda: text in self.log())
 
     def cpu_seconds(self):
         """User plus system CPU time the agent has used so far."""
@@ -126,6 +115,30 @@ class Agent(object):
         assert 'Traceback' not in text, text
         assert self.process.returncode == 0, (self.process.returncode, text)
         return text
+
+
+class Agent(GuestProcess):
+    """``negotiator.py guest --listen SOCKET`` running in the background."""
+
+    def __init__(self, workdir, extra_args=(), verbose=True):
+        self.socket = workdir.join('agent.sock')
+        args = ['--listen', self.socket] + list(extra_args)
+        if verbose:
+            args.append('-v')
+        GuestProcess.__init__(self, workdir, args)
+        wait_for(lambda: self.process.poll() is not None or
+                 connectable(self.socket))
+        if self.process.poll() is not None:
+            raise AssertionError('agent did not start:\n' + self.log())
+
+    def host(self, *args, **kwargs):
+        """Run ``negotiator.py host SOCKET ARGS``."""
+        options = list(kwargs.pop('options', ['-n']))
+        return run_cli(['host'] + options + [self.socket] + list(args),
+                       **kwargs)
+
+    def client(self):
+        return RawClient(self.socket)
 
 
 def connectable(path):

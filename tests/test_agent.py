@@ -11,15 +11,13 @@ import logging
 import os
 import select
 import signal
-import subprocess
-import sys
 import time
 import tty
 
 import pytest
 
 import negotiator
-from helpers import (HANG, NEGOTIATOR, Workdir, make_command, run_cli,
+from helpers import (HANG, GuestProcess, Workdir, make_command, run_cli,
                      wait_for)
 
 
@@ -57,41 +55,21 @@ class PtyPort(object):
         os.close(self.master)
 
 
-class PortAgent(object):
+class PortAgent(GuestProcess):
     """``negotiator.py guest --device PATH`` in the background."""
 
     def __init__(self, workdir, device, name='agent'):
-        self.log_path = workdir.join(name + '.log')
-        self.log_file = open(self.log_path, 'wb')
-        self.process = subprocess.Popen(
-            [sys.executable, NEGOTIATOR, 'guest', '-v', '--device', device,
-             '--commands-dir', workdir.commands],
-            stdin=open(os.devnull), stdout=self.log_file,
-            stderr=subprocess.STDOUT, close_fds=True)
+        GuestProcess.__init__(self, workdir, ['-v', '--device', device], name)
         STARTED.append(self.process)
 
-    def log(self):
-        with open(self.log_path, 'rb') as handle:
-            return handle.read().decode('utf-8', 'replace')
 
-    def wait_log(self, text):
-        wait_for(lambda: text in self.log())
-
-    def cpu_seconds(self):
-        with open('/proc/{0}/stat'.format(self.process.pid)) as handle:
-            fields = handle.read().rsplit(')', 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / float(
-            os.sysconf('SC_CLK_TCK'))
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            wait_for(lambda: self.process.poll() is not None)
-        self.log_file.close()
-        text = self.log()
-        assert 'Traceback' not in text, text
-        assert self.process.returncode == 0, text
-        return text
+def serve_pty(workdir):
+    """A pty port and an agent serving it, the agent's side released."""
+    port = PtyPort()
+    agent = PortAgent(workdir, port.path)
+    agent.wait_log('serving port')
+    port.release_slave()
+    return port, agent
 
 
 #: Agents started by the current test, killed if the test left them running.
@@ -111,10 +89,7 @@ def workdir():
 
 
 def test_port_served_then_idle_without_spinning_after_hang_up(workdir):
-    port = PtyPort()
-    agent = PortAgent(workdir, port.path)
-    agent.wait_log('serving port')
-    port.release_slave()
+    port, agent = serve_pty(workdir)
     assert port.call({'execute': 'guest-ping', 'id': 1}) == {
         'return': {}, 'id': 1}
     port.hang_up()
@@ -162,10 +137,7 @@ def test_background_process_of_a_command_neither_delays_nor_holds_the_port(
     pid_file = workdir.join('bg.pid')
     make_command(workdir.commands, 'leave-behind',
                  '#!/bin/sh\nsleep 60 &\necho $! > "$1"\necho started\n')
-    port = PtyPort()
-    agent = PortAgent(workdir, port.path)
-    agent.wait_log('serving port')
-    port.release_slave()
+    port, agent = serve_pty(workdir)
     port.send({'execute': 'negotiator-execute', 'id': 1,
                'arguments': {'command': 'leave-behind', 'args': [pid_file]}})
     messages = []
@@ -190,10 +162,7 @@ def test_sigterm_kills_the_running_command_and_exits_zero(workdir):
     pid_file = workdir.join('cmd.pid')
     make_command(workdir.commands, 'sleeper',
                  '#!/bin/sh\necho $$ > "$1"\nexec sleep 60\n')
-    port = PtyPort()
-    agent = PortAgent(workdir, port.path)
-    agent.wait_log('serving port')
-    port.release_slave()
+    port, agent = serve_pty(workdir)
     port.send({'execute': 'negotiator-execute', 'id': 1,
                'arguments': {'command': 'sleeper', 'args': [pid_file]}})
     wait_for(lambda: os.path.exists(pid_file) and open(pid_file).read())

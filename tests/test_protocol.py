@@ -425,17 +425,26 @@ def pid_gone(pid):
         return True
 
 
-def test_resync_abandons_the_running_command_and_waiting_requests(agent):
-    """A 0xFF means a new client: nothing the old one asked for goes on."""
-    pid_file = agent.workdir.join('resync.pid')
-    marker = agent.workdir.join('resync.marker')
+def busy_with_one_waiting(agent, name):
+    """A client whose command runs while a second request waits behind it.
+
+    :returns: the client, the running command's pid, and the file the
+        waiting request would create.
+    """
+    pid_file = agent.workdir.join(name + '.pid')
+    marker = agent.workdir.join(name + '.marker')
     client = agent.client()
     client.request({'execute': 'negotiator-execute', 'id': 1,
                     'arguments': {'command': 'sleep-pid', 'args': [pid_file]}})
     wait_for(lambda: os.path.exists(pid_file) and open(pid_file).read())
-    pid = int(open(pid_file).read())
     client.request({'execute': 'negotiator-execute', 'id': 2,
                     'arguments': {'command': 'touch-marker', 'args': [marker]}})
+    return client, int(open(pid_file).read()), marker
+
+
+def test_resync_abandons_the_running_command_and_waiting_requests(agent):
+    """A 0xFF means a new client: nothing the old one asked for goes on."""
+    client, pid, marker = busy_with_one_waiting(agent, 'resync')
     client.send(b'\xff{"execute":"guest-sync-delimited","arguments":{"id":3}}\n')
     assert client.read_line() == b'\xff{"return":3}'
     wait_for(lambda: pid_gone(pid))
@@ -446,15 +455,7 @@ def test_resync_abandons_the_running_command_and_waiting_requests(agent):
 
 
 def test_hang_up_kills_the_command_and_drops_waiting_requests(agent):
-    pid_file = agent.workdir.join('hangup.pid')
-    marker = agent.workdir.join('hangup.marker')
-    client = agent.client()
-    client.request({'execute': 'negotiator-execute', 'id': 1,
-                    'arguments': {'command': 'sleep-pid', 'args': [pid_file]}})
-    wait_for(lambda: os.path.exists(pid_file) and open(pid_file).read())
-    pid = int(open(pid_file).read())
-    client.request({'execute': 'negotiator-execute', 'id': 2,
-                    'arguments': {'command': 'touch-marker', 'args': [marker]}})
+    client, pid, marker = busy_with_one_waiting(agent, 'hangup')
     client.close()
     wait_for(lambda: pid_gone(pid))
     fresh = agent.client()
