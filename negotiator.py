@@ -71,9 +71,10 @@ monotonic = getattr(time, 'monotonic', time.time)
 # "surrogateescape", so that any argument arrives byte for byte.
 
 if PY3:
-    #: Popen arguments that start the child in a session (and process group)
-    #: of its own, so that a whole command tree can be killed at once.
-    NEW_SESSION = {'start_new_session': True}
+    #: Popen arguments for a command: every descriptor but stdin, stdout
+    #: and stderr closed, and a session (and process group) of its own, so
+    #: that a whole command tree can be killed at once.
+    CHILD_OPTIONS = {'close_fds': True, 'start_new_session': True}
 
     def wire_text(arg):
         """A command-line argument as wire text."""
@@ -87,7 +88,25 @@ if PY3:
         """Wire text as this Python's str."""
         return text
 else:
-    NEW_SESSION = {'preexec_fn': os.setsid}
+    def _start_child():
+        """Python 2's close_fds=True closes every number up to the limit of
+        open files (milliseconds per command where the limit is high): close
+        only the open descriptors not marked close-on-exec, as Python 3 does.
+        """
+        os.setsid()
+        try:
+            numbers = [int(name) for name in os.listdir('/proc/self/fd')]
+        except OSError:
+            numbers = range(3, os.sysconf('SC_OPEN_MAX'))
+        for fd in numbers:
+            try:
+                if fd > 2 and not (fcntl.fcntl(fd, fcntl.F_GETFD) &
+                                   fcntl.FD_CLOEXEC):
+                    os.close(fd)
+            except (OSError, IOError):
+                pass
+
+    CHILD_OPTIONS = {'close_fds': False, 'preexec_fn': _start_child}
 
     def _escape_undecodable(error):
         undecodable = error.object[error.start:error.end]
@@ -830,7 +849,7 @@ class Process(object):
             self.popen = subprocess.Popen(
                 argv, stdin=devnull or subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                close_fds=True, cwd='/', env=env, **NEW_SESSION)
+                cwd='/', env=env, **CHILD_OPTIONS)
         finally:
             if devnull is not None:
                 os.close(devnull)

@@ -266,3 +266,25 @@ def test_stale_socket_file_is_replaced(workdir):
     assert client.call({'execute': 'guest-ping'}) == {'return': {}}
     client.close()
     agent.stop()
+
+
+def test_commands_inherit_no_descriptor_of_the_agent(workdir):
+    """Not even one the agent inherited without close-on-exec (fd 7 here)."""
+    import subprocess
+    import sys
+    from helpers import NEGOTIATOR, connectable, run_cli
+    make_command(workdir.commands, 'list-fds',
+                 '#!/bin/sh\nexec ls /proc/self/fd\n')
+    sock = workdir.join('fds.sock')
+    agent = subprocess.Popen(
+        ['sh', '-c', 'exec 7</dev/null; exec "$0" "$@"', sys.executable,
+         NEGOTIATOR, 'guest', '-q', '--listen', sock, '--commands-dir',
+         workdir.commands], close_fds=True)
+    STARTED.append(agent)
+    wait_for(lambda: connectable(sock))
+    assert os.path.exists('/proc/{0}/fd/7'.format(agent.pid))
+    # ls holds its own listing of the directory open as descriptor 3.
+    assert run_cli(['host', '-n', sock, 'list-fds']) == (
+        0, b'0\n1\n2\n3\n', b'')
+    agent.terminate()
+    assert agent.wait() == 0
