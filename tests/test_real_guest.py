@@ -38,6 +38,13 @@ COMMANDS = {
     'exists': '#!/bin/sh\n[ -e "$1" ]\n',
     'agent-cpu': ('#!/bin/sh\nset -- $(cat /proc/$PPID/stat)\n'
                   'echo $(( ${14} + ${15} ))\n'),
+    'agent-pid': '#!/bin/sh\necho $PPID\n',
+    'second-agent': ('#!/bin/sh\nexec "$NEGOTIATOR_PYTHON" '
+                     '/usr/lib/negotiator/negotiator.py guest 2>&1\n'),
+    'leave-behind': '#!/bin/sh\nsleep 1000 &\necho started\n',
+    # The guest's /init starts the agent again after it exits.
+    'restart-agent': ('#!/bin/sh\nsetsid sh -c "sleep $1; kill -TERM $PPID" '
+                      '>/dev/null 2>&1 </dev/null &\n'),
 }
 
 
@@ -182,3 +189,57 @@ def test_timeout_kills_the_command_in_the_guest(guest):
     pid = out.strip().decode('ascii')
     assert pid.isdigit()
     assert host(guest, 'alive', pid) == (1, b'', b'')
+
+
+def test_second_agent_on_the_port_is_refused_and_the_first_serves_on(guest):
+    agent = host(guest, 'agent-pid')[1].strip()
+    status, out, err = host(guest, 'second-agent')
+    assert status == 1
+    lines = out.decode('utf-8').splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        'negotiator: another negotiator agent (pid {0}) already serves this '
+        'port'.format(agent.decode('ascii'))), lines
+    assert host(guest, 'agent-pid')[1].strip() == agent
+
+
+def wait_for_new_agent(guest, old):
+    """The pid of the agent that replaced ``old`` (via the port)."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        status, out, err = host(guest, 'agent-pid', options=['-t', '5'])
+        if status == 0 and out.strip() != old:
+            return out.strip()
+        time.sleep(0.5)
+    raise AssertionError('the agent was not restarted')
+
+
+def test_agent_restarts_although_a_command_left_a_process_behind(guest):
+    """Had the background process inherited the port, the new agent would
+    find it busy (EBUSY) for as long as that process lives."""
+    assert host(guest, 'leave-behind') == (0, b'started\n', b'')
+    old = host(guest, 'agent-pid')[1].strip()
+    assert host(guest, 'restart-agent', '0.2')[0] == 0
+    wait_for_new_agent(guest, old)
+    assert 'busy' not in guest.console()
+
+
+def test_client_waiting_while_the_agent_restarts_gets_a_clear_error(guest):
+    old = host(guest, 'agent-pid')[1].strip()
+    assert host(guest, 'restart-agent', '2')[0] == 0
+    started = time.time()
+    status, out, err = host(guest, 'pid-sleep', options=['-t', '8'])
+    waited = time.time() - started
+    assert status == 124
+    assert len(err.decode('utf-8').splitlines()) == 1, err
+    assert err.startswith(b'negotiator: '), err
+    assert waited < 8 + 10
+    wait_for_new_agent(guest, old)
+    assert host(guest, 'exit-with', '4')[0] == 4
+
+
+def test_a_hundred_megabytes_arrive_intact(guest):
+    status, out, err = host(guest, 'bytes', '409600', timeout=600,
+                            options=['-t', '500'])
+    assert (status, err) == (0, b'')
+    assert len(out) == 100 * 1024 * 1024
+    assert out == bytes(bytearray(range(256))) * 409600
