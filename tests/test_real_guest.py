@@ -57,8 +57,11 @@ def guest(request):
     booted = Guest(python=request.param, commands=workdir.commands)
     booted.start()
     yield booted
+    console = booted.console()
     booted.stop()
     workdir.cleanup()
+    # The agent logs to the console: whatever happened, never a traceback.
+    assert 'Traceback' not in console, console
 
 
 def host(guest, *args, **kwargs):
