@@ -472,18 +472,28 @@ def set_nonblocking(fd):
     fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
 
 
-def poll_fds(fds, want_write, timeout):
+def poll_fds(fds, want_write, timeout, poller=None):
     """Wait until descriptors are ready; poll() where it exists, else select().
 
     :param fds: descriptors to watch for reading.
     :param want_write: descriptors to watch for writing.
     :param timeout: seconds, or None to wait forever.
+    :param poller: a poll object that already watches exactly these.
     :returns: ``(fd, readable, writable, hung_up)`` tuples; an empty list
         also when a signal interrupted the wait.
     """
     try:
-        if hasattr(select, 'poll'):
-            return _poll(fds, want_write, timeout)
+        if poller is None and hasattr(select, 'poll'):
+            poller = select.poll()
+            masks = {}
+            for fd in fds:
+                masks[fd] = select.POLLIN
+            for fd in want_write:
+                masks[fd] = masks.get(fd, 0) | select.POLLOUT
+            for fd, mask in masks.items():
+                poller.register(fd, mask)
+        if poller is not None:
+            return _poll(poller, timeout)
         return _select(fds, want_write, timeout)
     except (select.error, OSError, IOError) as e:
         if e.args[0] == errno.EINTR:
@@ -491,15 +501,7 @@ def poll_fds(fds, want_write, timeout):
         raise
 
 
-def _poll(fds, want_write, timeout):
-    poller = select.poll()
-    masks = {}
-    for fd in fds:
-        masks[fd] = select.POLLIN
-    for fd in want_write:
-        masks[fd] = masks.get(fd, 0) | select.POLLOUT
-    for fd, mask in masks.items():
-        poller.register(fd, mask)
+def _poll(poller, timeout):
     if timeout is not None:
         timeout = int(min(max(timeout, 0), MAX_POLL_WAIT) * 1000 + 0.999)
     ready = []
@@ -541,12 +543,17 @@ class Loop(object):
 
     Signals wake the loop through a pipe (``signal.set_wakeup_fd``); their
     handlers run as ordinary callbacks from the loop, never in the middle
-    of other work.
+    of other work.  Where poll() exists, one poll object lives as long as
+    the loop and follows every change of what is watched.
     """
 
     def __init__(self):
         self._readers = {}
         self._writers = {}
+        self._poller = None
+        if hasattr(select, 'poll'):
+            self._poller = select.poll()
+        self._masks = {}
         self._timers = []
         self._signal_callbacks = {}
         self._signals_seen = []
@@ -559,16 +566,38 @@ class Loop(object):
     def add_reader(self, fd, callback):
         """Call ``callback(hung_up)`` whenever ``fd`` is readable or hung up."""
         self._readers[fd] = callback
+        self._watch(fd)
 
     def remove_reader(self, fd):
         self._readers.pop(fd, None)
+        self._watch(fd)
 
     def add_writer(self, fd, callback):
         """Call ``callback()`` whenever ``fd`` is writable."""
         self._writers[fd] = callback
+        self._watch(fd)
 
     def remove_writer(self, fd):
         self._writers.pop(fd, None)
+        self._watch(fd)
+
+    def _watch(self, fd):
+        """Bring the poll object up to date for ``fd``."""
+        if self._poller is None:
+            return
+        mask = 0
+        if fd in self._readers:
+            mask |= select.POLLIN
+        if fd in self._writers:
+            mask |= select.POLLOUT
+        if mask == self._masks.get(fd, 0):
+            return
+        if not mask:
+            self._poller.unregister(fd)
+            del self._masks[fd]
+        else:
+            self._poller.register(fd, mask)  # also replaces an earlier mask
+            self._masks[fd] = mask
 
     def call_later(self, delay, callback):
         """Run ``callback()`` after ``delay`` seconds; returns a Timer."""
@@ -607,7 +636,8 @@ class Loop(object):
 
     def run_once(self):
         """Wait for the next events and run their callbacks."""
-        ready = poll_fds(self._readers, self._writers, self._next_timeout())
+        ready = poll_fds(self._readers, self._writers, self._next_timeout(),
+                         self._poller)
         for fd, readable, writable, hung_up in ready:
             if (readable or hung_up) and fd in self._readers:
                 self._readers[fd](hung_up)
@@ -1671,7 +1701,9 @@ class PortService(object):
     While no host client is connected the port reports hang-up and reads
     return end-of-file at once; polling it then would spin.  So after a
     hang-up the port leaves the poll set, and the agent looks again when
-    SIGIO says something changed, or every RECONNECT_CHECK seconds.
+    SIGIO says something changed, or every RECONNECT_CHECK seconds.  SIGIO
+    is asked for (O_ASYNC) only while no host is connected: a connected
+    port is polled, and a signal per request would cost a loop turn.
 
     :param device: the port's path, or None to look for it with find_port().
     """
@@ -1715,8 +1747,6 @@ class PortService(object):
             return
         set_nonblocking(fd)
         fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_ASYNC)
         log.info('serving port %s', device)
         self.server = Server(self.loop, fd, device, self.commands,
                              self.children, on_disconnect=self._watch_for_host)
@@ -1737,19 +1767,39 @@ class PortService(object):
             self._check_timer.cancel()
             self._check_timer = None
         channel = self.server.channel
+        if channel.connected:
+            if port_hung_up(channel.fd):
+                channel.disconnect('host hung up')  # comes back here
+            return
+        set_async(channel.fd, True)  # before looking: no arrival is missed
         if port_hung_up(channel.fd):
-            if channel.connected:
-                channel.disconnect('host hung up')
-            else:
-                self._check_timer = self.loop.call_later(
-                    RECONNECT_CHECK, self._watch_for_host)
-        elif not channel.connected:
+            self._check_timer = self.loop.call_later(
+                RECONNECT_CHECK, self._watch_for_host)
+        else:
+            set_async(channel.fd, False)
             log.debug('host connected to the port')
             channel.reconnect()
 
     def stop(self):
         if self.server:
             self.server.close()
+
+
+def set_async(fd, enabled):
+    """Ask for SIGIO whenever ``fd`` changes state (O_ASYNC), or stop.
+
+    A device that refuses (a hung-up terminal does) is only checked every
+    RECONNECT_CHECK seconds.
+    """
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if enabled:
+        flags |= os.O_ASYNC
+    else:
+        flags &= ~os.O_ASYNC
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    except (IOError, OSError) as e:
+        log.debug('cannot change O_ASYNC on the port: %s', e)
 
 
 def port_hung_up(fd):
