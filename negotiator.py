@@ -328,25 +328,38 @@ BASE64_TEXT = re.compile(r'\A[A-Za-z0-9+/]*={0,2}\Z')
 NO_ID = object()
 
 
-def encode_output_event(request_id, stream, data):
-    """The wire line of a negotiator-output event, built directly.
+#: The end of a negotiator-output event line, after the base64 text.
+EVENT_END = b'"},"timestamp":{"seconds":%d,"microseconds":%d}}\n'
 
-    A QMP-style event tied to the request by ``data.id``.  The base64 text
-    is put in place of an empty string rather than passed through the JSON
-    encoder, which would scan it for characters to escape (it has none):
-    this is the bulk of a command's output.
+
+def output_event_encoder(request_id):
+    """A function that turns a chunk of a command's output into an event.
+
+    The event is QMP-style, tied to the request by ``data.id``::
+
+        {"event":"negotiator-output","data":{"id":ID,"out-data":"BASE64"},
+         "timestamp":{"seconds":S,"microseconds":US}}
+
+    It is the bulk of what the agent sends, so the line is put together
+    from bytes: the request's part is encoded once, and the base64 text
+    (which needs no escaping) never passes through the JSON encoder.
+
+    :returns: ``encode(stream, data)`` -> the line, for stream
+        ``'out-data'`` or ``'err-data'``.
     """
-    fields = {stream: ''}
+    id_member = b''
     if request_id is not NO_ID:
-        fields['id'] = request_id
-    now = time.time()
-    head = encode_message({'event': 'negotiator-output', 'data': fields,
-                           'timestamp': {'seconds': int(now),
-                                         'microseconds': int(now % 1 * 1e6)}})
-    marker = '"{0}":""'.format(stream).encode('ascii')
-    before, after = head.split(marker, 1)
-    return b''.join([before, marker[:-1], binascii.b2a_base64(data)[:-1],
-                     b'"', after])
+        id_member = b'"id":' + encode_message(request_id)[:-1] + b','
+    starts = {}
+    for stream in ('out-data', 'err-data'):
+        starts[stream] = (b'{"event":"negotiator-output","data":{' +
+                          id_member + b'"' + stream.encode('ascii') + b'":"')
+
+    def encode(stream, data):
+        now = time.time()
+        return b''.join([starts[stream], binascii.b2a_base64(data)[:-1],
+                         EVENT_END % (int(now), int(now % 1 * 1e6))])
+    return encode
 
 
 #: Markers LineReader.feed() returns besides complete lines.
@@ -1547,9 +1560,11 @@ class Server(object):
         if arguments.get('input-data') is not None:
             stdin_data = decode_bytes(arguments['input-data'], 'input-data')
         kind, target = self.commands.resolve(name)
+        encode = output_event_encoder(request_id)
         if kind == 'builtin':
             output, status = target(args)
-            self._send_output(request_id, 'out-data', output)
+            if output:
+                self._send_output(encode('out-data', output))
             return {'exitcode': status}
         env = dict(os.environ)
         env.update(self.env)
@@ -1561,8 +1576,7 @@ class Server(object):
             self.process = Process(
                 self.loop, self.children, [target] + argv, env, stdin_data,
                 arguments.get('timeout', 0),
-                lambda stream, data: self._send_output(request_id, stream,
-                                                       data),
+                lambda stream, data: self._send_output(encode(stream, data)),
                 lambda result: self._finish_execute(request_id, result))
         except OSError as e:
             raise RequestError(
@@ -1570,10 +1584,8 @@ class Server(object):
                 'NegotiatorCommandNotExecutable')
         return None
 
-    def _send_output(self, request_id, stream, data):
-        if not data:
-            return
-        self.channel.send_raw(encode_output_event(request_id, stream, data))
+    def _send_output(self, line):
+        self.channel.send_raw(line)
         if self.process and self.channel.backlog > HIGH_WATER:
             self.process.pause()
 
