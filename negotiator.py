@@ -142,8 +142,12 @@ HOST_TO_GUEST_PORT = 'negotiator-host-to-guest.0'
 GUEST_TO_HOST_PORT = 'negotiator-guest-to-host.0'
 #: The name the earliest python-negotiator release used for host-to-guest.
 LEGACY_PORT = 'negotiator-channel.0'
+#: The ports negotiator serves or calls through, as channel target names.
+OUR_PORTS = (HOST_TO_GUEST_PORT, GUEST_TO_HOST_PORT, LEGACY_PORT)
 #: Where the guest looks for its port when nothing else is found.
 FALLBACK_DEVICE = '/dev/vport0p1'
+#: Where libvirt puts the UNIX sockets of its guests' channels.
+DEFAULT_CHANNEL_DIR = '/var/lib/libvirt/qemu/channel/target'
 #: Executables in this directory are the commands the other side may run.
 DEFAULT_COMMANDS_DIR = '/usr/lib/negotiator/commands'
 #: Seconds the host client waits for a whole call by default (0 = forever).
@@ -176,6 +180,23 @@ RECONNECT_CHECK = 1.0
 OPEN_RETRY = 1.0
 #: Seconds between repeated log lines about a port that stays unavailable.
 OPEN_LOG_EVERY = 60.0
+#: Seconds between a guest caller's tries for a port others hold.
+LOCK_RETRY = 0.02
+#: Seconds between the host daemon's looks for guests that came or went.
+DEFAULT_RESCAN = 10.0
+#: Seconds the host daemon waits before connecting again to a guest whose
+#: socket closed or refused; doubled after each failure up to the maximum.
+RECONNECT_MIN = 0.5
+RECONNECT_MAX = 8.0
+#: Seconds a guest that flooded the host daemon or sent it garbage stays
+#: cut off.
+CUT_OFF_PAUSE = 30.0
+#: Malformed lines in a row after which a guest is cut off.
+GARBAGE_LIMIT = 16
+#: Seconds a virsh call may take before it is killed.
+VIRSH_TIMEOUT = 30.0
+#: Seconds --list-guests waits for each guest's agent to answer.
+PROBE_TIMEOUT = 2.0
 
 #: Where syslog listens (--syslog).
 SYSLOG_SOCKET = '/dev/log'
@@ -1449,6 +1470,10 @@ class Server(object):
         request_id = NO_ID
         try:
             request = decode_message(line)
+        except RequestError as e:
+            self.on_malformed(e)
+            return
+        try:
             request_id = request.get('id', NO_ID)
             name, arguments = self._parse_request(request)
             log.debug('%s: request %s', self.channel.name, name)
@@ -1467,6 +1492,11 @@ class Server(object):
             return
         if result is not None:
             self._send_return(request_id, result)
+
+    def on_malformed(self, error):
+        """A line that is not a JSON object: say so, and go on serving."""
+        log.info('%s: error reply: %s', self.channel.name, error.desc)
+        self._send_error(NO_ID, error)
 
     def _parse_request(self, request):
         """The request's name and arguments, checked in qemu-ga's order."""
@@ -1647,11 +1677,13 @@ def check_arguments(arguments, parameters):
 # ============================================================================
 
 def find_port(names=(HOST_TO_GUEST_PORT, LEGACY_PORT),
-              sys_ports='/sys/class/virtio-ports', dev='/dev'):
+              sys_ports='/sys/class/virtio-ports', dev='/dev',
+              fallback='vport0p1'):
     """Find the device of the first port named in ``names``.
 
     Looks in sysfs (any kernel with virtio-serial), then for udev's
-    /dev/virtio-ports/NAME links, then falls back to /dev/vport0p1.
+    /dev/virtio-ports/NAME links, then falls back to /dev/``fallback``
+    (the first port, where the host-to-guest port normally is).
 
     :returns: the device path, or None when no candidate exists.
     """
@@ -1667,9 +1699,8 @@ def find_port(names=(HOST_TO_GUEST_PORT, LEGACY_PORT),
         link = os.path.join(dev, 'virtio-ports', wanted)
         if os.path.exists(link):
             return link
-    fallback = os.path.join(dev, 'vport0p1')
-    if os.path.exists(fallback):
-        return fallback
+    if fallback and os.path.exists(os.path.join(dev, fallback)):
+        return os.path.join(dev, fallback)
     return None
 
 
@@ -2068,12 +2099,16 @@ def random_id():
     return int(binascii.hexlify(os.urandom(7)), 16)
 
 
-def connect_socket(path):
+def connect_socket(path, port=HOST_TO_GUEST_PORT, wait=True):
     """Connect to the UNIX socket of a guest's port.
 
+    :param wait: whether to wait while QEMU's queue of clients is full
+        (the host daemon must never wait: it serves other guests).
     :raises ConnectError: with a one-line reason and what to do about it.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if not wait:
+        set_nonblocking(sock.fileno())
     try:
         sock.connect(path)
     except socket.error as e:
@@ -2081,8 +2116,9 @@ def connect_socket(path):
         code = e.args[0]
         if code == errno.ENOENT:
             reason = ('no such socket: is the guest running, and does its '
-                      'definition have the {0} channel?'.format(
-                          HOST_TO_GUEST_PORT))
+                      'definition have the {0} channel?'.format(port))
+        elif code in WOULD_BLOCK:
+            reason = 'busy: QEMU has other clients of this socket queued'
         elif code == errno.EACCES:
             reason = 'permission denied: run as root (or the socket\'s owner)'
         elif code == errno.ECONNREFUSED:
@@ -2204,22 +2240,31 @@ def status_of(result):
     return int(result.get('exitcode', EXIT_PROTOCOL))
 
 
-def run_host(options, socket_path, command):
-    """``host`` mode: one call; returns the exit status."""
+def run_host(options, target, command):
+    """``host`` mode: one call; returns the exit status.
+
+    :param target: the socket of the guest's port, or a libvirt guest name.
+    """
     timeout = options.timeout or None
     started = monotonic()
+    socket_path = resolve_guest(target, options.connect, options.channel_dir)
     sock, client = open_client(socket_path, timeout)
     try:
-        if options.ping:
-            return host_ping(client, socket_path, started, options.json)
-        if options.list:
-            return host_list(client, options.json)
-        return host_execute(client, command, options, timeout)
+        return run_call(client, command, options, started, 'in the guest')
     finally:
         sock.close()
 
 
-def host_ping(client, path, started, as_json):
+def run_call(client, command, options, started, where):
+    """--ping, --list or a command, through a synchronised client."""
+    if options.ping:
+        return show_ping(client, started, options.json)
+    if options.list:
+        return show_commands(client, options.json)
+    return run_remote(client, command, options, where)
+
+
+def show_ping(client, started, as_json):
     sent = monotonic()
     client.call('guest-ping')
     round_trip = (monotonic() - sent) * 1000
@@ -2229,11 +2274,11 @@ def host_ping(client, path, started, as_json):
                     'connect-ms': round((sent - started) * 1000, 3)})
     else:
         sys.stdout.write('{0}: agent {1}, round trip {2:.2f} ms\n'.format(
-            path, version, round_trip))
+            client.name, version, round_trip))
     return 0
 
 
-def host_list(client, as_json):
+def show_commands(client, as_json):
     try:
         commands = client.call('negotiator-list-commands')
     except RemoteError as e:
@@ -2251,7 +2296,9 @@ def host_list(client, as_json):
     return 0
 
 
-def host_execute(client, command, options, timeout):
+def run_remote(client, command, options, where):
+    """Run ``command`` on the other side; returns its exit status."""
+    timeout = options.timeout
     arguments = {'command': wire_text(command[0]),
                  'args': [wire_text(arg) for arg in command[1:]]}
     if options.stdin or (not options.no_stdin and not os.isatty(0)):
@@ -2279,13 +2326,713 @@ def host_execute(client, command, options, timeout):
                     'out-data': writer.data('out-data'),
                     'err-data': writer.data('err-data')})
     elif result.get('timed-out'):
-        log.error("'%s' timed out after %g s and was killed in the guest",
-                  command[0], timeout)
+        log.error("'%s' timed out after %g s and was killed %s",
+                  command[0], timeout, where)
     return status
 
 
 def print_json(value):
     sys.stdout.write(json.dumps(value, sort_keys=True) + '\n')
+
+
+# ============================================================================
+# Finding guests: libvirt's virsh, its channel directory, or NAME=SOCKET
+# ============================================================================
+
+#: A per-domain channel directory of newer libvirt: domain-ID-NAME.
+DOMAIN_DIR = re.compile(r'^domain-(\d+)-(.+)$')
+
+
+def virsh_argv(connect, command):
+    """The argv running one virsh command line (``;`` separates several)."""
+    argv = ['virsh']
+    if connect:
+        argv += ['--connect', connect]
+    return argv + [command]
+
+
+def virsh_quote(name):
+    """``name`` as one argument of virsh's own command-line parser."""
+    return '"{0}"'.format(name.replace('\\', '\\\\').replace('"', '\\"'))
+
+
+def dumpxml_command(names):
+    """One virsh command line describing every domain in ``names``."""
+    return '; '.join('dumpxml --domain ' + virsh_quote(name)
+                     for name in names)
+
+
+def parse_virsh_list(text):
+    """The ``(id, name, state)`` of each domain in ``virsh list``'s table.
+
+    Columns are cut where the header puts them, so that names holding
+    spaces survive (virsh pads the name column to the longest name).
+    """
+    domains = []
+    columns = None
+    for line in text.splitlines():
+        if columns is None:
+            if 'Id' in line and 'Name' in line and 'State' in line:
+                columns = (line.index('Name'), line.index('State'))
+            continue
+        if not line.strip() or not line.strip('- '):
+            continue
+        name_at, state_at = columns
+        domains.append((line[:name_at].strip(), line[name_at:state_at].strip(),
+                        line[state_at:].strip()))
+    return domains
+
+
+def parse_domains_xml(text):
+    """``{name: (id, {port: socket path})}`` from ``virsh dumpxml`` output.
+
+    ``text`` may hold several domains' XML one after the other.  Only UNIX
+    channels that QEMU listens on (``mode='bind'``), with a virtio target
+    named as one of our ports, count.
+    """
+    from xml.etree import ElementTree  # only discovery needs it
+    domains = {}
+    for piece in text.split('</domain>')[:-1]:
+        piece = piece[piece.find('<domain'):] + '</domain>'
+        try:
+            root = ElementTree.fromstring(piece)
+        except Exception as e:  # ParseError, or ExpatError on Python 2.6
+            log.warning('cannot parse a domain\'s XML from virsh: %s', e)
+            continue
+        channels = {}
+        for channel in root.findall('devices/channel'):
+            source = channel.find('source')
+            target = channel.find('target')
+            if (channel.get('type') != 'unix' or source is None or
+                    target is None or source.get('mode') != 'bind' or
+                    target.get('type') != 'virtio' or
+                    target.get('name') not in OUR_PORTS or
+                    not source.get('path')):
+                continue
+            channels[target.get('name')] = source.get('path')
+        domains[root.findtext('name')] = (root.get('id'), channels)
+    return domains
+
+
+def scan_channel_dir(directory):
+    """``{guest name: {port: socket path}}`` of the sockets in ``directory``.
+
+    Older libvirt names the sockets NAME.PORT; newer libvirt puts them in a
+    directory per running domain, domain-ID-NAME/PORT (NAME may be
+    shortened there).  Where a guest has several such directories the
+    highest ID, its latest start, wins.
+    """
+    found = {}
+    latest = {}
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return found
+    for entry in sorted(entries):
+        path = os.path.join(directory, entry)
+        match = DOMAIN_DIR.match(entry)
+        if match and os.path.isdir(path):
+            name, domain_id = match.group(2), int(match.group(1))
+            if latest.get(name, -1) > domain_id:
+                continue
+            ports = {}
+            for port in OUR_PORTS:
+                if is_socket(os.path.join(path, port)):
+                    ports[port] = os.path.join(path, port)
+            if ports:
+                latest[name] = domain_id
+                found[name] = ports
+            continue
+        for port in OUR_PORTS:
+            if entry.endswith('.' + port) and is_socket(path):
+                found.setdefault(entry[:-len(port) - 1], {})[port] = path
+    return found
+
+
+def is_socket(path):
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def run_virsh(connect, command):
+    """Run virsh and wait for it: ``(status, stdout, first error line)``.
+
+    :raises OSError: when virsh cannot run at all (not installed).
+    """
+    import subprocess  # only discovery needs it
+    env = dict(os.environ)
+    env['LC_ALL'] = 'C'  # the table headers parse_virsh_list() looks for
+    child = subprocess.Popen(virsh_argv(connect, command), env=env,
+                             stdin=open(os.devnull, 'rb'),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             close_fds=True)
+    out, err = child.communicate()
+    return (child.returncode, out.decode('utf-8', 'replace'),
+            first_line(err.decode('utf-8', 'replace')))
+
+
+def first_line(text):
+    """The first non-empty line of ``text``, or ''."""
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ''
+
+
+def find_guests(connect=None, channel_dir=None):
+    """The running guests that have our ports: ``[(name, state, ports)]``.
+
+    Asks libvirt through virsh; where virsh is missing or fails, scans
+    libvirt's channel directory instead.  An explicit ``channel_dir`` is
+    scanned without asking virsh.
+    """
+    if channel_dir is None:
+        try:
+            status, out, error = run_virsh(connect, 'list')
+        except OSError as e:
+            status, error = None, 'cannot run virsh: {0}'.format(e.strerror)
+        if status == 0:
+            running = parse_virsh_list(out)
+            described = {}
+            if running:
+                _, xml, _ = run_virsh(connect, dumpxml_command(
+                    [name for _, name, _ in running]))
+                described = parse_domains_xml(xml)
+            guests = []
+            for _, name, state in running:
+                ports = described.get(name, (None, {}))[1]
+                if ports:
+                    guests.append((name, state, ports))
+            return guests
+        log.warning('%s; looking in %s instead', error or 'virsh failed',
+                    DEFAULT_CHANNEL_DIR)
+    found = scan_channel_dir(channel_dir or DEFAULT_CHANNEL_DIR)
+    return [(name, '-', found[name]) for name in sorted(found)]
+
+
+def resolve_guest(target, connect=None, channel_dir=None):
+    """The socket of ``target``'s host-to-guest port.
+
+    ``target`` is a socket path (anything holding a slash, or an existing
+    file) or the name of a running libvirt guest.
+
+    :raises ConnectError: when no such guest has the port.
+    """
+    if '/' in target or os.path.exists(target):
+        return target
+    for name, _, ports in find_guests(connect, channel_dir):
+        if name == target:
+            for port in (HOST_TO_GUEST_PORT, LEGACY_PORT):
+                if port in ports:
+                    return ports[port]
+            raise ConnectError(
+                'guest {0} has no {1} channel: add it to its definition '
+                '(libvirt: <channel type="unix"> with <target type="virtio" '
+                'name="{1}"/>)'.format(target, HOST_TO_GUEST_PORT))
+    raise ConnectError(
+        'no running guest named {0} has negotiator ports (a socket path '
+        'must hold a slash: ./{0}); see --list-guests'.format(target))
+
+
+def host_list_guests(options):
+    """``host --list-guests``: each running guest with our ports."""
+    guests = find_guests(options.connect, options.channel_dir)
+    paths = [ports.get(HOST_TO_GUEST_PORT) or ports.get(LEGACY_PORT)
+             for _, _, ports in guests]
+    answers = probe_agents([path for path in paths if path], PROBE_TIMEOUT)
+    if options.json:
+        listing = []
+        for (name, state, ports), path in zip(guests, paths):
+            answer, error = answers.get(path, (None, None))
+            listing.append({'name': name, 'state': state, 'ports': ports,
+                            'agent': answer, 'error': error})
+        print_json({'guests': listing})
+        return 0
+    rows = [('NAME', 'STATE', 'PORTS', 'AGENT')]
+    for (name, state, ports), path in zip(guests, paths):
+        answer, error = answers.get(path, (None, None))
+        if answer:
+            agent = '{0} ({1:.2f} ms)'.format(answer['version'],
+                                              answer['round-trip-ms'])
+        else:
+            agent = 'no answer' if error else '-'
+        rows.append((name, state, ','.join(sorted(ports)), agent))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        sys.stdout.write('{0}  {1}  {2}  {3}\n'.format(
+            row[0].ljust(widths[0]), row[1].ljust(widths[1]),
+            row[2].ljust(widths[2]), row[3]).rstrip() + '\n')
+    return 0
+
+
+def probe_agents(paths, timeout):
+    """Ping every agent at once: ``{path: (answer or None, error or None)}``."""
+    import threading  # only --list-guests needs it
+    results = {}
+
+    def probe(path):
+        results[path] = probe_agent(path, timeout)
+
+    threads = [threading.Thread(target=probe, args=(path,)) for path in paths]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def probe_agent(path, timeout):
+    """``({'version', 'round-trip-ms'}, None)``, or ``(None, why not)``."""
+    try:
+        sock, client = open_client(path, timeout)
+    except NegotiatorError as e:
+        return None, str(e)
+    try:
+        sent = monotonic()
+        client.call('guest-ping')
+        round_trip = (monotonic() - sent) * 1000
+        version = client.call('guest-info').get('version', '?')
+        return {'version': version,
+                'round-trip-ms': round(round_trip, 3)}, None
+    except NegotiatorError as e:
+        return None, str(e)
+    finally:
+        sock.close()
+
+
+# ============================================================================
+# Host daemon: every guest's guest-to-host port, served from one loop
+# ============================================================================
+
+class DaemonServer(Server):
+    """Answers one guest's calls on the host.
+
+    A guest is trusted less than the host: it gets the commands directory
+    and the protocol's basics, no built-ins and no facts about the host, and
+    a guest that floods the daemon or sends garbage is cut off.
+
+    :param on_abuse: called with the reason to cut the guest off.
+    """
+
+    REQUESTS = tuple(request for request in Server.REQUESTS if request[0] in (
+        'guest-sync-delimited', 'guest-sync', 'guest-ping', 'guest-info',
+        'negotiator-list-commands', 'negotiator-execute'))
+
+    def __init__(self, loop, fd, name, commands, children, env, on_disconnect,
+                 on_abuse):
+        Server.__init__(self, loop, fd, name, commands, children, env,
+                        on_disconnect)
+        self._on_abuse = on_abuse
+        self._garbage = 0
+
+    def on_line(self, line):
+        if len(self.pending) >= MAX_PENDING:
+            self._on_abuse('more than {0} requests waiting'.format(
+                MAX_PENDING))
+        else:
+            Server.on_line(self, line)
+
+    def on_oversized(self):
+        self._on_abuse('a line longer than {0} bytes'.format(MAX_LINE))
+
+    def on_malformed(self, error):
+        self._garbage += 1
+        if self._garbage >= GARBAGE_LIMIT:
+            self._on_abuse('{0} malformed lines in a row'.format(
+                GARBAGE_LIMIT))
+        else:
+            Server.on_malformed(self, error)
+
+    def _parse_request(self, request):
+        self._garbage = 0
+        return Server._parse_request(self, request)
+
+
+class GuestLink(object):
+    """The host daemon's connection to one guest's guest-to-host socket.
+
+    QEMU serves the socket; the daemon connects as its client, and connects
+    again, after a pause that grows while it keeps failing, whenever the
+    connection closes (the guest stopped, or QEMU was restarted with the
+    same socket path).
+    """
+
+    def __init__(self, daemon, name, path):
+        self.daemon = daemon
+        self.loop = daemon.loop
+        self.name = name
+        self.path = path
+        self.sock = None
+        self.server = None
+        self._timer = None
+        self._delay = RECONNECT_MIN
+        self._complained = False
+        self.closed = False
+
+    def connect(self):
+        """Connect now (also cutting a pending wait short)."""
+        self._cancel_timer()
+        if self.sock is not None:
+            return
+        try:
+            self.sock = connect_socket(self.path, GUEST_TO_HOST_PORT,
+                                       wait=False)
+        except ConnectError as e:
+            if not self._complained:
+                log.warning('guest %s: %s; retrying', self.name, e)
+                self._complained = True
+            self._retry_later()
+            return
+        log.info('guest %s: connected to %s', self.name, self.path)
+        self._complained = False
+        self._delay = RECONNECT_MIN
+        self.server = DaemonServer(
+            self.loop, self.sock.fileno(), 'guest ' + self.name,
+            self.daemon.commands, self.daemon.children,
+            {'NEGOTIATOR_GUEST': self.name}, self._lost, self.cut_off)
+
+    def cut_off(self, why):
+        log.warning('guest %s: cut off for %g s: %s', self.name,
+                    CUT_OFF_PAUSE, why)
+        self._delay = CUT_OFF_PAUSE
+        self._complained = True
+        self.server.close()
+
+    def _lost(self):
+        self.server = None
+        self.sock.close()
+        self.sock = None
+        if self.closed:
+            return
+        if not self._complained:
+            log.info('guest %s: connection closed (guest stopped?); '
+                     'reconnecting', self.name)
+        self._retry_later()
+
+    def _retry_later(self):
+        self._timer = self.loop.call_later(self._delay, self.connect)
+        self._delay = min(RECONNECT_MAX, self._delay * 2)
+
+    def _cancel_timer(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def close(self):
+        """Forget the guest: kill what runs for it, close the socket."""
+        self.closed = True
+        self._cancel_timer()
+        if self.server is not None:
+            self.server.close()  # closes the socket too, through _lost()
+
+
+class HostDaemon(object):
+    """Serves the guest-to-host port of every guest it finds.
+
+    Guests come from ``--guest NAME=SOCKET`` pairs, else from libvirt
+    (``virsh list``, then ``virsh dumpxml`` once per domain start), else
+    from a scan of libvirt's channel directory.  virsh runs as a child whose
+    output joins the loop, so a slow libvirtd never delays a guest's call.
+    """
+
+    def __init__(self, loop, commands, static=None, connect=None,
+                 channel_dir=None, rescan=DEFAULT_RESCAN):
+        self.loop = loop
+        self.commands = commands
+        self.children = Children()
+        self.static = static
+        self.connect = connect
+        self.channel_dir = channel_dir
+        self.rescan_every = rescan
+        self.links = {}
+        #: What dumpxml said of each running domain: (id, name) -> ports.
+        #: The id changes with each start, so a domain without our ports
+        #: is not described again until it restarts.
+        self._described = {}
+        self._scanning = False
+        self._virsh_failed = False
+        self._timer = None
+
+    def start(self):
+        self.loop.on_signal(signal.SIGCHLD, self.children.check)
+        self.loop.on_signal(signal.SIGHUP, self.rescan_now)
+        self.rescan()
+
+    def rescan_now(self):
+        """SIGHUP: look for guests now, and retry waiting connections."""
+        log.info('SIGHUP: looking for guests again')
+        for link in list(self.links.values()):
+            link.connect()
+        self.rescan()
+
+    def rescan(self):
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(self.rescan_every, self.rescan)
+        if self.static is not None:
+            self.update(self.static)
+        elif self.channel_dir is not None:
+            self.update(self._scanned(self.channel_dir))
+        elif not self._scanning:
+            self._scanning = True
+            self._virsh('list', self._on_list)
+
+    def _scanned(self, directory):
+        found = {}
+        for name, ports in scan_channel_dir(directory).items():
+            if GUEST_TO_HOST_PORT in ports:
+                found[name] = ports[GUEST_TO_HOST_PORT]
+        return found
+
+    def _virsh(self, command, on_done):
+        """Run virsh in the loop; ``on_done(output)``, None when it failed."""
+        out = []
+        err = []
+        env = dict(os.environ)
+        env['LC_ALL'] = 'C'
+
+        def collect(stream, data):
+            (out if stream == 'out-data' else err).append(data)
+
+        def finished(result):
+            if result.get('exitcode') == 0:
+                on_done(b''.join(out).decode('utf-8', 'replace'))
+            else:
+                self._virsh_trouble(first_line(
+                    b''.join(err).decode('utf-8', 'replace')) or
+                    'virsh failed with {0}'.format(result))
+                on_done(None)
+
+        try:
+            Process(self.loop, self.children, virsh_argv(self.connect, command),
+                    env, b'', VIRSH_TIMEOUT, collect, finished)
+        except OSError as e:
+            self._virsh_trouble('cannot run virsh: {0}'.format(e.strerror))
+            on_done(None)
+
+    def _virsh_trouble(self, why):
+        if not self._virsh_failed:
+            log.warning('%s; looking in %s until virsh works', why,
+                        DEFAULT_CHANNEL_DIR)
+            self._virsh_failed = True
+
+    def _on_list(self, output):
+        if output is None:
+            self._scanning = False
+            self.update(self._scanned(DEFAULT_CHANNEL_DIR))
+            return
+        if self._virsh_failed:
+            log.info('virsh works again')
+            self._virsh_failed = False
+        running = set((domain_id, name)
+                      for domain_id, name, _ in parse_virsh_list(output))
+        for key in list(self._described):
+            if key not in running:
+                del self._described[key]
+        unknown = [name for domain_id, name in running
+                   if (domain_id, name) not in self._described]
+        if not unknown:
+            self._scanning = False
+            self._update_from_libvirt()
+            return
+        self._virsh(dumpxml_command(unknown),
+                    lambda xml: self._on_dumpxml(running, xml))
+
+    def _on_dumpxml(self, running, xml):
+        self._scanning = False
+        for name, (domain_id, ports) in parse_domains_xml(xml or '').items():
+            if (domain_id, name) in running:
+                self._described[(domain_id, name)] = ports
+                if GUEST_TO_HOST_PORT not in ports:
+                    log.debug('guest %s has no %s channel', name,
+                              GUEST_TO_HOST_PORT)
+        self._update_from_libvirt()
+
+    def _update_from_libvirt(self):
+        found = {}
+        for (_, name), ports in self._described.items():
+            if GUEST_TO_HOST_PORT in ports:
+                found[name] = ports[GUEST_TO_HOST_PORT]
+        self.update(found)
+
+    def update(self, found):
+        """Serve exactly the guests in ``found``: ``{name: socket path}``."""
+        for name, link in list(self.links.items()):
+            if found.get(name) != link.path:
+                log.info('guest %s: gone', name)
+                link.close()
+                del self.links[name]
+        for name in sorted(found):
+            if name not in self.links:
+                log.info('guest %s: found (%s)', name, found[name])
+                self.links[name] = GuestLink(self, name, found[name])
+                self.links[name].connect()
+
+    def stop(self):
+        if self._timer is not None:
+            self._timer.cancel()
+        for link in self.links.values():
+            link.close()
+        self.links = {}
+        self.children.kill_all()
+
+
+def parse_guest_pairs(pairs):
+    """``{name: socket}`` from ``--guest NAME=SOCKET`` options.
+
+    :raises ValueError: for a pair that is not NAME=SOCKET.
+    """
+    found = {}
+    for pair in pairs:
+        name, sep, path = pair.partition('=')
+        if not sep or not name or not path:
+            raise ValueError('--guest takes NAME=SOCKET, not {0!r}'.format(
+                pair))
+        found[name] = path
+    return found
+
+
+def run_daemon(options):
+    """``host --daemon``: serve guests until SIGTERM or SIGINT."""
+    static = None
+    if options.guests:
+        static = parse_guest_pairs(options.guests)
+    loop = Loop()
+    daemon = HostDaemon(loop, CommandSet(options.commands_dir, {}), static,
+                        options.connect, options.channel_dir, options.rescan)
+    try:
+        def stop():
+            log.info('stopping')
+            loop.running = False
+
+        loop.on_signal(signal.SIGTERM, stop)
+        loop.on_signal(signal.SIGINT, stop)
+        daemon.start()
+        log.info('negotiator %s host daemon started (commands: %s)',
+                 __version__, options.commands_dir)
+        if not os.path.isdir(options.commands_dir):
+            log.warning('commands directory %s does not exist: guests can '
+                        'run no command', options.commands_dir)
+        loop.run()
+        daemon.stop()
+    finally:
+        loop.close()
+    return 0
+
+
+# ============================================================================
+# Guest caller: one call to the host, from inside the guest
+# ============================================================================
+
+def run_guest_call(options, command):
+    """``guest --call|--list|--ping``: one call; returns the exit status.
+
+    Several processes in a guest may call at once, but a port has one
+    opener at a time: callers queue on a lock file, and wait out EBUSY from
+    anything else holding the port, within the call's timeout.  A caller
+    that gives up sends 0xFF, so that the host daemon kills what it runs
+    for it (the host never sees the guest close the port).
+    """
+    timeout = options.timeout or None
+    started = monotonic()
+    deadline = None
+    if timeout:
+        deadline = started + timeout
+    device = options.device or find_port((GUEST_TO_HOST_PORT,),
+                                         fallback=None)
+    if device is None:
+        raise ConnectError(
+            'no virtio-serial port named {0} found: add the channel to the '
+            'guest\'s definition (and load virtio_console), or give '
+            '--device'.format(GUEST_TO_HOST_PORT))
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    lock_fd = wait_for_lock(lock_path_for(device), deadline)
+    try:
+        fd = open_port(device, deadline)
+        client = Client(fd, deadline, device)
+        try:
+            if port_hung_up(fd):
+                raise ConnectError(
+                    'no host daemon is connected to {0}: is "negotiator.py '
+                    'host --daemon" running on the host?'.format(device))
+            try:
+                client.sync()
+            except CallTimeout:
+                raise ConnectError(
+                    'the host daemon did not answer on {0} within {1:g} s'
+                    .format(device, timeout))
+            result = run_call(client, command, options, started, 'on the host')
+        except (CallTimeout, KeyboardInterrupt):
+            abandon_call(fd)
+            raise
+        finally:
+            os.close(fd)
+    finally:
+        os.close(lock_fd)
+    return result
+
+
+def raise_interrupt(signum, frame):
+    """SIGTERM ends a caller as Ctrl-C does: it cleans up first."""
+    raise KeyboardInterrupt()
+
+
+def abandon_call(fd):
+    """Tell the host daemon to drop what it does for this caller."""
+    try:
+        write_fd(fd, RESYNC_BYTE)
+    except (Disconnected, OSError):
+        pass
+
+
+def wait_for_lock(path, deadline):
+    """Take the callers' lock on a port, waiting for earlier callers.
+
+    :returns: the lock file's descriptor.
+    :raises CallTimeout: when the deadline passes first.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, int('644', 8))
+    except OSError as e:
+        raise ConnectError('cannot open the lock file {0}: {1}'.format(
+            path, e.strerror))
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except (IOError, OSError) as e:
+            if e.args[0] not in WOULD_BLOCK + (errno.EACCES,):
+                os.close(fd)
+                raise
+        if deadline is not None and monotonic() >= deadline:
+            os.close(fd)
+            raise CallTimeout(
+                'timed out waiting for other callers of this port (lock '
+                '{0})'.format(path))
+        time.sleep(LOCK_RETRY)
+
+
+def open_port(device, deadline):
+    """Open the port, waiting while something else holds it (EBUSY).
+
+    :returns: a non-blocking descriptor.
+    """
+    while True:
+        try:
+            fd = os.open(device, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
+            set_nonblocking(fd)
+            return fd
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise ConnectError('cannot open port {0}: {1}'.format(
+                    device, e.strerror))
+        if deadline is not None and monotonic() >= deadline:
+            raise CallTimeout(
+                'timed out: port {0} stayed busy (another process has it '
+                'open: find it with fuser -v {0})'.format(device))
+        time.sleep(LOCK_RETRY)
 
 
 # ============================================================================
@@ -2295,52 +3042,123 @@ def print_json(value):
 MAIN_USAGE = """%prog [--version] MODE [OPTIONS] ...
 
 Modes:
-  guest   run the agent inside a guest (on its virtio-serial port)
-  host    run a command in a guest, from the host
+  guest   run the agent inside a guest (on its virtio-serial port),
+          or call the host from inside a guest (guest --call)
+  host    run a command in a guest from the host, or serve every
+          guest's calls to the host (host --daemon)
 
 Examples:
   %prog guest
-  %prog host /var/lib/libvirt/qemu/channel/target/GUEST.negotiator-host-to-guest.0 uptime
-  %prog host SOCKET --list
+  %prog host GUEST uptime
+  %prog host /var/lib/libvirt/qemu/channel/target/domain-1-GUEST/negotiator-host-to-guest.0 uptime
+  %prog host --list-guests
+  %prog host --daemon
+  %prog guest --call backup-done nightly
 
 '%prog MODE --help' tells more about each mode."""
 
 GUEST_USAGE = """%prog guest [OPTIONS]
+       %prog guest --call [OPTIONS] COMMAND [ARG...]
+       %prog guest --list | --ping
 
-Serve the virtio-serial port negotiator-host-to-guest.0 (found through
-/sys/class/virtio-ports, or the older name negotiator-channel.0, else
-/dev/vport0p1) until SIGTERM or SIGINT.  The host may run every regular,
-executable file directly inside the commands directory, and the built-ins
-(hostname, os-info, ip-addresses, disk-usage, uptime); a file of the same
-name wins over a built-in.  Commands get NEGOTIATOR_COMMAND and
-NEGOTIATOR_VERSION in their environment, run in / with stdin from the
-request (or /dev/null), and are killed with their whole process group when
-the host goes away or their time is up."""
+Without --call, --list or --ping: serve the virtio-serial port
+negotiator-host-to-guest.0 (found through /sys/class/virtio-ports, or the
+older name negotiator-channel.0, else /dev/vport0p1) until SIGTERM or
+SIGINT.  The host may run every regular, executable file directly inside
+the commands directory, and the built-ins (hostname, os-info,
+ip-addresses, disk-usage, uptime); a file of the same name wins over a
+built-in.  Commands get NEGOTIATOR_COMMAND and NEGOTIATOR_VERSION in their
+environment, run in / with stdin from the request (or /dev/null), and are
+killed with their whole process group when the host goes away or their
+time is up.
 
-HOST_USAGE = """%prog host [OPTIONS] SOCKET COMMAND [ARG...]
+With --call: run COMMAND with its ARGs on the host, through the port
+negotiator-guest-to-host.0 and the host's "negotiator.py host --daemon".
+Output and exit status are the host command's, as with "host" in the other
+direction (same exit statuses).  Callers running at once take turns."""
 
-Run COMMAND with its ARGs in the guest whose port's UNIX socket is SOCKET
-(libvirt: /var/lib/libvirt/qemu/channel/target/...negotiator-host-to-guest.0).
-Options go before SOCKET; everything after COMMAND is passed on verbatim.
-The command's stdout and stderr arrive here as they are produced; its exit
-status becomes this program's.  Standard input is forwarded when it is not
-a terminal.
+HOST_USAGE = """%prog host [OPTIONS] GUEST|SOCKET COMMAND [ARG...]
+       %prog host --list | --ping GUEST|SOCKET
+       %prog host --list-guests
+       %prog host --daemon [OPTIONS]
+
+Run COMMAND with its ARGs in a guest: GUEST is the name of a running
+libvirt guest (found with virsh, or in libvirt's channel directory),
+SOCKET the UNIX socket of its negotiator-host-to-guest.0 port (a path
+holding a slash).  Options go before GUEST; everything after COMMAND is
+passed on verbatim.  The command's stdout and stderr arrive here as they
+are produced; its exit status becomes this program's.  Standard input is
+forwarded when it is not a terminal.
 
 Exit statuses: the command's own (128+N when killed by signal N);
 124 timed out; 126 not executable; 127 command not found;
 254 protocol error; 255 cannot connect or no agent answering;
-2 usage error."""
+2 usage error.
+
+With --daemon: serve the negotiator-guest-to-host.0 port of every running
+guest from one process, running the commands directory's executables for
+"guest --call" with NEGOTIATOR_GUEST (the guest's name), NEGOTIATOR_COMMAND
+and NEGOTIATOR_VERSION in their environment.  Guests are the --guest pairs
+given, else libvirt's running guests (asked again every --rescan seconds,
+and on SIGHUP), else the sockets in --channel-dir.  SIGTERM or SIGINT stop
+it and the commands it runs."""
 
 
-def make_parser(usage):
-    parser = optparse.OptionParser(usage=usage, version='%prog ' + __version__,
-                                   prog=os.path.basename(sys.argv[0]))
+class PlainFormatter(optparse.IndentedHelpFormatter):
+    """Prints the description's paragraphs and line breaks as written."""
+
+    def format_description(self, description):
+        return description + '\n' if description else ''
+
+
+def make_parser(text, mode_options=True):
+    """A mode's parser: ``text`` is its usage lines, a blank line, then the
+    description that --help prints (a usage error prints the usage only)."""
+    usage, _, description = text.partition('\n\n')
+    parser = optparse.OptionParser(usage=usage, description=description,
+                                   version='%prog ' + __version__,
+                                   prog=os.path.basename(sys.argv[0]),
+                                   formatter=PlainFormatter())
+    parser.disable_interspersed_args()
+    if not mode_options:
+        return parser
     parser.add_option('-v', '--verbose', action='store_const', const=2,
                       dest='verbosity', default=1,
                       help='log debugging details (and tracebacks)')
     parser.add_option('-q', '--quiet', action='store_const', const=0,
                       dest='verbosity', help='log only warnings and errors')
     return parser
+
+
+def add_call_options(parser, other_side):
+    group = optparse.OptionGroup(parser, 'Calling the ' + other_side)
+    group.add_option('-t', '--timeout', type='float', metavar='SECONDS',
+                     default=DEFAULT_TIMEOUT,
+                     help='give up after SECONDS, killing the command on the '
+                     '{0} (default: %default; 0 = never)'.format(other_side))
+    group.add_option('--stdin', action='store_true',
+                     help='forward standard input even from a terminal')
+    group.add_option('-n', '--no-stdin', action='store_true',
+                     help='do not forward standard input')
+    group.add_option('--list', action='store_true',
+                     help='list the commands the {0} offers'.format(
+                         other_side))
+    group.add_option('--ping', action='store_true',
+                     help='print the other side\'s version and round-trip '
+                     'time')
+    group.add_option('--json', action='store_true',
+                     help='print one JSON object with the result instead '
+                     'of the output')
+    parser.add_option_group(group)
+
+
+def add_commands_dir_option(parser, who):
+    parser.add_option('--commands-dir', metavar='DIR',
+                      default=DEFAULT_COMMANDS_DIR,
+                      help='directory of the commands {0} may run '
+                      '(default: %default)'.format(who))
+    parser.add_option('--syslog', action='store_true',
+                      help='log to syslog instead of stderr')
 
 
 def guest_parser():
@@ -2351,33 +3169,41 @@ def guest_parser():
     parser.add_option('--listen', metavar='PATH',
                       help='serve a UNIX socket at PATH instead of a port '
                       '(to try negotiator without a VM)')
-    parser.add_option('--commands-dir', metavar='DIR',
-                      default=DEFAULT_COMMANDS_DIR,
-                      help='directory of the commands the host may run '
-                      '(default: %default)')
-    parser.add_option('--syslog', action='store_true',
-                      help='log to syslog instead of stderr')
+    add_commands_dir_option(parser, 'the host')
+    parser.add_option('--call', action='store_true',
+                      help='run COMMAND [ARG...] on the host')
+    add_call_options(parser, 'host')
     return parser
 
 
 def host_parser():
     parser = make_parser(HOST_USAGE)
-    parser.disable_interspersed_args()
-    parser.add_option('-t', '--timeout', type='float', metavar='SECONDS',
-                      default=DEFAULT_TIMEOUT,
-                      help='give up after SECONDS, killing the command in '
-                      'the guest (default: %default; 0 = never)')
-    parser.add_option('--stdin', action='store_true',
-                      help='forward standard input even from a terminal')
-    parser.add_option('-n', '--no-stdin', action='store_true',
-                      help='do not forward standard input')
-    parser.add_option('--list', action='store_true',
-                      help='list the commands the guest offers')
-    parser.add_option('--ping', action='store_true',
-                      help='print the agent\'s version and round-trip time')
-    parser.add_option('--json', action='store_true',
-                      help='print one JSON object with the result instead '
-                      'of the output')
+    add_call_options(parser, 'guest')
+    parser.add_option('--list-guests', action='store_true',
+                      help='list the running guests with negotiator ports, '
+                      'and whether their agents answer')
+    group = optparse.OptionGroup(parser, 'Finding guests')
+    group.add_option('--connect', metavar='URI',
+                     help='libvirt URI for virsh (default: virsh\'s own)')
+    group.add_option('--channel-dir', metavar='DIR',
+                     help='look for guests\' sockets in DIR instead of '
+                     'asking virsh (libvirt keeps them in {0}, which is '
+                     'scanned when virsh fails)'.format(DEFAULT_CHANNEL_DIR))
+    parser.add_option_group(group)
+    group = optparse.OptionGroup(parser, 'Host daemon')
+    group.add_option('--daemon', action='store_true',
+                     help='serve every guest\'s calls to the host')
+    group.add_option('--guest', metavar='NAME=SOCKET', action='append',
+                     dest='guests', default=[],
+                     help='serve this guest, whose '
+                     'negotiator-guest-to-host.0 socket is SOCKET, instead '
+                     'of finding guests (repeat for more)')
+    group.add_option('--rescan', type='float', metavar='SECONDS',
+                     default=DEFAULT_RESCAN,
+                     help='look for guests that came or went every SECONDS '
+                     '(default: %default)')
+    add_commands_dir_option(group, 'guests')
+    parser.add_option_group(group)
     return parser
 
 
@@ -2403,48 +3229,79 @@ def setup_logging(verbosity, use_syslog=False):
         log.warning('no syslog socket %s: logging to stderr', SYSLOG_SOCKET)
 
 
+def check_timeout(parser, options):
+    if not 0 <= options.timeout <= MAX_TIMEOUT:
+        parser.error('--timeout must be 0 (never) or a number of seconds')
+
+
+def parse_guest_mode(args):
+    """``(options, action)`` for ``guest ...``; usage errors exit 2."""
+    parser = guest_parser()
+    options, extra = parser.parse_args(args)
+    calling = options.call or options.list or options.ping
+    if options.call and not extra:
+        parser.error('COMMAND is missing after --call')
+    if extra and not options.call:
+        parser.error('unexpected arguments: {0} (to run a command on the '
+                     'host: --call COMMAND)'.format(' '.join(extra)))
+    check_timeout(parser, options)
+    setup_logging(options.verbosity, options.syslog)
+    if calling:
+        return options, lambda: run_guest_call(options, extra)
+    return options, lambda: run_guest(options)
+
+
+def parse_host_mode(args):
+    """``(options, action)`` for ``host ...``; usage errors exit 2."""
+    parser = host_parser()
+    options, extra = parser.parse_args(args)
+    if len(extra) > 1 and extra[1].startswith('-'):
+        # Options between GUEST and COMMAND: forgiving, as ssh is.
+        options, more = parser.parse_args(extra[1:], options)
+        extra = extra[:1] + more
+    check_timeout(parser, options)
+    if options.daemon or options.list_guests:
+        if extra:
+            parser.error('unexpected arguments: {0}'.format(' '.join(extra)))
+        if options.rescan <= 0:
+            parser.error('--rescan must be a positive number of seconds')
+        try:
+            parse_guest_pairs(options.guests)
+        except ValueError as e:
+            parser.error(str(e))
+        setup_logging(options.verbosity, options.syslog)
+        if options.daemon:
+            return options, lambda: run_daemon(options)
+        return options, lambda: host_list_guests(options)
+    if not extra:
+        parser.error('GUEST (or SOCKET) is missing')
+    if len(extra) < 2 and not (options.list or options.ping):
+        parser.error('COMMAND is missing (or use --list or --ping)')
+    setup_logging(options.verbosity)
+    return options, lambda: run_host(options, extra[0], extra[1:])
+
+
 def main(argv=None):
     """The command-line interface; returns the exit status."""
     if argv is None:
         argv = sys.argv[1:]
-    main_parser = optparse.OptionParser(
-        usage=MAIN_USAGE, version='%prog ' + __version__,
-        prog=os.path.basename(sys.argv[0]))
-    main_parser.disable_interspersed_args()
+    main_parser = make_parser(MAIN_USAGE, mode_options=False)
     _, rest = main_parser.parse_args(argv)
     if not rest:
         main_parser.print_help(sys.stderr)
         return EXIT_USAGE
     mode, rest = rest[0], rest[1:]
     if mode == 'guest':
-        options, extra = guest_parser().parse_args(rest)
-        if extra:
-            guest_parser().error('unexpected arguments: {0}'.format(
-                ' '.join(extra)))
-        setup_logging(options.verbosity, options.syslog)
-        action = lambda: run_guest(options)
+        options, action = parse_guest_mode(rest)
     elif mode == 'host':
-        parser = host_parser()
-        options, extra = parser.parse_args(rest)
-        if len(extra) > 1 and extra[1].startswith('-'):
-            # Options between SOCKET and COMMAND: forgiving, as ssh is.
-            options, more = parser.parse_args(extra[1:], options)
-            extra = extra[:1] + more
-        if not extra:
-            parser.error('SOCKET is missing')
-        if len(extra) < 2 and not (options.list or options.ping):
-            parser.error('COMMAND is missing (or use --list or --ping)')
-        if not 0 <= options.timeout <= MAX_TIMEOUT:
-            parser.error('--timeout must be 0 (never) or a number of seconds')
-        setup_logging(options.verbosity)
-        action = lambda: run_host(options, extra[0], extra[1:])
+        options, action = parse_host_mode(rest)
     else:
         main_parser.error('unknown mode {0!r}: use guest or host'.format(mode))
     try:
         return action()
     except NegotiatorError as e:
         log.error('%s', e, exc_info=log.isEnabledFor(logging.DEBUG))
-        if mode == 'host' and options.json:
+        if getattr(options, 'json', False):
             print_json({'error': {'class': getattr(e, 'error_class',
                                                    type(e).__name__),
                                   'desc': str(e)}, 'status': e.status})

@@ -188,7 +188,7 @@ def test_host_help():
     status, out, err = cli(['host', '--help'])
     assert (status, err) == (0, b'')
     assert out.startswith(
-        b'Usage: negotiator.py host [OPTIONS] SOCKET COMMAND [ARG...]')
+        b'Usage: negotiator.py host [OPTIONS] GUEST|SOCKET COMMAND [ARG...]')
     for word in (b'128+N when killed by signal N', b'124 timed out',
                  b'126 not executable', b'127 command not found',
                  b'254 protocol error',
@@ -220,7 +220,7 @@ def test_unknown_mode_is_usage_error():
 
 
 @pytest.mark.parametrize('args, message', [
-    ([], 'SOCKET is missing'),
+    ([], 'GUEST (or SOCKET) is missing'),
     (['/nonexistent/sock'], 'COMMAND is missing (or use --list or --ping)'),
     (['-t', '-1', '/nonexistent/sock', 'uptime'],
      '--timeout must be 0 (never) or a number of seconds'),
@@ -231,7 +231,7 @@ def test_host_usage_errors(args, message):
     # Status 2, not 255: the socket (which does not exist) is never tried.
     status, out, err = cli(['host'] + args)
     assert (status, out) == (2, b'')
-    assert err.startswith(b'Usage: negotiator.py host [OPTIONS] SOCKET')
+    assert err.startswith(b'Usage: negotiator.py host [OPTIONS] GUEST|SOCKET')
     assert last_line(err) == b('negotiator.py: error: ' + message)
 
 
