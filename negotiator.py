@@ -2341,6 +2341,12 @@ def print_json(value):
 
 #: A per-domain channel directory of newer libvirt: domain-ID-NAME.
 DOMAIN_DIR = re.compile(r'^domain-(\d+)-(.+)$')
+#: The line virsh echoes between the outputs of several commands in one
+#: call; well-formed XML cannot hold it outside comments.
+VIRSH_SEPARATOR = '<<negotiator>>'
+#: Running domains: the table (ids, states), then the exact names (the
+#: table pads them and, outside UTF-8 locales, escapes non-ASCII).
+LIST_COMMAND = 'list; echo "{0}"; list --name'.format(VIRSH_SEPARATOR)
 
 
 def virsh_argv(connect, command):
@@ -2351,6 +2357,16 @@ def virsh_argv(connect, command):
     return argv + [command]
 
 
+def virsh_env():
+    """The environment for virsh: English table headers, any character set."""
+    env = dict(os.environ)
+    everything = env.pop('LC_ALL', None)
+    if everything:
+        env.setdefault('LC_CTYPE', everything)
+    env['LC_MESSAGES'] = 'C'
+    return env
+
+
 def virsh_quote(name):
     """``name`` as one argument of virsh's own command-line parser."""
     return '"{0}"'.format(name.replace('\\', '\\\\').replace('"', '\\"'))
@@ -2358,19 +2374,27 @@ def virsh_quote(name):
 
 def dumpxml_command(names):
     """One virsh command line describing every domain in ``names``."""
-    return '; '.join('dumpxml --domain ' + virsh_quote(name)
-                     for name in names)
+    return ' '.join('dumpxml --domain {0}; echo "{1}";'.format(
+        virsh_quote(name), VIRSH_SEPARATOR) for name in names)
+
+
+def output_text(data):
+    """A child's output as this Python's str, names byte for byte."""
+    if PY3:
+        return data.decode('utf-8', 'surrogateescape')  # novm
+    return data
 
 
 def parse_virsh_list(text):
-    """The ``(id, name, state)`` of each domain in ``virsh list``'s table.
+    """The ``(id, name, state)`` of each domain that LIST_COMMAND lists.
 
-    Columns are cut where the header puts them, so that names holding
-    spaces survive (virsh pads the name column to the longest name).
+    The table's columns are cut where its header puts them; the names are
+    then taken from ``list --name`` when it lists as many.
     """
+    table, _, names = text.partition(VIRSH_SEPARATOR + '\n')
     domains = []
     columns = None
-    for line in text.splitlines():
+    for line in table.splitlines():
         if columns is None:
             if 'Id' in line and 'Name' in line and 'State' in line:
                 columns = (line.index('Name'), line.index('State'))
@@ -2380,22 +2404,28 @@ def parse_virsh_list(text):
         name_at, state_at = columns
         domains.append((line[:name_at].strip(), line[name_at:state_at].strip(),
                         line[state_at:].strip()))
+    names = [name for name in names.split('\n') if name]
+    if len(names) == len(domains):
+        domains = [(domain_id, name, state) for (domain_id, _, state), name
+                   in zip(domains, names)]
     return domains
 
 
 def parse_domains_xml(text):
     """``{name: (id, {port: socket path})}`` from ``virsh dumpxml`` output.
 
-    ``text`` may hold several domains' XML one after the other.  Only UNIX
-    channels that QEMU listens on (``mode='bind'``), with a virtio target
-    named as one of our ports, count.
+    ``text`` may hold several domains' XML, each followed by the
+    VIRSH_SEPARATOR line.  Only UNIX channels that QEMU listens on
+    (``mode='bind'``), with a virtio target named as one of our ports,
+    count.
     """
     from xml.etree import ElementTree  # only discovery needs it
     domains = {}
-    for piece in text.split('</domain>')[:-1]:
-        piece = piece[piece.find('<domain'):] + '</domain>'
+    for piece in text.split(VIRSH_SEPARATOR + '\n'):
+        if not piece.strip():
+            continue
         try:
-            root = ElementTree.fromstring(piece)
+            root = ElementTree.fromstring(wire_bytes(piece))
         except Exception as e:  # ParseError, or ExpatError on Python 2.6
             log.warning('cannot parse a domain\'s XML from virsh: %s', e)
             continue
@@ -2409,8 +2439,9 @@ def parse_domains_xml(text):
                     target.get('name') not in OUR_PORTS or
                     not source.get('path')):
                 continue
-            channels[target.get('name')] = source.get('path')
-        domains[root.findtext('name')] = (root.get('id'), channels)
+            channels[target.get('name')] = native_str(source.get('path'))
+        domains[native_str(root.findtext('name') or '')] = (root.get('id'),
+                                                            channels)
     return domains
 
 
@@ -2462,14 +2493,12 @@ def run_virsh(connect, command):
     :raises OSError: when virsh cannot run at all (not installed).
     """
     import subprocess  # only discovery needs it
-    env = dict(os.environ)
-    env['LC_ALL'] = 'C'  # the table headers parse_virsh_list() looks for
-    child = subprocess.Popen(virsh_argv(connect, command), env=env,
+    child = subprocess.Popen(virsh_argv(connect, command), env=virsh_env(),
                              stdin=open(os.devnull, 'rb'),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              close_fds=True)
     out, err = child.communicate()
-    return (child.returncode, out.decode('utf-8', 'replace'),
+    return (child.returncode, output_text(out),
             first_line(err.decode('utf-8', 'replace')))
 
 
@@ -2490,7 +2519,7 @@ def find_guests(connect=None, channel_dir=None):
     """
     if channel_dir is None:
         try:
-            status, out, error = run_virsh(connect, 'list')
+            status, out, error = run_virsh(connect, LIST_COMMAND)
         except OSError as e:
             status, error = None, 'cannot run virsh: {0}'.format(e.strerror)
         if status == 0:
@@ -2777,7 +2806,7 @@ class HostDaemon(object):
             self.update(self._scanned(self.channel_dir))
         elif not self._scanning:
             self._scanning = True
-            self._virsh('list', self._on_list)
+            self._virsh(LIST_COMMAND, self._on_list)
 
     def _scanned(self, directory):
         found = {}
@@ -2790,15 +2819,13 @@ class HostDaemon(object):
         """Run virsh in the loop; ``on_done(output)``, None when it failed."""
         out = []
         err = []
-        env = dict(os.environ)
-        env['LC_ALL'] = 'C'
 
         def collect(stream, data):
             (out if stream == 'out-data' else err).append(data)
 
         def finished(result):
             if result.get('exitcode') == 0:
-                on_done(b''.join(out).decode('utf-8', 'replace'))
+                on_done(output_text(b''.join(out)))
             else:
                 self._virsh_trouble(first_line(
                     b''.join(err).decode('utf-8', 'replace')) or
@@ -2807,7 +2834,7 @@ class HostDaemon(object):
 
         try:
             Process(self.loop, self.children, virsh_argv(self.connect, command),
-                    env, b'', VIRSH_TIMEOUT, collect, finished)
+                    virsh_env(), b'', VIRSH_TIMEOUT, collect, finished)
         except OSError as e:
             self._virsh_trouble('cannot run virsh: {0}'.format(e.strerror))
             on_done(None)

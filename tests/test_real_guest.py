@@ -45,6 +45,21 @@ COMMANDS = {
     # The guest's /init starts the agent again after it exits.
     'restart-agent': ('#!/bin/sh\nsetsid sh -c "sleep $1; kill -TERM $PPID" '
                       '>/dev/null 2>&1 </dev/null &\n'),
+    # Guest-to-host calls, from inside the guest.
+    'call-host': ('#!/bin/sh\nexec "$NEGOTIATOR_PYTHON" '
+                  '/usr/lib/negotiator/negotiator.py guest --call "$@"\n'),
+    'call-host-together': (
+        '#!/bin/sh\nfor i in 1 2 3 4 5; do\n'
+        '  ( "$NEGOTIATOR_PYTHON" /usr/lib/negotiator/negotiator.py guest '
+        '--call greet "$i" </dev/null; echo "status $?" ) >/tmp/call.$i 2>&1 &\n'
+        'done\nwait\ncat /tmp/call.1 /tmp/call.2 /tmp/call.3 /tmp/call.4 '
+        '/tmp/call.5\n'),
+}
+
+#: Host commands the guest calls through the host daemon.
+HOST_COMMANDS = {
+    'greet': ('#!/bin/sh\necho "hello $NEGOTIATOR_GUEST: $*"\n'
+              'cat\nexit 3\n'),
 }
 
 
@@ -246,3 +261,54 @@ def test_a_hundred_megabytes_arrive_intact(guest):
     assert (status, err) == (0, b'')
     assert len(out) == 100 * 1024 * 1024
     assert out == bytes(bytearray(range(256))) * 409600
+
+
+@pytest.fixture
+def host_daemon(guest):
+    """``host --daemon`` serving the guest's negotiator-guest-to-host.0."""
+    workdir = Workdir()
+    for name, script in HOST_COMMANDS.items():
+        make_command(workdir.commands, name, script)
+    log_path = workdir.join('daemon.log')
+    with open(log_path, 'wb') as log_file:
+        daemon = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, 'negotiator.py'), 'host',
+             '--daemon', '-v', '--commands-dir', workdir.commands,
+             '--guest', 'vm1=' + guest.guest_to_host_socket],
+            stdout=log_file, stderr=subprocess.STDOUT, close_fds=True)
+    try:
+        deadline = time.time() + 30
+        while b'vm1: connected' not in open(log_path, 'rb').read():
+            assert time.time() < deadline, open(log_path, 'rb').read()
+            time.sleep(0.05)
+        yield daemon
+    finally:
+        daemon.terminate()
+        assert daemon.wait(30) == 0
+        log_text = open(log_path, 'rb').read()
+        workdir.cleanup()
+        assert b'Traceback' not in log_text, log_text
+
+
+def test_guest_calls_a_host_command_through_the_real_port(guest, host_daemon):
+    status, out, err = host(guest, 'call-host', 'greet', 'a b', '',
+                            options=['--stdin'], input=b'from the guest\n')
+    assert (status, out, err) == (
+        3, b'hello vm1: a b \nfrom the guest\n', b'')
+
+
+def test_guest_callers_started_together_take_turns(guest, host_daemon):
+    status, out, err = host(guest, 'call-host-together')
+    assert (status, err) == (0, b'')
+    assert out == b''.join(
+        'hello vm1: {0}\nstatus 3\n'.format(i).encode('ascii')
+        for i in range(1, 6))
+
+
+def test_guest_call_without_a_host_daemon_fails_clearly(guest):
+    status, out, err = host(guest, 'call-host', 'greet')
+    assert (status, out) == (255, b'')
+    assert err.startswith(b'negotiator: no host daemon is connected to /dev/')
+    assert err.endswith(b': is "negotiator.py host --daemon" running on the '
+                        b'host?\n')
+    assert err.count(b'\n') == 1

@@ -1,0 +1,1125 @@
+# -*- coding: utf-8 -*-
+"""The host daemon: ``negotiator.py host --daemon`` serving guests' calls.
+
+QEMU listens on one UNIX socket per guest (the guest-to-host port) and the
+daemon connects to each as a client.  Here a listening UNIX socket stands
+in for each guest's QEMU: the test accepts the daemon's connection and
+speaks through it as a guest's caller would.  Commands are small POSIX sh
+scripts; a FIFO ("gate") holds commands running until the test releases
+them, so that "while a command runs" never depends on timing.
+
+Must stay valid on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
+"""
+
+import base64
+import errno
+import fcntl
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+
+import negotiator
+from helpers import HANG, NEGOTIATOR, Workdir, make_command, run_cli, wait_for
+
+PORT = negotiator.GUEST_TO_HOST_PORT
+MAX_LINE = negotiator.MAX_LINE
+VERSION = negotiator.__version__
+
+#: The commands every daemon here offers: name -> POSIX sh script.
+SCRIPTS = {
+    # The guest's name, then each argument on a line of its own.
+    'whoami': (
+        "#!/bin/sh\n"
+        "printf '%s' \"$NEGOTIATOR_GUEST\"\n"
+        "for a in \"$@\"; do printf '\\n%s' \"$a\"; done\n"),
+    'env': (
+        "#!/bin/sh\n"
+        "printf '%s|%s|%s' \"$NEGOTIATOR_GUEST\" \"$NEGOTIATOR_COMMAND\" "
+        "\"$NEGOTIATOR_VERSION\"\n"),
+    # gated GATE PIDFILE [ARG...]: opens the gate FIFO, writes its pid,
+    # waits until the gate is released, then prints like whoami.
+    'gated': (
+        "#!/bin/sh\n"
+        "exec 3<\"$1\"\n"
+        "printf '%s\\n' $$ > \"$2\"\n"
+        "read -r line <&3\n"
+        "shift 2\n"
+        "printf '%s' \"$NEGOTIATOR_GUEST\"\n"
+        "for a in \"$@\"; do printf '\\n%s' \"$a\"; done\n"),
+    # sleeper PIDFILE: a shell and a background sleep 60 in its group.
+    'sleeper': (
+        "#!/bin/sh\n"
+        "sleep 60 &\n"
+        "printf '%s %s\\n' $$ $! > \"$1\"\n"
+        "wait\n"
+        "echo survived\n"),
+    'sleep5': (
+        "#!/bin/sh\n"
+        "printf '%s\\n' $$ > \"$1\"\n"
+        "exec sleep 5\n"),
+    'out-err': (
+        "#!/bin/sh\n"
+        "printf 'to stdout'\n"
+        "printf 'to stderr' >&2\n"
+        "exit 3\n"),
+}
+COMMAND_NAMES = sorted(SCRIPTS)
+
+#: What a guest may ask the daemon, in the order guest-info lists it.
+DAEMON_REQUESTS = ['guest-sync-delimited', 'guest-sync', 'guest-ping',
+                   'guest-info', 'negotiator-list-commands',
+                   'negotiator-execute']
+
+#: The guests of the shared channel-directory daemon: 200 for the
+#: everyone-at-once test, and one of its own for each other test.
+FARM = ['g{0:03d}'.format(i) for i in range(200)]
+SPECIAL = ['slow', 'quick', 'ff', 'single', 'garbage', 'huge', 'flood',
+           'caller', 'leaving']
+
+#: The usual default limit of open files: the daemon must serve 200 guests
+#: (a socket each, two pipes per running command) within it.
+FILE_LIMIT = 1024
+
+
+# ---------------------------------------------------------------------------
+# Stand-in guests, the daemon, helpers
+# ---------------------------------------------------------------------------
+
+class Call(object):
+    """One negotiator-execute (or other request) seen from the guest's side."""
+
+    def __init__(self, request_id):
+        self.request_id = request_id
+        self.out = b''
+        self.err = b''
+        self.reply = None
+
+    def take(self, message):
+        if 'event' in message:
+            assert message['event'] == 'negotiator-output', message
+            data = message['data']
+            assert data['id'] == self.request_id, message
+            if 'out-data' in data:
+                self.out += base64.b64decode(data['out-data'])
+            else:
+                self.err += base64.b64decode(data['err-data'])
+        else:
+            assert self.reply is None, message
+            self.reply = message
+
+
+class GuestEnd(object):
+    """The connection the daemon made to a stand-in, driven as the guest."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.sock.settimeout(HANG)
+        self.buffer = b''
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def request(self, message):
+        self.send(json.dumps(message).encode('ascii') + b'\n')
+
+    def read_line(self, timeout=HANG):
+        """The next line (without its newline); b'' at end of file."""
+        self.sock.settimeout(timeout)
+        while b'\n' not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                rest, self.buffer = self.buffer, b''
+                return rest
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b'\n', 1)
+        return line
+
+    def read_exact(self, size, timeout=HANG):
+        self.sock.settimeout(timeout)
+        while len(self.buffer) < size:
+            data = self.sock.recv(65536)
+            assert data, 'connection closed after {0!r}'.format(self.buffer)
+            self.buffer += data
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def read_message(self, timeout=HANG):
+        line = self.read_line(timeout)
+        assert line, 'connection closed'
+        return json.loads(line.decode('ascii'))
+
+    def call(self, message):
+        self.request(message)
+        return self.read_message()
+
+    def read_call(self, request_id):
+        """Output events up to the reply: a Call."""
+        call = Call(request_id)
+        while call.reply is None:
+            call.take(self.read_message())
+        return call
+
+    def execute(self, command, args=(), request_id=1, **arguments):
+        arguments.update({'command': command, 'args': list(args)})
+        self.request({'execute': 'negotiator-execute',
+                      'arguments': arguments, 'id': request_id})
+        return self.read_call(request_id)
+
+    def unread(self):
+        """Bytes sent that the daemon has not read yet (0: it read all)."""
+        return struct.unpack('i', fcntl.ioctl(
+            self.sock.fileno(), termios.TIOCOUTQ, b'\0\0\0\0'))[0]
+
+    def nothing_within(self, seconds):
+        """True when nothing at all arrives within ``seconds``."""
+        if self.buffer:
+            return False
+        ready, _, _ = select.select([self.sock], [], [], seconds)
+        if not ready:
+            return True
+        self.buffer += self.sock.recv(65536)
+        return False
+
+    def read_to_eof(self, timeout=HANG):
+        """Everything that arrives before end of file, which must come."""
+        deadline = time.time() + timeout
+        data, self.buffer = self.buffer, b''
+        while True:
+            self.sock.settimeout(max(0.01, deadline - time.time()))
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                raise AssertionError('no end of file within {0} s; got '
+                                     '{1!r}'.format(timeout, data[:300]))
+            if not chunk:
+                return data
+            data += chunk
+
+    def close(self):
+        self.sock.close()
+
+
+class StandIn(object):
+    """A listening UNIX socket where a guest's QEMU would listen.
+
+    It appears at ``path`` at once (bound under another name, then renamed),
+    so the daemon never finds it before it listens; a stale socket file
+    left at ``path`` is replaced.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        temporary = path + '.new'
+        self.sock.bind(temporary)
+        self.sock.listen(16)
+        os.rename(temporary, path)
+
+    def waiting(self, timeout=0):
+        """Whether the daemon connected (and was not accepted yet)."""
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        return bool(ready)
+
+    def accept(self, timeout=HANG):
+        if not self.waiting(timeout):
+            raise AssertionError('no connection to {0} within {1} s'.format(
+                self.path, timeout))
+        return GuestEnd(self.sock.accept()[0])
+
+    def close(self):
+        """Stop listening; the socket file stays (connecting is refused)."""
+        self.sock.close()
+
+    def remove(self):
+        self.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def accept_all(stand_ins, timeout=HANG):
+    """Accept the daemon's connection to every stand-in: {name: GuestEnd}."""
+    by_fd = dict((s.sock.fileno(), name) for name, s in stand_ins.items())
+    poller = select.poll()
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    ends = {}
+    deadline = time.time() + timeout
+    while by_fd:
+        left = deadline - time.time()
+        if left <= 0:
+            raise AssertionError('never connected: {0}'.format(
+                sorted(by_fd.values())))
+        for fd, _ in poller.poll(int(left * 1000) + 1):
+            name = by_fd.pop(fd)
+            poller.unregister(fd)
+            ends[name] = stand_ins[name].accept(0)
+    return ends
+
+
+def gather(calls, timeout=HANG):
+    """Read the replies of many guests at once, in one poll loop.
+
+    :param calls: {name: (GuestEnd, request id)}.
+    :returns: {name: Call}.
+    """
+    results = {}
+    by_fd = {}
+    poller = select.poll()
+    for name, (end, request_id) in calls.items():
+        results[name] = Call(request_id)
+        by_fd[end.sock.fileno()] = (name, end)
+        poller.register(end.sock.fileno(), select.POLLIN)
+    deadline = time.time() + timeout
+    while by_fd:
+        left = deadline - time.time()
+        if left <= 0:
+            raise AssertionError('no reply from {0}'.format(
+                sorted(name for name, _ in by_fd.values())))
+        for fd, _ in poller.poll(int(left * 1000) + 1):
+            name, end = by_fd[fd]
+            data = end.sock.recv(65536)
+            assert data, 'guest {0}: connection closed'.format(name)
+            end.buffer += data
+            call = results[name]
+            while b'\n' in end.buffer and call.reply is None:
+                line, end.buffer = end.buffer.split(b'\n', 1)
+                call.take(json.loads(line.decode('ascii')))
+            if call.reply is not None:
+                poller.unregister(fd)
+                del by_fd[fd]
+    return results
+
+
+class Gate(object):
+    """A FIFO that ``gated`` commands wait on until release().
+
+    The test holds it open for reading and writing, so a command's open()
+    never blocks and its read() ends (end of file) once the test closes it.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        os.mkfifo(path)
+        self.fd = os.open(path, os.O_RDWR)
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def limit_open_files():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > FILE_LIMIT:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FILE_LIMIT, hard))
+
+
+def raise_own_file_limit(wanted=4096):
+    """The test itself holds two descriptors per stand-in guest."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        if hard == resource.RLIM_INFINITY or hard >= wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+class Daemon(object):
+    """``negotiator.py host --daemon -v ARGS`` in the background.
+
+    Its log (stderr) goes to a file; it runs with at most FILE_LIMIT open
+    files.  Waits until the daemon says it started (initial guests are
+    connected to by then).
+    """
+
+    def __init__(self, workdir, args, name='daemon'):
+        self.log_path = workdir.join(name + '.log')
+        self.log_file = open(self.log_path, 'wb')
+        devnull = open(os.devnull, 'rb')
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, NEGOTIATOR, 'host', '--daemon', '-v',
+                 '--commands-dir', workdir.commands] + list(args),
+                stdin=devnull, stdout=self.log_file,
+                stderr=subprocess.STDOUT, close_fds=True,
+                preexec_fn=limit_open_files)
+        finally:
+            devnull.close()
+        try:
+            self.wait_log('host daemon started')
+        except BaseException:
+            self.kill()
+            raise
+
+    def log(self):
+        with open(self.log_path, 'rb') as handle:
+            return handle.read().decode('utf-8', 'replace')
+
+    def lines(self):
+        return self.log().splitlines()
+
+    def wait_log(self, text, timeout=HANG):
+        def seen():
+            if text in self.log():
+                return True
+            if self.process.poll() is not None:
+                raise AssertionError('daemon exited with {0} before logging '
+                                     '{1!r}:\n{2}'.format(
+                                         self.process.returncode, text,
+                                         self.log()))
+            return False
+        wait_for(seen, timeout)
+
+    def send_signal(self, signum):
+        self.process.send_signal(signum)
+
+    def stop(self, signum=signal.SIGTERM, bound=HANG):
+        """Signal it; it must exit 0 within ``bound`` s, without a traceback."""
+        self.process.send_signal(signum)
+        started = time.time()
+        wait_for(lambda: self.process.poll() is not None, bound)
+        took = time.time() - started
+        self.log_file.close()
+        text = self.log()
+        assert 'Traceback' not in text, text
+        assert 'internal error' not in text, text
+        assert self.process.returncode == 0, (self.process.returncode, text)
+        return took
+
+    def kill(self):
+        """Failure paths: make sure it is gone."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log_file.close()
+
+
+def write_commands(directory):
+    for name, script in SCRIPTS.items():
+        make_command(directory, name, script)
+
+
+def process_state(pid):
+    """A /proc state letter ('R', 'S', 'Z', ...), or None when gone."""
+    try:
+        with open('/proc/{0}/stat'.format(pid)) as handle:
+            return handle.read().rsplit(')', 1)[1].split()[0]
+    except (IOError, OSError):
+        return None
+
+
+def running(pid):
+    """Alive and not a zombie (a zombie has been killed, only not reaped)."""
+    return process_state(pid) not in (None, 'Z')
+
+
+def wait_pids(path):
+    """The pids a command wrote to ``path`` (a line ending in a newline)."""
+    def complete():
+        try:
+            with open(path) as handle:
+                return handle.read().endswith('\n')
+        except IOError:
+            return False
+    wait_for(complete)
+    with open(path) as handle:
+        return [int(word) for word in handle.read().split()]
+
+
+def channel_path(directory, name):
+    return os.path.join(directory, name + '.' + PORT)
+
+
+def ping(end, request_id):
+    return end.call({'execute': 'guest-ping', 'id': request_id})
+
+
+def assert_served(end, name, request_id=99):
+    """The guest's calls still get their own, correct answers."""
+    call = end.execute('whoami', ['still', 'served'], request_id)
+    assert call.out == name.encode('utf-8') + b'\nstill\nserved'
+    assert call.err == b''
+    assert call.reply == {'return': {'exitcode': 0}, 'id': request_id}
+
+
+def close_all(stand_ins, ends):
+    for end in ends.values():
+        end.close()
+    for stand_in in stand_ins.values():
+        stand_in.remove()
+
+
+# ---------------------------------------------------------------------------
+# The shared daemon: a channel directory of 209 guests, rescanned every 0.5 s
+# ---------------------------------------------------------------------------
+
+class Farm(object):
+    pass
+
+
+@pytest.fixture(scope='module')
+def farm():
+    raise_own_file_limit()
+    farm = Farm()
+    farm.workdir = wd = Workdir()
+    write_commands(wd.commands)
+    farm.channels = wd.join('channels')
+    os.mkdir(farm.channels)
+    farm.stand_ins = {}
+    farm.ends = {}
+    farm.daemon = None
+    try:
+        for name in FARM + SPECIAL:
+            farm.stand_ins[name] = StandIn(channel_path(farm.channels, name))
+        farm.daemon = Daemon(wd, ['--channel-dir', farm.channels,
+                                  '--rescan', '0.5'])
+        farm.ends = accept_all(farm.stand_ins)
+        yield farm
+        farm.daemon.stop()
+    finally:
+        if farm.daemon is not None:
+            farm.daemon.kill()
+        close_all(farm.stand_ins, farm.ends)
+        wd.cleanup()
+
+
+def new_guest(farm, name, path=None):
+    """A guest that appears in the channel directory: (StandIn, GuestEnd)."""
+    stand_in = StandIn(path or channel_path(farm.channels, name))
+    farm.stand_ins[name] = stand_in
+    end = stand_in.accept()
+    farm.ends[name] = end
+    return stand_in, end
+
+
+# 1. Many guests at once ----------------------------------------------------
+
+def test_200_guests_are_served_at_once(farm):
+    gate = Gate(farm.workdir.join('gate-200'))
+    pid_dir = farm.workdir.join('pids-200')
+    os.mkdir(pid_dir)
+    calls = {}
+    try:
+        for number, name in enumerate(FARM):
+            end = farm.ends[name]
+            end.request({'execute': 'negotiator-execute', 'id': 1000 + number,
+                         'arguments': {'command': 'gated', 'args': [
+                             gate.path, os.path.join(pid_dir, name),
+                             'argument of ' + name, '']}})
+            calls[name] = (end, 1000 + number)
+        # Every guest's command runs at the same time: each has written its
+        # pid and now waits at the gate.
+        wait_for(lambda: len(os.listdir(pid_dir)) == len(FARM))
+        pids = [wait_pids(os.path.join(pid_dir, name))[0] for name in FARM]
+        assert len(set(pids)) == len(FARM)
+        assert [pid for pid in pids if not running(pid)] == []
+    finally:
+        gate.release()
+    results = gather(calls)
+    assert sorted(results) == FARM
+    for number, name in enumerate(FARM):
+        call = results[name]
+        assert call.out == b(name) + b'\nargument of ' + b(name) + b'\n'
+        assert call.err == b''
+        assert call.reply == {'return': {'exitcode': 0}, 'id': 1000 + number}
+    wait_for(lambda: not [pid for pid in pids if running(pid)])
+
+
+def b(text):
+    return text.encode('utf-8')
+
+
+# 2. A long command delays no other guest -----------------------------------
+
+def test_running_command_does_not_delay_another_guests_ping(farm):
+    slow, quick = farm.ends['slow'], farm.ends['quick']
+    pid_file = farm.workdir.join('slow.pid')
+    slow.request({'execute': 'negotiator-execute', 'id': 1, 'arguments': {
+        'command': 'sleep5', 'args': [pid_file]}})
+    pid = wait_pids(pid_file)[0]
+    started = time.time()
+    assert ping(quick, 2) == {'return': {}, 'id': 2}
+    took = time.time() - started
+    assert took < 2.0, 'guest-ping took {0:.2f} s'.format(took)
+    assert running(pid), 'sleep 5 no longer runs'
+    assert slow.nothing_within(0)
+    slow.send(b'\xff')  # ends the sleep early
+    wait_for(lambda: not running(pid))
+
+
+# 3. Garbage and floods cut a guest off; one bad line does not --------------
+
+def test_single_malformed_line_gets_an_error_reply_and_guest_stays(farm):
+    end = farm.ends['single']
+    end.send(b'this is not json\n')
+    reply = end.read_message()
+    assert sorted(reply) == ['error']
+    assert reply['error']['class'] == 'GenericError'
+    assert reply['error']['desc'].startswith('Invalid JSON syntax: ')
+    end.send(b'[1, 2]\n')
+    assert end.read_message() == {'error': {
+        'class': 'GenericError', 'desc': 'QMP input must be a JSON object'}}
+    end.send(b'{"execute": "guest-ping", "id": "\xc3\x28"}\n')
+    assert end.read_message() == {'error': {
+        'class': 'GenericError',
+        'desc': 'Invalid JSON syntax: the line is not valid UTF-8'}}
+    assert ping(end, 'after') == {'return': {}, 'id': 'after'}
+    assert_served(end, 'single')
+    assert not [line for line in farm.daemon.lines()
+                if 'guest single: cut off' in line]
+
+
+def test_sixteen_malformed_lines_in_a_row_cut_the_guest_off(farm):
+    end = farm.ends['garbage']
+    garbage = b'[1, 2]\n'
+    not_object = {'error': {'class': 'GenericError',
+                            'desc': 'QMP input must be a JSON object'}}
+    # 15 in a row, a good request (the count starts again), 15 more.
+    end.send(garbage * 15 + b'{"execute":"guest-ping","id":15}\n' +
+             garbage * 15)
+    replies = [end.read_message() for _ in range(31)]
+    assert replies == [not_object] * 15 + [{'return': {}, 'id': 15}] + [
+        not_object] * 15
+    end.send(garbage)  # the 16th in a row
+    assert end.read_to_eof() == b''
+    farm.daemon.wait_log('guest garbage: cut off')
+    assert ('negotiator: guest garbage: cut off for 30 s: 16 malformed lines '
+            'in a row') in farm.daemon.lines()
+    assert_served(farm.ends['g000'], 'g000')
+    # Cut off means no reconnection after the usual 0.5 s either.
+    assert not farm.stand_ins['garbage'].waiting(1.0)
+
+
+def test_line_longer_than_16_mib_cuts_the_guest_off(farm):
+    end = farm.ends['huge']
+    # Exactly the limit is still a line (a malformed one here).
+    end.send(b'x' * MAX_LINE + b'\n')
+    reply = end.read_message()
+    assert reply['error']['class'] == 'GenericError'
+    assert reply['error']['desc'].startswith('Invalid JSON syntax: ')
+    assert ping(end, 1) == {'return': {}, 'id': 1}
+    end.send(b'x' * (MAX_LINE + 1))
+    assert end.read_to_eof() == b''
+    farm.daemon.wait_log('guest huge: cut off')
+    assert ('negotiator: guest huge: cut off for 30 s: a line longer than '
+            '16777216 bytes') in farm.daemon.lines()
+    assert_served(farm.ends['g001'], 'g001')
+
+
+def test_more_than_64_requests_waiting_cut_the_guest_off(farm):
+    end = farm.ends['flood']
+    pings = b''.join(b'{"execute":"guest-ping","id":' + b(str(i)) + b'}\n'
+                     for i in range(1, 66))
+    # 64 requests waiting behind a running command are fine.
+    gate = Gate(farm.workdir.join('gate-flood-1'))
+    try:
+        end.request({'execute': 'negotiator-execute', 'id': 'run', 'arguments': {
+            'command': 'gated', 'args': [gate.path,
+                                         farm.workdir.join('flood-1.pid')]}})
+        pid = wait_pids(farm.workdir.join('flood-1.pid'))[0]
+        end.send(pings[:pings.index(b'{"execute":"guest-ping","id":65}')])
+        wait_for(lambda: end.unread() == 0)  # the daemon has them all
+        assert running(pid)
+    finally:
+        gate.release()
+    call = end.read_call('run')
+    assert (call.out, call.err) == (b'flood', b'')
+    assert call.reply == {'return': {'exitcode': 0}, 'id': 'run'}
+    assert [end.read_message() for _ in range(64)] == [
+        {'return': {}, 'id': i} for i in range(1, 65)]
+    # The 65th waiting request cuts the guest off, and its command dies.
+    gate = Gate(farm.workdir.join('gate-flood-2'))
+    try:
+        end.request({'execute': 'negotiator-execute', 'id': 'run', 'arguments': {
+            'command': 'gated', 'args': [gate.path,
+                                         farm.workdir.join('flood-2.pid')]}})
+        pid = wait_pids(farm.workdir.join('flood-2.pid'))[0]
+        end.send(pings)
+        assert end.read_to_eof() == b''
+        wait_for(lambda: not running(pid))
+    finally:
+        gate.release()
+    farm.daemon.wait_log('guest flood: cut off')
+    lines = farm.daemon.lines()
+    assert ('negotiator: guest flood: cut off for 30 s: more than 64 '
+            'requests waiting') in lines
+    assert ('negotiator: guest flood: killing command pid {0}: its client '
+            'has gone'.format(pid)) in lines
+    assert_served(farm.ends['g002'], 'g002')
+
+
+# 5. Guests that come and go -------------------------------------------------
+
+def test_guest_appearing_in_the_channel_directory_is_served(farm):
+    # Sockets of other ports, or of no port, are never connected to.
+    others = {
+        'h2g': StandIn(os.path.join(farm.channels,
+                                    'h2g.negotiator-host-to-guest.0')),
+        'plain': StandIn(os.path.join(farm.channels, 'plain.sock')),
+    }
+    farm.stand_ins.update(('other-' + k, v) for k, v in others.items())
+    stand_in, end = new_guest(farm, 'late')
+    # The scan that found "late" saw them too.
+    assert [name for name, s in others.items() if s.waiting(0)] == []
+    call = end.execute('env', request_id=3)
+    assert call.out == b'late|env|' + b(VERSION)
+    assert call.reply == {'return': {'exitcode': 0}, 'id': 3}
+    lines = farm.daemon.lines()
+    assert 'negotiator: guest late: found ({0})'.format(
+        stand_in.path) in lines
+    assert 'negotiator: guest late: connected to {0}'.format(
+        stand_in.path) in lines
+
+
+def test_domain_directories_are_served_latest_start_first(farm):
+    # Newer libvirt: domain-ID-NAME/PORT; the highest ID is the guest's
+    # current run (compared as numbers: 10 after 9).
+    os.mkdir(os.path.join(farm.channels, 'domain-9-web'))
+    first, end = new_guest(farm, 'web-9', os.path.join(
+        farm.channels, 'domain-9-web', PORT))
+    assert_served(end, 'web')
+    os.mkdir(os.path.join(farm.channels, 'domain-10-web'))
+    second = StandIn(os.path.join(farm.channels, 'domain-10-web', PORT))
+    farm.stand_ins['web-10'] = second
+    # The daemon leaves the old run's socket for the new one.
+    assert end.read_to_eof() == b''
+    farm.ends['web-10'] = new_end = second.accept()
+    assert_served(new_end, 'web')
+    lines = farm.daemon.lines()
+    assert 'negotiator: guest web: found ({0})'.format(first.path) in lines
+    assert lines.index('negotiator: guest web: gone') > lines.index(
+        'negotiator: guest web: found ({0})'.format(first.path))
+    assert 'negotiator: guest web: found ({0})'.format(second.path) in lines
+    assert not first.waiting(0)
+
+
+def test_removed_socket_drops_the_guest_and_kills_its_command(farm):
+    end = farm.ends['leaving']
+    pid_file = farm.workdir.join('leaving.pid')
+    end.request({'execute': 'negotiator-execute', 'id': 1, 'arguments': {
+        'command': 'sleeper', 'args': [pid_file]}})
+    pids = wait_pids(pid_file)
+    os.unlink(farm.stand_ins['leaving'].path)
+    assert end.read_to_eof() == b''
+    wait_for(lambda: not [pid for pid in pids if running(pid)])
+    farm.daemon.wait_log('guest leaving: killing command')
+    lines = farm.daemon.lines()
+    assert 'negotiator: guest leaving: gone' in lines
+    assert ('negotiator: guest leaving: killing command pid {0}: its client '
+            'has gone'.format(pids[0])) in lines
+    assert_served(farm.ends['g003'], 'g003')
+
+
+# 6. What a guest may call ---------------------------------------------------
+
+def test_requests_a_guest_may_make(farm):
+    end = farm.ends['caller']
+    assert ping(end, 1) == {'return': {}, 'id': 1}
+    assert end.call({'execute': 'guest-sync', 'arguments': {'id': 5},
+                     'id': 2}) == {'return': 5, 'id': 2}
+    end.request({'execute': 'guest-sync-delimited',
+                 'arguments': {'id': 123456789}})
+    assert end.read_exact(len(b'\xff{"return":123456789}\n')) == (
+        b'\xff{"return":123456789}\n')
+    assert end.call({'execute': 'guest-info', 'id': 3}) == {'id': 3, 'return': {
+        'version': VERSION,
+        'supported_commands': [
+            {'name': name, 'enabled': True, 'success-response': True}
+            for name in DAEMON_REQUESTS]}}
+    # The commands directory only: none of the guest agent's built-ins.
+    assert end.call({'execute': 'negotiator-list-commands', 'id': 4}) == {
+        'id': 4, 'return': [{'name': name, 'kind': 'user'}
+                            for name in COMMAND_NAMES]}
+    assert end.nothing_within(0)
+
+
+@pytest.mark.parametrize('request_name', [
+    'guest-get-osinfo', 'guest-get-host-name', 'guest-network-get-interfaces',
+    'guest-exec', 'guest-shutdown'])
+def test_facts_about_the_host_are_not_offered(farm, request_name):
+    assert farm.ends['caller'].call({'execute': request_name, 'id': 7}) == {
+        'id': 7, 'error': {
+            'class': 'CommandNotFound',
+            'desc': 'The command {0} has not been found'.format(
+                request_name)}}
+
+
+@pytest.mark.parametrize('name', ['hostname', 'os-info', 'uptime'])
+def test_builtin_commands_are_not_offered(farm, name):
+    call = farm.ends['caller'].execute(name, request_id=8)
+    assert (call.out, call.err) == (b'', b'')
+    assert call.reply == {'id': 8, 'error': {
+        'class': 'NegotiatorCommandNotFound',
+        'desc': "Command '{0}' not found in {1}; available: {2}".format(
+            name, farm.workdir.commands, ', '.join(COMMAND_NAMES))}}
+
+
+def test_command_output_status_and_environment(farm):
+    end = farm.ends['caller']
+    call = end.execute('out-err', request_id=9)
+    assert (call.out, call.err) == (b'to stdout', b'to stderr')
+    assert call.reply == {'return': {'exitcode': 3}, 'id': 9}
+    call = end.execute('env', ['ignored'], request_id=10)
+    assert call.out == b'caller|env|' + b(VERSION)
+    assert call.reply == {'return': {'exitcode': 0}, 'id': 10}
+    call = end.execute('whoami', [u'caf\u00e9', '', ' two words '],
+                       request_id=11)
+    assert call.out == b'caller\ncaf\xc3\xa9\n\n two words '
+    assert call.reply == {'return': {'exitcode': 0}, 'id': 11}
+    # A timeout kills the command's process group.
+    call = end.execute('sleep5', [farm.workdir.join('timed.pid')],
+                       request_id=12, timeout=0.3)
+    assert (call.out, call.err) == (b'', b'')
+    assert call.reply == {'return': {'signal': 9, 'timed-out': True},
+                          'id': 12}
+    assert end.execute('../whoami', request_id=13).reply == {
+        'id': 13, 'error': {
+            'class': 'GenericError',
+            'desc': "Invalid command name '../whoami': a name is a file "
+                    "directly inside the commands directory"}}
+
+
+# 7. 0xFF kills the running command ------------------------------------------
+
+def test_resync_byte_kills_the_running_command_and_drops_waiting_ones(farm):
+    end = farm.ends['ff']
+    pid_file = farm.workdir.join('ff.pid')
+    end.request({'execute': 'negotiator-execute', 'id': 1, 'arguments': {
+        'command': 'sleeper', 'args': [pid_file]}})
+    pids = wait_pids(pid_file)
+    end.send(b'{"execute":"guest-ping","id":2}\n'
+             b'{"execute":"guest-ping","id":3}\n')
+    wait_for(lambda: end.unread() == 0)
+    end.send(b'\xff{"execute":"guest-sync-delimited","arguments":{"id":42}}\n')
+    # Nothing for the command nor the pings: only the sync's answer.
+    assert end.read_exact(len(b'\xff{"return":42}\n')) == (
+        b'\xff{"return":42}\n')
+    wait_for(lambda: not [pid for pid in pids if running(pid)])
+    assert end.nothing_within(0.2)
+    assert ('negotiator: guest ff: 0xFF received: dropping 2 waiting '
+            'request(s) and the running command') in farm.daemon.lines()
+    assert_served(end, 'ff')
+
+
+# ---------------------------------------------------------------------------
+# --guest NAME=SOCKET: a guest that disconnects, and reconnection
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def pairs():
+    pairs = Farm()
+    pairs.workdir = wd = Workdir()
+    write_commands(wd.commands)
+    pairs.stand_ins = {}
+    pairs.ends = {}
+    pairs.daemon = None
+    try:
+        args = []
+        for name in ('a', 'b', 'c'):
+            pairs.stand_ins[name] = StandIn(wd.join(name + '.sock'))
+            args += ['--guest', '{0}={1}'.format(name, wd.join(name + '.sock'))]
+        pairs.daemon = Daemon(wd, args)
+        pairs.ends = accept_all(pairs.stand_ins)
+        yield pairs
+        pairs.daemon.stop()
+    finally:
+        if pairs.daemon is not None:
+            pairs.daemon.kill()
+        close_all(pairs.stand_ins, pairs.ends)
+        wd.cleanup()
+
+
+def test_guest_gone_mid_call_kills_its_command_and_is_reconnected(pairs):
+    a, other = pairs.ends['a'], pairs.ends['b']
+    gate = Gate(pairs.workdir.join('gate-b'))
+    try:
+        other.request({'execute': 'negotiator-execute', 'id': 'b1',
+                       'arguments': {'command': 'gated', 'args': [
+                           gate.path, pairs.workdir.join('b.pid'), 'x']}})
+        other_pid = wait_pids(pairs.workdir.join('b.pid'))[0]
+        a.request({'execute': 'negotiator-execute', 'id': 1, 'arguments': {
+            'command': 'sleeper', 'args': [pairs.workdir.join('a.pid')]}})
+        pids = wait_pids(pairs.workdir.join('a.pid'))
+        closed = time.time()
+        a.close()
+        wait_for(lambda: not [pid for pid in pids if running(pid)])
+        assert running(other_pid)
+    finally:
+        gate.release()
+    call = other.read_call('b1')
+    assert (call.out, call.err) == (b'b\nx', b'')
+    assert call.reply == {'return': {'exitcode': 0}, 'id': 'b1'}
+    # QEMU still listens: the daemon connects again after 0.5 s.
+    pairs.ends['a'] = a = pairs.stand_ins['a'].accept()
+    assert time.time() - closed >= 0.5 - 0.01
+    assert_served(a, 'a')
+    lines = pairs.daemon.lines()
+    assert ('negotiator: guest a: killing command pid {0}: its client has '
+            'gone'.format(pids[0])) in lines
+    assert ('negotiator: guest a: connection closed (guest stopped?); '
+            'reconnecting') in lines
+    assert lines.count('negotiator: guest a: connected to {0}'.format(
+        pairs.stand_ins['a'].path)) == 2
+
+
+def test_refused_reconnection_is_retried_ever_later(pairs):
+    path = pairs.stand_ins['c'].path
+    closed = time.time()
+    pairs.ends.pop('c').close()
+    pairs.stand_ins['c'].close()  # the socket file stays: refused
+    pairs.daemon.wait_log('guest c: cannot connect')
+    assert ('negotiator: guest c: cannot connect to {0}: connection refused: '
+            'nothing serves this socket (the guest is stopped?); '
+            'retrying'.format(path)) in pairs.daemon.lines()
+    # Listening again at the same path: the next try, 0.5 s after the
+    # closed connection and 1 s after the refused one, gets through.
+    pairs.stand_ins['c'] = StandIn(path)
+    pairs.ends['c'] = end = pairs.stand_ins['c'].accept()
+    assert time.time() - closed >= 0.5 + 1.0 - 0.01
+    assert_served(end, 'c')
+    assert_served(pairs.ends['b'], 'b')
+
+
+# ---------------------------------------------------------------------------
+# SIGHUP: look now (with a rescan period far away)
+# ---------------------------------------------------------------------------
+
+def test_sighup_looks_for_guests_and_retries_waiting_connections():
+    wd = Workdir()
+    write_commands(wd.commands)
+    channels = wd.join('channels')
+    os.mkdir(channels)
+    stand_ins = {'first': StandIn(channel_path(channels, 'first'))}
+    ends = {}
+    daemon = None
+    try:
+        daemon = Daemon(wd, ['--channel-dir', channels, '--rescan', '3600'])
+        ends['first'] = stand_ins['first'].accept()
+        stand_ins['second'] = StandIn(channel_path(channels, 'second'))
+        assert not stand_ins['second'].waiting(0.7)  # no rescan for an hour
+        daemon.send_signal(signal.SIGHUP)
+        ends['second'] = second = stand_ins['second'].accept()
+        assert_served(second, 'second')
+        # A removed socket: the guest is dropped on SIGHUP.
+        os.unlink(stand_ins['first'].path)
+        daemon.send_signal(signal.SIGHUP)
+        assert ends['first'].read_to_eof() == b''
+        daemon.wait_log('guest first: gone')
+        # A guest cut off for 30 s is connected again at once on SIGHUP.
+        second.send(b'[]\n' * 16)
+        replies = second.read_to_eof().splitlines()
+        assert [json.loads(line.decode('ascii')) for line in replies] == [
+            {'error': {'class': 'GenericError',
+                       'desc': 'QMP input must be a JSON object'}}] * 15
+        daemon.wait_log('guest second: cut off for 30 s')
+        started = time.time()
+        daemon.send_signal(signal.SIGHUP)
+        ends['second'] = second = stand_ins['second'].accept(timeout=10)
+        assert time.time() - started < 10
+        assert_served(second, 'second')
+        lines = daemon.lines()
+        assert lines.count('negotiator: SIGHUP: looking for guests again') == 3
+        assert 'negotiator: guest second: found ({0})'.format(
+            stand_ins['second'].path) in lines
+        daemon.stop()
+    finally:
+        if daemon is not None:
+            daemon.kill()
+        close_all(stand_ins, ends)
+        wd.cleanup()
+
+
+# ---------------------------------------------------------------------------
+# Stopping
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT],
+                         ids=['SIGTERM', 'SIGINT'])
+def test_stop_signal_ends_the_daemon_and_its_commands(signum):
+    wd = Workdir()
+    write_commands(wd.commands)
+    stand_ins = {'only': StandIn(wd.join('only.sock'))}
+    ends = {}
+    daemon = None
+    try:
+        daemon = Daemon(wd, ['--guest', 'only=' + stand_ins['only'].path])
+        ends['only'] = end = stand_ins['only'].accept()
+        end.request({'execute': 'negotiator-execute', 'id': 1, 'arguments': {
+            'command': 'sleeper', 'args': [wd.join('only.pid')]}})
+        pids = wait_pids(wd.join('only.pid'))
+        took = daemon.stop(signum, bound=5)
+        assert took < 5
+        assert end.read_to_eof() == b''
+        wait_for(lambda: not [pid for pid in pids if running(pid)])
+        lines = daemon.lines()
+        assert lines.index('negotiator: stopping') < lines.index(
+            'negotiator: guest only: killing command pid {0}: its client '
+            'has gone'.format(pids[0]))
+    finally:
+        if daemon is not None:
+            daemon.kill()
+        close_all(stand_ins, ends)
+        wd.cleanup()
+
+
+# ---------------------------------------------------------------------------
+# Usage errors
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('args, message', [
+    (['--guest', 'foo'], "--guest takes NAME=SOCKET, not 'foo'"),
+    (['--guest', '=/tmp/x.sock'],
+     "--guest takes NAME=SOCKET, not '=/tmp/x.sock'"),
+    (['--rescan', '0'], '--rescan must be a positive number of seconds'),
+    (['extra', 'words'], 'unexpected arguments: extra words'),
+], ids=['no-equals', 'no-name', 'rescan-0', 'extra-args'])
+def test_daemon_usage_errors(args, message):
+    status, out, err = run_cli(['host', '--daemon'] + args, timeout=HANG)
+    assert (status, out) == (2, b'')
+    assert err.startswith(b'Usage: negotiator.py host [OPTIONS] GUEST|SOCKET')
+    assert err.rstrip(b'\n').split(b'\n')[-1] == b(
+        'negotiator.py: error: ' + message)
+    assert err.count(b'error') == 1
+
+
+# ---------------------------------------------------------------------------
+# Discovery through virsh (libvirt's test driver)
+# ---------------------------------------------------------------------------
+
+def which(program):
+    for directory in os.environ.get('PATH', os.defpath).split(os.pathsep):
+        path = os.path.join(directory, program)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+needs_virsh = pytest.mark.skipif(
+    which('virsh') is None,
+    reason='virsh (libvirt-clients) is not installed')
+
+
+def domain_xml(name, channels=()):
+    """One test-driver domain; channels: (mode, socket path, port name)."""
+    devices = ''.join(
+        "<channel type='unix'><source mode='{0}' path='{1}'/>"
+        "<target type='virtio' name='{2}'/></channel>".format(*channel)
+        for channel in channels)
+    return (u"<domain type='test'><name>{0}</name><memory>65536</memory>"
+            u"<os><type>hvm</type></os><devices>{1}</devices>"
+            u"</domain>".format(name, devices))
+
+
+def write_node(path, domains):
+    """The test driver's whole node, replaced at once (virsh reads it anew
+    each time, and never sees it half written)."""
+    with open(path + '.new', 'wb') as handle:
+        handle.write((u'<node>' + u''.join(domains) +
+                      u'</node>\n').encode('utf-8'))
+    os.rename(path + '.new', path)
+
+
+@needs_virsh
+def test_guests_found_through_virsh():
+    wd = Workdir()
+    write_commands(wd.commands)
+    node = wd.join('node.xml')
+    stand_ins = {}
+    for name in ('g1', 'web', 'g3', 'h2g', 'connect'):
+        stand_ins[name] = StandIn(wd.join(name + '.sock'))
+
+    def served(name, real_name=None):
+        return domain_xml(real_name or name,
+                          [('bind', stand_ins[name].path, PORT)])
+    ignored = [
+        domain_xml('no-channel'),
+        domain_xml('h2g-only', [('bind', stand_ins['h2g'].path,
+                                 negotiator.HOST_TO_GUEST_PORT)]),
+        domain_xml('connect-mode', [('connect', stand_ins['connect'].path,
+                                     PORT)]),
+    ]
+    write_node(node, [served('g1'), served('web', 'web server')] + ignored)
+    ends = {}
+    daemon = None
+    try:
+        daemon = Daemon(wd, ['--connect', 'test://' + node,
+                             '--rescan', '0.5'])
+        ends['g1'] = stand_ins['g1'].accept()
+        ends['web'] = stand_ins['web'].accept()
+        # Found by the same dumpxml: the others were ignored for good.
+        assert not stand_ins['h2g'].waiting(0)
+        assert not stand_ins['connect'].waiting(0)
+        assert_served(ends['g1'], 'g1')
+        assert_served(ends['web'], 'web server')
+        lines = daemon.lines()
+        for name in ('no-channel', 'h2g-only', 'connect-mode'):
+            assert 'negotiator: guest {0} has no {1} channel'.format(
+                name, PORT) in lines
+        assert 'negotiator: guest web server: connected to {0}'.format(
+            stand_ins['web'].path) in lines
+        # g1 stops, g3 starts.
+        write_node(node, [served('web', 'web server'), served('g3')] +
+                   ignored)
+        ends['g3'] = stand_ins['g3'].accept()
+        assert_served(ends['g3'], 'g3')
+        assert ends['g1'].read_to_eof() == b''
+        daemon.wait_log('guest g1: gone')
+        assert_served(ends['web'], 'web server')
+        assert not stand_ins['g1'].waiting(0)
+        assert not stand_ins['h2g'].waiting(0)
+        assert not stand_ins['connect'].waiting(0)
+        assert 'until virsh works' not in daemon.log()
+        daemon.stop()
+    finally:
+        if daemon is not None:
+            daemon.kill()
+        close_all(stand_ins, ends)
+        wd.cleanup()
+
+
+@needs_virsh
+def test_guest_with_non_ascii_name_found_through_virsh():
+    wd = Workdir()
+    write_commands(wd.commands)
+    node = wd.join('node.xml')
+    name = u'g\u00e4st'
+    stand_ins = {'g1': StandIn(wd.join('g1.sock')),
+                 'other': StandIn(wd.join('other.sock'))}
+    write_node(node, [domain_xml('g1', [('bind', stand_ins['g1'].path, PORT)]),
+                      domain_xml(name, [('bind', stand_ins['other'].path,
+                                         PORT)])])
+    ends = {}
+    daemon = None
+    try:
+        daemon = Daemon(wd, ['--connect', 'test://' + node,
+                             '--rescan', '0.5'])
+        wait_for(lambda: 'guest g1: found' in daemon.log() or
+                 'until virsh works' in daemon.log())
+        # BUG: the daemon runs virsh with LC_ALL=C, in which "virsh list"
+        # prints the name as g\xff\xffst; "dumpxml" of that name fails, and
+        # with it the description of every domain asked about in the same
+        # virsh call: no guest at all is served (here neither g1 nor the
+        # guest with the non-ASCII name), on every rescan.
+        assert 'until virsh works' not in daemon.log(), daemon.log()
+        ends['g1'] = stand_ins['g1'].accept()
+        assert_served(ends['g1'], 'g1')
+        ends['other'] = stand_ins['other'].accept()
+        call = ends['other'].execute('env', request_id=1)
+        assert call.out == name.encode('utf-8') + b'|env|' + b(VERSION)
+        assert call.reply == {'return': {'exitcode': 0}, 'id': 1}
+        daemon.stop()
+    finally:
+        if daemon is not None:
+            daemon.kill()
+        close_all(stand_ins, ends)
+        wd.cleanup()

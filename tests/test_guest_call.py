@@ -1,0 +1,809 @@
+# -*- coding: utf-8 -*-
+"""Calling the host from inside a guest: ``negotiator.py guest --call``.
+
+The guest side of the guest-to-host port is a character device; here a
+pseudo-terminal in raw mode stands in for it.  A bridge thread plays QEMU:
+it listens on a UNIX socket, accepts the host daemon's connection and
+copies bytes both ways between that connection and the pty's master.  The
+real host daemon (``host --daemon --guest g1=SOCKET``) answers.  One bridge
+and one daemon serve the whole module; callers open the pty's slave path
+with ``--device``.
+
+Like a real port, the pty keeps what the host sent until some caller reads
+it (the bridge holds a slave descriptor of its own, never read, so that the
+pty lives between callers): bytes meant for a caller that has gone wait for
+the next one.
+
+Must stay valid on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
+"""
+
+import base64
+import errno
+import fcntl
+import json
+import os
+import re
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+import tty
+
+import pytest
+
+import negotiator
+from helpers import (HANG, NEGOTIATOR, ROOT, Workdir, communicate,
+                     make_command, run_cli, wait_for)
+
+GUEST_NAME = 'g1'
+
+#: name -> script, in the host daemon's commands directory.
+SCRIPTS = {
+    # Its guest, name, arguments and standard input, then exit 3.
+    'hello': (
+        "#!/bin/sh\n"
+        "printf 'guest %s, command %s\\n' \"$NEGOTIATOR_GUEST\" "
+        "\"$NEGOTIATOR_COMMAND\"\n"
+        "for a in \"$@\"; do printf '[%s]\\n' \"$a\"; done\n"
+        "printf 'stdin: '\n"
+        "cat\n"
+        "printf 'hello on stderr\\n' >&2\n"
+        "exit 3\n"),
+    # Writes its pid to $1, sleeps, then would print.
+    'slow': (
+        "#!/bin/sh\n"
+        "echo $$ > \"$1\"\n"
+        "sleep 30\n"
+        "echo late\n"),
+    # Prints at once, then again (and exits 0) once the file $1 exists.
+    'early-late': (
+        "#!/bin/sh\n"
+        "echo early\n"
+        "i=0\n"
+        "while [ ! -e \"$1\" ] && [ $i -lt 300 ]; do\n"
+        "    sleep 0.1; i=$((i + 1))\n"
+        "done\n"
+        "echo late\n"),
+}
+USER_COMMANDS = sorted(SCRIPTS)
+
+
+def hello_output(args, stdin=b''):
+    """What ``hello ARGS`` prints on stdout, given its standard input."""
+    out = b'guest g1, command hello\n'
+    for arg in args:
+        if not isinstance(arg, bytes):
+            arg = arg.encode('utf-8')
+        out += b'[' + arg + b']\n'
+    return out + b'stdin: ' + stdin
+
+
+HELLO_ERR = b'hello on stderr\n'
+
+
+def b(text):
+    return text.encode('utf-8')
+
+
+# ---------------------------------------------------------------------------
+# The stand-in port: a pty, bridged to a UNIX socket as QEMU does
+# ---------------------------------------------------------------------------
+
+class Bridge(object):
+    """Plays QEMU for one guest-to-host port.
+
+    ``device`` is the guest's side (a raw pty slave); ``socket_path`` the
+    host's (one client at a time, as QEMU's chardev socket).  Everything the
+    host sent is kept in ``from_host``, everything the guest sent in
+    ``from_guest``.
+    """
+
+    def __init__(self, socket_path):
+        self.socket_path = socket_path
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        self.device = os.ttyname(self.slave)
+        flags = fcntl.fcntl(self.master, fcntl.F_GETFL)
+        fcntl.fcntl(self.master, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(socket_path)
+        self.listener.listen(1)
+        self.conn = None
+        self.from_host = b''
+        self.from_guest = b''
+        self._for_guest = b''
+        self._for_host = b''
+        self._lock = threading.Lock()
+        self._stop_read, self._stop_write = os.pipe()
+        self.failure = None
+        self.thread = threading.Thread(target=self._run)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def transcript(self):
+        """``(from_host, from_guest)`` so far."""
+        with self._lock:
+            return self.from_host, self.from_guest
+
+    def waiting_in_port(self):
+        """Bytes the host sent that no caller has read yet."""
+        value = fcntl.ioctl(self.slave, termios.FIONREAD, struct.pack('i', 0))
+        return struct.unpack('i', value)[0]
+
+    def _run(self):
+        try:
+            while self._turn():
+                pass
+        except Exception as e:  # reported by stop()
+            self.failure = repr(e)
+
+    def _turn(self):
+        readers = [self._stop_read, self.listener]
+        writers = []
+        if self.conn is not None:
+            # With no host connected, what the guest writes waits in the pty.
+            readers += [self.conn, self.master]
+            if self._for_host:
+                writers.append(self.conn)
+        if self._for_guest:
+            writers.append(self.master)
+        readable, writable, _ = select.select(readers, writers, [])
+        if self._stop_read in readable:
+            return False
+        if self.listener in readable:
+            conn, _ = self.listener.accept()
+            if self.conn is None:
+                conn.setblocking(False)
+                self.conn = conn
+            else:
+                conn.close()
+        if self.conn is not None and self.conn in readable:
+            data = self.conn.recv(65536)
+            if data:
+                with self._lock:
+                    self.from_host += data
+                self._for_guest += data
+            else:
+                self.conn.close()
+                self.conn = None
+                self._for_host = b''
+        if self.master in readable:
+            data = read_some(self.master)
+            with self._lock:
+                self.from_guest += data
+            self._for_host += data
+        if self.master in writable:
+            self._for_guest = self._for_guest[write_some(
+                self.master, self._for_guest):]
+        if self.conn is not None and self.conn in writable:
+            try:
+                sent = self.conn.send(self._for_host)
+            except socket.error as e:
+                if e.args[0] not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise
+                sent = 0
+            self._for_host = self._for_host[sent:]
+        return True
+
+    def stop(self):
+        os.write(self._stop_write, b'x')
+        self.thread.join(HANG)
+        assert not self.thread.is_alive(), 'the bridge thread hangs'
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+        for fd in (self._stop_read, self._stop_write, self.slave,
+                   self.master):
+            os.close(fd)
+        assert self.failure is None, self.failure
+
+
+def read_some(fd):
+    try:
+        return os.read(fd, 65536)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return b''
+        raise
+
+
+def write_some(fd, data):
+    try:
+        return os.write(fd, data)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return 0
+        raise
+
+
+class Port(object):
+    """The bridged port and the host daemon that serves it."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.commands = workdir.commands
+        self.bridge = Bridge(workdir.join('g2h.sock'))
+        self.device = self.bridge.device
+        self.lock_path = negotiator.lock_path_for(self.device)
+        self.log_path = workdir.join('daemon.log')
+        self.log_file = open(self.log_path, 'wb')
+        self.daemon = subprocess.Popen(
+            [sys.executable, NEGOTIATOR, 'host', '--daemon', '-v',
+             '--commands-dir', self.commands, '--guest',
+             GUEST_NAME + '=' + self.bridge.socket_path],
+            stdin=open(os.devnull), stdout=self.log_file,
+            stderr=subprocess.STDOUT, close_fds=True)
+        wait_for(lambda: self.daemon.poll() is not None or
+                 'guest g1: connected to' in self.log())
+        if self.daemon.poll() is not None:
+            raise AssertionError('host daemon did not start:\n' + self.log())
+
+    def log(self):
+        with open(self.log_path, 'rb') as handle:
+            return handle.read().decode('utf-8', 'replace')
+
+    def stop(self):
+        """SIGTERM the daemon (must exit 0, no traceback), stop the bridge."""
+        try:
+            if self.daemon.poll() is None:
+                self.daemon.send_signal(signal.SIGTERM)
+                try:
+                    wait_for(lambda: self.daemon.poll() is not None)
+                except AssertionError:
+                    self.daemon.kill()
+                    self.daemon.wait()
+                    raise
+            self.log_file.close()
+            text = self.log()
+            assert 'Traceback' not in text, text
+            assert 'internal error' not in text, text
+            assert self.daemon.returncode == 0, (self.daemon.returncode, text)
+        finally:
+            # While the pty is open no other test run can have its number,
+            # so the lock file named after it is ours to remove.
+            remove_quietly(self.lock_path)
+            self.bridge.stop()
+
+
+def remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+@pytest.fixture(scope='module')
+def port():
+    wd = Workdir()
+    for name, script in SCRIPTS.items():
+        make_command(wd.commands, name, script)
+    make_command(wd.commands, 'not-executable', '#!/bin/sh\nexit 0\n',
+                 mode=0o644)
+    try:
+        the_port = Port(wd)
+    except Exception:
+        wd.cleanup()
+        raise
+    try:
+        yield the_port
+    finally:
+        try:
+            the_port.stop()
+        finally:
+            wd.cleanup()
+
+
+@pytest.fixture
+def workdir():
+    wd = Workdir()
+    yield wd
+    wd.cleanup()
+
+
+#: Callers a test started in the background, killed if it left them running.
+STARTED = []
+
+
+@pytest.fixture(autouse=True)
+def kill_leftover_callers():
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def guest_argv(port, args, options=()):
+    """``guest --device PORT OPTIONS --call ARGS`` (``--call`` only when
+    ARGS are given)."""
+    argv = ['guest', '--device', port.device] + list(options)
+    if args:
+        argv += ['--call'] + list(args)
+    return argv
+
+
+def call(port, args, options=(), stdin=b''):
+    """Run a caller to the end; checks that no traceback reached stderr."""
+    status, out, err = run_cli(guest_argv(port, args, options), stdin=stdin)
+    assert b'Traceback' not in err, err.decode('utf-8', 'replace')
+    return status, out, err
+
+
+def start(port, args, options=(), stdin=subprocess.PIPE, **kwargs):
+    """A caller in the background."""
+    process = subprocess.Popen(
+        [sys.executable, NEGOTIATOR] + guest_argv(port, args, options),
+        stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        close_fds=True, **kwargs)
+    STARTED.append(process)
+    return process
+
+
+def finish(process, stdin=b''):
+    """Wait for a background caller; ``(status, out, err)``."""
+    if process.stdin is None:
+        stdin = None
+    out, err = communicate(process, stdin, time.time() + HANG)
+    assert b'Traceback' not in err, err.decode('utf-8', 'replace')
+    return process.returncode, out, err
+
+
+def read_pid(path):
+    wait_for(lambda: os.path.exists(path) and
+             open(path).read().endswith('\n'))
+    return int(open(path).read())
+
+
+def gone(pid):
+    """Whether ``pid`` has exited (reaped, or a zombie)."""
+    try:
+        with open('/proc/{0}/stat'.format(pid)) as handle:
+            return handle.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except (IOError, OSError):
+        return True
+
+
+def holds_open(pid, path):
+    """Whether process ``pid`` has ``path`` open."""
+    fd_dir = '/proc/{0}/fd'.format(pid)
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(os.path.join(fd_dir, name)) == path:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+# ---------------------------------------------------------------------------
+# 1. Calls: output, exit status, standard input, errors, --json, --list, --ping
+# ---------------------------------------------------------------------------
+
+def test_call_runs_the_host_command_with_its_arguments_and_stdin(port):
+    stdin = b'some input \xff\x00 with 0xFF and NUL\n'
+    args = ['hello', 'a', 'b c', '', '-t', '5', b'\xff\xfe\xc3\xa9']
+    status, out, err = call(port, args, stdin=stdin)
+    assert (status, out, err) == (3, hello_output(args[1:], stdin), HELLO_ERR)
+
+
+def test_empty_stdin_is_forwarded_as_nothing(port):
+    assert call(port, ['hello']) == (3, hello_output([]), HELLO_ERR)
+
+
+def test_no_stdin_option_forwards_nothing(port):
+    for option in ('-n', '--no-stdin'):
+        status, out, err = call(port, ['hello', 'x'], options=[option],
+                                stdin=b'must not arrive')
+        assert (status, out, err) == (3, hello_output(['x']), HELLO_ERR)
+
+
+def test_stdin_from_a_terminal_only_with_the_stdin_option(port):
+    for options, expected in (([], b''), (['--stdin'], b'typed\n')):
+        master, slave = os.openpty()
+        try:
+            # A line, then end of file (Ctrl-D), as typed in cooked mode.
+            os.write(master, b'typed\n\x04')
+            process = start(port, ['hello'], options, stdin=slave)
+            os.close(slave)
+            slave = None
+            status, out, err = finish(process)
+        finally:
+            if slave is not None:
+                os.close(slave)
+            os.close(master)
+        assert (status, out, err) == (3, hello_output([], expected),
+                                      HELLO_ERR), options
+
+
+def test_missing_command_is_127(port):
+    status, out, err = call(port, ['no-such-command', 'x'])
+    assert (status, out) == (127, b'')
+    assert err == b(
+        "negotiator: Command 'no-such-command' not found in {0}; available: "
+        "{1}\n".format(port.commands, ', '.join(USER_COMMANDS)))
+
+
+def test_not_executable_command_is_126(port):
+    status, out, err = call(port, ['not-executable'])
+    assert (status, out) == (126, b'')
+    assert err == b(
+        "negotiator: Command 'not-executable' is not executable: {0} is not "
+        "a regular file with execute permission (chmod +x it)\n".format(
+            os.path.join(port.commands, 'not-executable')))
+
+
+def test_json_result(port):
+    stdin = b'in \xff'
+    status, out, err = call(port, ['hello', 'a b'], options=['--json'],
+                            stdin=stdin)
+    stdout = hello_output(['a b'], stdin)
+    expected = {
+        'command': ['hello', 'a b'], 'exitcode': 3, 'signal': None,
+        'timed-out': False, 'status': 3,
+        'stdout': stdout.decode('utf-8', 'replace'),
+        'stderr': HELLO_ERR.decode('utf-8'),
+        'out-data': base64.b64encode(stdout).decode('ascii'),
+        'err-data': base64.b64encode(HELLO_ERR).decode('ascii')}
+    assert (status, err) == (3, b'')
+    assert out == b(json.dumps(expected, sort_keys=True) + '\n')
+
+
+def test_json_error(port):
+    status, out, err = call(port, ['not-executable'], options=['--json'])
+    desc = ("Command 'not-executable' is not executable: {0} is not a regular "
+            "file with execute permission (chmod +x it)".format(
+                os.path.join(port.commands, 'not-executable')))
+    assert status == 126
+    assert json.loads(out.decode('utf-8')) == {
+        'error': {'class': 'NegotiatorCommandNotExecutable', 'desc': desc},
+        'status': 126}
+    assert out.count(b'\n') == 1 and out.endswith(b'\n')
+    assert err == b('negotiator: ' + desc + '\n')
+
+
+def test_list_shows_the_host_commands_without_builtins(port):
+    status, out, err = call(port, [], options=['--list'])
+    assert (status, err) == (0, b'')
+    assert out == b(''.join(name + '\n' for name in USER_COMMANDS))
+
+
+def test_list_json(port):
+    status, out, err = call(port, [], options=['--list', '--json'])
+    assert (status, err) == (0, b'')
+    assert json.loads(out.decode('utf-8')) == {'commands': [
+        {'name': name, 'kind': 'user'} for name in USER_COMMANDS]}
+
+
+def test_ping(port):
+    status, out, err = call(port, [], options=['--ping'])
+    assert (status, err) == (0, b'')
+    pattern = (re.escape(port.device) + r': agent ' +
+               re.escape(negotiator.__version__) +
+               r', round trip [0-9]+\.[0-9]{2} ms\n\Z')
+    assert re.match(pattern, out.decode('ascii')), out
+    assert negotiator.__version__ == '1.0.0'
+
+
+def test_ping_json(port):
+    status, out, err = call(port, [], options=['--ping', '--json'])
+    assert (status, err) == (0, b'')
+    result = json.loads(out.decode('utf-8'))
+    assert sorted(result) == ['connect-ms', 'round-trip-ms', 'version']
+    assert result['version'] == negotiator.__version__
+    assert 0 <= result['round-trip-ms'] < HANG * 1000
+    assert 0 <= result['connect-ms'] < HANG * 1000
+
+
+# ---------------------------------------------------------------------------
+# 2. Timeouts and stale data: what one caller left never reaches the next
+# ---------------------------------------------------------------------------
+
+def test_timeout_kills_the_host_command_and_the_next_caller_is_unaffected(
+        port, workdir):
+    pid_file = workdir.join('slow.pid')
+    started = time.time()
+    status, out, err = call(port, ['slow', pid_file], options=['-t', '1'])
+    elapsed = time.time() - started
+    assert (status, out) == (124, b'')
+    assert err == (b"negotiator: 'slow' timed out after 1 s and was killed "
+                   b"on the host\n")
+    assert elapsed < 20, elapsed
+    pid = read_pid(pid_file)
+    # It would sleep 30 s: gone within 10 s, it was killed.
+    wait_for(lambda: gone(pid), timeout=10)
+    status, out, err = call(port, ['hello', 'next'], stdin=b'mine')
+    assert (status, out, err) == (3, hello_output(['next'], b'mine'),
+                                  HELLO_ERR)
+    assert port.bridge.waiting_in_port() == 0
+
+
+def test_reply_left_in_the_port_by_a_killed_caller_is_skipped(port, workdir):
+    go = workdir.join('go')
+    first = start(port, ['early-late', go], options=['-n', '-t', '60'],
+                  stdin=open(os.devnull))
+    assert first.stdout.readline() == b'early\n'
+    first.kill()  # no chance to say it leaves: its command runs on
+    first.wait()
+    first.stdout.close()
+    first.stderr.close()
+    before, _ = port.bridge.transcript()
+    open(go, 'w').close()
+    reply = b'"return":{"exitcode":0}'
+    wait_for(lambda: reply in port.bridge.transcript()[0][len(before):])
+    stale = port.bridge.transcript()[0][len(before):]
+    assert base64.b64encode(b'late\n') in stale
+    # The late output and the reply wait in the port for the next caller.
+    wait_for(lambda: port.bridge.waiting_in_port() == len(stale))
+    status, out, err = call(port, ['hello', 'second'], stdin=b'its own')
+    assert (status, out, err) == (3, hello_output(['second'], b'its own'),
+                                  HELLO_ERR)
+    assert port.bridge.waiting_in_port() == 0
+
+
+def test_timeout_waiting_for_the_lock(port):
+    lock = os.open(port.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = port.bridge.transcript()
+        status, out, err = call(port, ['hello'], options=['-t', '1'])
+        assert (status, out) == (124, b'')
+        assert err == b('negotiator: timed out waiting for other callers of '
+                        'this port (lock {0})\n'.format(port.lock_path))
+        # It never touched the port.
+        assert port.bridge.transcript() == before
+    finally:
+        os.close(lock)
+
+
+def test_caller_waits_for_the_lock_then_calls(port):
+    lock = os.open(port.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = port.bridge.transcript()
+        process = start(port, ['hello', 'queued'], options=['-t', '60'])
+        wait_for(lambda: holds_open(process.pid, port.lock_path))
+        time.sleep(0.5)
+        assert process.poll() is None
+        assert port.bridge.transcript() == before
+    finally:
+        os.close(lock)
+    assert finish(process, b'later') == (
+        3, hello_output(['queued'], b'later'), HELLO_ERR)
+
+
+# ---------------------------------------------------------------------------
+# 3. Callers at once take turns
+# ---------------------------------------------------------------------------
+
+def test_callers_at_once_each_get_their_own_answer(port, workdir):
+    # Each caller reads its standard input once its turn has come: all of
+    # it is there from the start (a file), whichever turn that is.
+    processes = []
+    for i in range(8):
+        path = workdir.join('stdin{0}'.format(i))
+        with open(path, 'wb') as handle:
+            handle.write(b('input of {0}'.format(i)))
+        with open(path, 'rb') as stdin:
+            processes.append(start(
+                port, ['hello', 'caller {0}'.format(i), str(i)],
+                options=['-t', '60'], stdin=stdin))
+    results = [finish(process) for process in processes]
+    assert results == [
+        (3, hello_output(['caller {0}'.format(i), str(i)],
+                         b('input of {0}'.format(i))), HELLO_ERR)
+        for i in range(8)]
+    assert port.bridge.waiting_in_port() == 0
+
+
+# ---------------------------------------------------------------------------
+# 4. No host daemon, no port
+# ---------------------------------------------------------------------------
+
+#: A caller whose port hangs up as soon as it is open, as a virtio-serial
+#: port does when no host daemon is connected.  A pty cannot be opened once
+#: its master is closed, so the master closes right after the open.
+HUNG_UP_CALLER = r'''
+import os, sys, tty
+sys.path.insert(0, sys.argv[1])
+import negotiator
+master, slave = os.openpty()
+tty.setraw(slave)
+device = os.ttyname(slave)
+os.close(slave)
+with open(sys.argv[2], 'w') as handle:
+    handle.write(device)
+real_open_port = negotiator.open_port
+
+def open_port(path, deadline):
+    fd = real_open_port(path, deadline)
+    # Still ours while the pty lives: remove the lock file it left.
+    os.remove(negotiator.lock_path_for(path))
+    os.close(master)
+    return fd
+
+negotiator.open_port = open_port
+sys.exit(negotiator.main(['guest', '--device', device, '-t', '20', '--call',
+                          'hello', 'x']))
+'''
+
+
+def test_no_host_daemon_connected_fails_at_once(workdir):
+    device_file = workdir.join('device')
+    started = time.time()
+    process = subprocess.Popen(
+        [sys.executable, '-c', HUNG_UP_CALLER, ROOT, device_file],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, close_fds=True)
+    STARTED.append(process)
+    status, out, err = finish(process)
+    elapsed = time.time() - started
+    device = open(device_file).read()
+    assert (status, out) == (255, b'')
+    assert err == b('negotiator: no host daemon is connected to {0}: is '
+                    '"negotiator.py host --daemon" running on the host?\n'
+                    .format(device))
+    assert elapsed < 10, elapsed  # the timeout is 20 s
+
+
+def test_nobody_answering_on_the_port(workdir):
+    """The port is open but nothing answers (a daemon stopped dead)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    device = os.ttyname(slave)
+    lock_path = negotiator.lock_path_for(device)
+    try:
+        status, out, err = run_cli(['guest', '--device', device, '-t', '1',
+                                    '--call', 'hello'])
+        sent = read_some_now(master)
+    finally:
+        remove_quietly(lock_path)
+        os.close(slave)
+        os.close(master)
+    assert (status, out) == (255, b'')
+    assert err == b('negotiator: the host daemon did not answer on {0} '
+                    'within 1 s\n'.format(device))
+    assert sent.startswith(b'\xff{"execute":"guest-sync-delimited",')
+    assert sent.count(b'\n') == 1 and sent.endswith(b'\n')
+
+
+def read_some_now(fd):
+    data = b''
+    while select.select([fd], [], [], 0)[0]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_missing_device(workdir):
+    device = workdir.join('no-such-port')
+    lock_path = negotiator.lock_path_for(device)
+    try:
+        status, out, err = run_cli(['guest', '--device', device, '--call',
+                                    'hello'])
+    finally:
+        remove_quietly(lock_path)
+    assert (status, out) == (255, b'')
+    assert err == b('negotiator: cannot open port {0}: No such file or '
+                    'directory\n'.format(device))
+
+
+def test_no_port_found_without_device():
+    if negotiator.find_port((negotiator.GUEST_TO_HOST_PORT,),
+                            fallback=None) is not None:
+        pytest.skip('this machine has a negotiator-guest-to-host.0 port')
+    for args in (['--call', 'hello'], ['--list'], ['--ping']):
+        status, out, err = run_cli(['guest'] + args)
+        assert (status, out) == (255, b''), args
+        assert err == (
+            b"negotiator: no virtio-serial port named "
+            b"negotiator-guest-to-host.0 found: add the channel to the "
+            b"guest's definition (and load virtio_console), or give "
+            b"--device\n"), args
+
+
+def test_busy_port_is_waited_for(workdir, monkeypatch):
+    """A port another process holds open fails with EBUSY: wait it out."""
+    device = workdir.join('port')
+    open(device, 'w').close()
+    real_open = os.open
+    attempts = []
+
+    def busy(path, flags, *mode, **kwargs):
+        if path == device:
+            attempts.append(path)
+            if len(attempts) <= 2 or always_busy:
+                raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), path)
+        return real_open(path, flags, *mode, **kwargs)
+
+    monkeypatch.setattr(os, 'open', busy)
+    monkeypatch.setattr(negotiator, 'LOCK_RETRY', 0.01)
+    always_busy = False
+    fd = negotiator.open_port(device, negotiator.monotonic() + HANG)
+    try:
+        assert len(attempts) == 3
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        os.close(fd)
+    always_busy = True
+    with pytest.raises(negotiator.CallTimeout) as raised:
+        negotiator.open_port(device, negotiator.monotonic() + 0.2)
+    assert str(raised.value) == (
+        'timed out: port {0} stayed busy (another process has it open: find '
+        'it with fuser -v {0})'.format(device))
+    assert raised.value.status == 124
+
+
+# ---------------------------------------------------------------------------
+# 5. Usage errors
+# ---------------------------------------------------------------------------
+
+GUEST_USAGE = (b'Usage: negotiator.py guest [OPTIONS]\n'
+               b'       negotiator.py guest --call [OPTIONS] COMMAND [ARG...]\n'
+               b'       negotiator.py guest --list | --ping\n\n')
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--call'], 'COMMAND is missing after --call'),
+    (['foo'], 'unexpected arguments: foo (to run a command on the host: '
+              '--call COMMAND)'),
+    (['--device', '/nonexistent', 'foo', 'bar'],
+     'unexpected arguments: foo bar (to run a command on the host: '
+     '--call COMMAND)'),
+    (['--call', '-t', 'x', 'cmd'],
+     "option -t: invalid floating-point value: 'x'"),
+    (['--call', '-t', '-1', 'cmd'],
+     '--timeout must be 0 (never) or a number of seconds'),
+], ids=['no-command', 'no-call', 'no-call-two', 'bad-timeout',
+        'negative-timeout'])
+def test_usage_errors(args, message):
+    status, out, err = run_cli(['guest'] + args)
+    assert (status, out) == (2, b'')
+    assert err == GUEST_USAGE + b('negotiator.py: error: ' + message + '\n')
+
+
+# ---------------------------------------------------------------------------
+# 6. SIGTERM
+# ---------------------------------------------------------------------------
+
+def test_sigterm_kills_the_host_command(port, workdir):
+    pid_file = workdir.join('slow.pid')
+    process = start(port, ['slow', pid_file], options=['-n', '-t', '0'])
+    pid = read_pid(pid_file)
+    _, sent_before = port.bridge.transcript()
+    process.send_signal(signal.SIGTERM)
+    assert finish(process) == (130, b'', b'')
+    # The caller said it left (0xFF), so the host killed its command.
+    wait_for(lambda: port.bridge.transcript()[1][len(sent_before):] ==
+             b'\xff')
+    wait_for(lambda: gone(pid), timeout=10)
+    wait_for(lambda: 'guest g1: 0xFF received: dropping 0 waiting '
+             'request(s) and the running command' in port.log())
+    status, out, err = call(port, ['hello', 'after'], stdin=b'x')
+    assert (status, out, err) == (3, hello_output(['after'], b'x'),
+                                  HELLO_ERR)
+
+
+def test_sigterm_while_waiting_for_the_lock(port):
+    lock = os.open(port.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = port.bridge.transcript()
+        process = start(port, ['hello'], options=['-t', '60'])
+        wait_for(lambda: holds_open(process.pid, port.lock_path))
+        process.send_signal(signal.SIGTERM)
+        assert finish(process) == (130, b'', b'')
+        assert port.bridge.transcript() == before
+    finally:
+        os.close(lock)
