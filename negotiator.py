@@ -2019,7 +2019,7 @@ class Client(object):
                 continue
             if not data:
                 raise ConnectError(
-                    '{0}: the connection closed before the agent '
+                    '{0}: the connection closed before the other side '
                     'answered'.format(self.name))
             self._lines.extend(self.reader.feed(data))
         return self._lines.pop(0)
@@ -2247,21 +2247,36 @@ def run_host(options, target, command):
     """
     timeout = options.timeout or None
     started = monotonic()
+    stdin_data = read_input(options, started)
     socket_path = resolve_guest(target, options.connect, options.channel_dir)
     sock, client = open_client(socket_path, timeout)
     try:
-        return run_call(client, command, options, started, 'in the guest')
+        return run_call(client, command, options, started, 'in the guest',
+                        stdin_data)
     finally:
         sock.close()
 
 
-def run_call(client, command, options, started, where):
+def read_input(options, started):
+    """The standard input a command call forwards, read before the call
+    takes its turn on the port: a slow writer must not hold up others."""
+    if options.ping or options.list or options.no_stdin:
+        return b''
+    if options.stdin or not os.isatty(0):
+        deadline = None
+        if options.timeout:
+            deadline = started + options.timeout
+        return read_stdin(deadline)
+    return b''
+
+
+def run_call(client, command, options, started, where, stdin_data):
     """--ping, --list or a command, through a synchronised client."""
     if options.ping:
         return show_ping(client, started, options.json)
     if options.list:
         return show_commands(client, options.json)
-    return run_remote(client, command, options, where)
+    return run_remote(client, command, options, where, stdin_data)
 
 
 def show_ping(client, started, as_json):
@@ -2296,15 +2311,13 @@ def show_commands(client, as_json):
     return 0
 
 
-def run_remote(client, command, options, where):
+def run_remote(client, command, options, where, stdin_data):
     """Run ``command`` on the other side; returns its exit status."""
     timeout = options.timeout
     arguments = {'command': wire_text(command[0]),
                  'args': [wire_text(arg) for arg in command[1:]]}
-    if options.stdin or (not options.no_stdin and not os.isatty(0)):
-        data = read_stdin(client.deadline)
-        if data:
-            arguments['input-data'] = encode_bytes(data)
+    if stdin_data:
+        arguments['input-data'] = encode_bytes(stdin_data)
     if client.deadline is not None:
         arguments['timeout'] = max(0.001, client.deadline - monotonic())
         # The agent kills the command at the deadline and says so: allow
@@ -2967,6 +2980,7 @@ def run_guest_call(options, command):
     deadline = None
     if timeout:
         deadline = started + timeout
+    stdin_data = read_input(options, started)
     device = options.device or find_port((GUEST_TO_HOST_PORT,),
                                          fallback=None)
     if device is None:
@@ -2990,7 +3004,8 @@ def run_guest_call(options, command):
                 raise ConnectError(
                     'the host daemon did not answer on {0} within {1:g} s'
                     .format(device, timeout))
-            result = run_call(client, command, options, started, 'on the host')
+            result = run_call(client, command, options, started,
+                              'on the host', stdin_data)
         except (CallTimeout, KeyboardInterrupt):
             abandon_call(fd)
             raise

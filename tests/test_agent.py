@@ -61,6 +61,9 @@ class PortAgent(GuestProcess):
     def __init__(self, workdir, device, name='agent'):
         GuestProcess.__init__(self, workdir, ['-v', '--device', device], name)
         STARTED.append(self.process)
+        # The lock file outlives the agent, named after the device (a pty
+        # here): removed after the test, not to pile up in /run/lock.
+        LOCKS.append(negotiator.lock_path_for(device))
 
 
 def serve_pty(workdir):
@@ -74,6 +77,8 @@ def serve_pty(workdir):
 
 #: Agents started by the current test, killed if the test left them running.
 STARTED = []
+#: Their lock files.
+LOCKS = []
 
 
 @pytest.fixture
@@ -85,6 +90,11 @@ def workdir():
         if process.poll() is None:
             process.kill()
             process.wait()
+    while LOCKS:
+        try:
+            os.unlink(LOCKS.pop())
+        except OSError:
+            pass
     workdir.cleanup()
 
 

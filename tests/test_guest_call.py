@@ -75,7 +75,7 @@ USER_COMMANDS = sorted(SCRIPTS)
 
 def hello_output(args, stdin=b''):
     """What ``hello ARGS`` prints on stdout, given its standard input."""
-    out = b'guest g1, command hello\n'
+    out = b('guest {0}, command hello\n'.format(GUEST_NAME))
     for arg in args:
         if not isinstance(arg, bytes):
             arg = arg.encode('utf-8')
@@ -100,7 +100,8 @@ class Bridge(object):
     ``device`` is the guest's side (a raw pty slave); ``socket_path`` the
     host's (one client at a time, as QEMU's chardev socket).  Everything the
     host sent is kept in ``from_host``, everything the guest sent in
-    ``from_guest``.
+    ``from_guest``.  hold_after() makes what the host sends wait in the
+    bridge, as a slow host would, until release().
     """
 
     def __init__(self, socket_path):
@@ -118,8 +119,11 @@ class Bridge(object):
         self.from_guest = b''
         self._for_guest = b''
         self._for_host = b''
+        self._held = b''
+        self._holding = False
+        self._hold_marker = None
         self._lock = threading.Lock()
-        self._stop_read, self._stop_write = os.pipe()
+        self._control_read, self._control_write = os.pipe()
         self.failure = None
         self.thread = threading.Thread(target=self._run)
         self.thread.daemon = True
@@ -135,6 +139,19 @@ class Bridge(object):
         value = fcntl.ioctl(self.slave, termios.FIONREAD, struct.pack('i', 0))
         return struct.unpack('i', value)[0]
 
+    def hold_after(self, marker):
+        """Hold what the host sends once the guest has sent ``marker``."""
+        with self._lock:
+            self._hold_marker = (marker, len(self.from_guest))
+
+    def held(self):
+        with self._lock:
+            return self._held
+
+    def release(self):
+        """Pass on what was held, and stop holding."""
+        os.write(self._control_write, b'r')
+
     def _run(self):
         try:
             while self._turn():
@@ -143,7 +160,7 @@ class Bridge(object):
             self.failure = repr(e)
 
     def _turn(self):
-        readers = [self._stop_read, self.listener]
+        readers = [self._control_read, self.listener]
         writers = []
         if self.conn is not None:
             # With no host connected, what the guest writes waits in the pty.
@@ -153,8 +170,15 @@ class Bridge(object):
         if self._for_guest:
             writers.append(self.master)
         readable, writable, _ = select.select(readers, writers, [])
-        if self._stop_read in readable:
-            return False
+        if self._control_read in readable:
+            for command in bytearray(os.read(self._control_read, 64)):
+                if command == ord('x'):
+                    return False
+                with self._lock:
+                    self._for_guest += self._held
+                    self._held = b''
+                    self._holding = False
+                    self._hold_marker = None
         if self.listener in readable:
             conn, _ = self.listener.accept()
             if self.conn is None:
@@ -167,7 +191,10 @@ class Bridge(object):
             if data:
                 with self._lock:
                     self.from_host += data
-                self._for_guest += data
+                    if self._holding:
+                        self._held += data
+                    else:
+                        self._for_guest += data
             else:
                 self.conn.close()
                 self.conn = None
@@ -176,6 +203,11 @@ class Bridge(object):
             data = read_some(self.master)
             with self._lock:
                 self.from_guest += data
+                if self._hold_marker is not None:
+                    marker, offset = self._hold_marker
+                    if marker in self.from_guest[offset:]:
+                        self._holding = True
+                        self._hold_marker = None
             self._for_host += data
         if self.master in writable:
             self._for_guest = self._for_guest[write_some(
@@ -191,13 +223,13 @@ class Bridge(object):
         return True
 
     def stop(self):
-        os.write(self._stop_write, b'x')
+        os.write(self._control_write, b'x')
         self.thread.join(HANG)
         assert not self.thread.is_alive(), 'the bridge thread hangs'
         if self.conn is not None:
             self.conn.close()
         self.listener.close()
-        for fd in (self._stop_read, self._stop_write, self.slave,
+        for fd in (self._control_read, self._control_write, self.slave,
                    self.master):
             os.close(fd)
         assert self.failure is None, self.failure
@@ -232,15 +264,22 @@ class Port(object):
         self.lock_path = negotiator.lock_path_for(self.device)
         self.log_path = workdir.join('daemon.log')
         self.log_file = open(self.log_path, 'wb')
-        self.daemon = subprocess.Popen(
-            [sys.executable, NEGOTIATOR, 'host', '--daemon', '-v',
-             '--commands-dir', self.commands, '--guest',
-             GUEST_NAME + '=' + self.bridge.socket_path],
-            stdin=open(os.devnull), stdout=self.log_file,
-            stderr=subprocess.STDOUT, close_fds=True)
+        try:
+            with open(os.devnull, 'rb') as devnull:
+                self.daemon = subprocess.Popen(
+                    [sys.executable, NEGOTIATOR, 'host', '--daemon', '-v',
+                     '--commands-dir', self.commands, '--guest',
+                     GUEST_NAME + '=' + self.bridge.socket_path],
+                    stdin=devnull, stdout=self.log_file,
+                    stderr=subprocess.STDOUT, close_fds=True)
+        except Exception:
+            self.log_file.close()
+            self.bridge.stop()
+            raise
         wait_for(lambda: self.daemon.poll() is not None or
-                 'guest g1: connected to' in self.log())
+                 'guest {0}: connected to'.format(GUEST_NAME) in self.log())
         if self.daemon.poll() is not None:
+            self.stop()
             raise AssertionError('host daemon did not start:\n' + self.log())
 
     def log(self):
@@ -335,12 +374,25 @@ def call(port, args, options=(), stdin=b''):
     return status, out, err
 
 
-def start(port, args, options=(), stdin=subprocess.PIPE, **kwargs):
+def start(port, args, options=(), stdin=subprocess.PIPE):
     """A caller in the background."""
+    return spawn(guest_argv(port, args, options), stdin)
+
+
+#: Runs Python with SIGINT at its default, even when the tests run as a
+#: background job (which a shell starts with SIGINT ignored, and an ignored
+#: signal stays ignored across exec).
+SIGINT_DEFAULT = (
+    'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
+    'os.execv(sys.executable, [sys.executable] + sys.argv[1:])')
+
+
+def spawn(argv, stdin=subprocess.PIPE):
+    """``negotiator.py ARGV`` in the background."""
     process = subprocess.Popen(
-        [sys.executable, NEGOTIATOR] + guest_argv(port, args, options),
+        [sys.executable, '-c', SIGINT_DEFAULT, NEGOTIATOR] + list(argv),
         stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        close_fds=True, **kwargs)
+        close_fds=True)
     STARTED.append(process)
     return process
 
@@ -354,10 +406,19 @@ def finish(process, stdin=b''):
     return process.returncode, out, err
 
 
+def read_text(path):
+    """The file's text, '' while it does not exist."""
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except (IOError, OSError):
+        return ''
+
+
 def read_pid(path):
-    wait_for(lambda: os.path.exists(path) and
-             open(path).read().endswith('\n'))
-    return int(open(path).read())
+    """The pid a command wrote to ``path`` (waits for it)."""
+    wait_for(lambda: read_text(path).endswith('\n'))
+    return int(read_text(path))
 
 
 def gone(pid):
@@ -401,10 +462,9 @@ def test_empty_stdin_is_forwarded_as_nothing(port):
 
 
 def test_no_stdin_option_forwards_nothing(port):
-    for option in ('-n', '--no-stdin'):
-        status, out, err = call(port, ['hello', 'x'], options=[option],
-                                stdin=b'must not arrive')
-        assert (status, out, err) == (3, hello_output(['x']), HELLO_ERR)
+    status, out, err = call(port, ['hello', 'x'], options=['-n'],
+                            stdin=b'must not arrive')
+    assert (status, out, err) == (3, hello_output(['x']), HELLO_ERR)
 
 
 def test_stdin_from_a_terminal_only_with_the_stdin_option(port):
@@ -529,9 +589,10 @@ def test_timeout_kills_the_host_command_and_the_next_caller_is_unaffected(
 
 def test_reply_left_in_the_port_by_a_killed_caller_is_skipped(port, workdir):
     go = workdir.join('go')
-    first = start(port, ['early-late', go], options=['-n', '-t', '60'],
-                  stdin=open(os.devnull))
-    assert first.stdout.readline() == b'early\n'
+    with open(os.devnull, 'rb') as devnull:
+        first = start(port, ['early-late', go], options=['-n', '-t', '60'],
+                      stdin=devnull)
+    assert read_line(first.stdout.fileno()) == b'early'
     first.kill()  # no chance to say it leaves: its command runs on
     first.wait()
     first.stdout.close()
@@ -550,12 +611,64 @@ def test_reply_left_in_the_port_by_a_killed_caller_is_skipped(port, workdir):
     assert port.bridge.waiting_in_port() == 0
 
 
-def test_timeout_waiting_for_the_lock(port):
+def test_caller_that_gives_up_first_says_so_and_its_late_reply_is_skipped(
+        port, workdir):
+    pid_file = workdir.join('slow.pid')
+    # A slow host: nothing it sends after the request reaches the caller.
+    port.bridge.hold_after(b'"negotiator-execute"')
+    try:
+        status, out, err = call(port, ['slow', pid_file],
+                                options=['-t', '0.5'])
+        assert (status, out) == (124, b'')
+        assert err == b"negotiator: 'slow' timed out after 0.5 s\n"
+        # Its last word to the host: 0xFF, drop what you do for me.
+        wait_for(lambda: port.bridge.transcript()[1].endswith(b'}\n\xff'))
+        wait_for(lambda: gone(read_pid(pid_file)), timeout=10)
+        held = port.bridge.held()
+        assert b'"timed-out":true' in held
+    finally:
+        port.bridge.release()
+    # The late reply waits in the port for the next caller.
+    wait_for(lambda: port.bridge.waiting_in_port() == len(held))
+    status, out, err = call(port, ['hello', 'next'], stdin=b'mine')
+    assert (status, out, err) == (3, hello_output(['next'], b'mine'),
+                                  HELLO_ERR)
+    assert port.bridge.waiting_in_port() == 0
+
+
+def test_partial_request_left_by_a_dead_caller_is_dropped(port, workdir):
+    marks = workdir.join('ran')
+    before, _ = port.bridge.transcript()
+    waiting = port.bridge.waiting_in_port()
+    fd = os.open(port.device, os.O_RDWR | os.O_NOCTTY)
+    try:
+        # A caller killed in the middle of writing its request.
+        os.write(fd, b'\xff{"execute":"guest-sync-delimited","arguments":'
+                 b'{"id":12345}}\n{"execute":"negotiator-execute",'
+                 b'"arguments":{"command":"slow","args":["' + b(marks) +
+                 b'"]')
+    finally:
+        os.close(fd)
+    # The answer to its first request waits in the port.
+    wait_for(lambda: port.bridge.transcript()[0][len(before):] ==
+             b'\xff{"return":12345}\n')
+    wait_for(lambda: port.bridge.waiting_in_port() == waiting + 18)
+    status, out, err = call(port, ['hello', 'whole'], stdin=b'x')
+    assert (status, out, err) == (3, hello_output(['whole'], b'x'),
+                                  HELLO_ERR)
+    assert not os.path.exists(marks)
+
+
+def test_timeout_waiting_for_the_lock(port, workdir):
     lock = os.open(port.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         before = port.bridge.transcript()
-        status, out, err = call(port, ['hello'], options=['-t', '1'])
+        # Another name for the port: the same lock.
+        link = workdir.join('port')
+        os.symlink(port.device, link)
+        status, out, err = run_cli(['guest', '--device', link, '-t', '0.5',
+                                    '--call', 'hello'])
         assert (status, out) == (124, b'')
         assert err == b('negotiator: timed out waiting for other callers of '
                         'this port (lock {0})\n'.format(port.lock_path))
@@ -565,20 +678,36 @@ def test_timeout_waiting_for_the_lock(port):
         os.close(lock)
 
 
-def test_caller_waits_for_the_lock_then_calls(port):
+def test_caller_waits_for_the_lock_then_calls(port, workdir):
     lock = os.open(port.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         before = port.bridge.transcript()
-        process = start(port, ['hello', 'queued'], options=['-t', '60'])
+        with open(workdir.join('stdin'), 'wb') as handle:
+            handle.write(b'later')
+        with open(workdir.join('stdin'), 'rb') as stdin:
+            process = start(port, ['hello', 'queued'], options=['-t', '60'],
+                            stdin=stdin)
         wait_for(lambda: holds_open(process.pid, port.lock_path))
-        time.sleep(0.5)
+        time.sleep(0.3)
         assert process.poll() is None
         assert port.bridge.transcript() == before
     finally:
         os.close(lock)
-    assert finish(process, b'later') == (
+    assert finish(process) == (
         3, hello_output(['queued'], b'later'), HELLO_ERR)
+
+
+def test_caller_slow_to_get_its_stdin_does_not_hold_up_others(port):
+    # Standard input is read before the caller takes its turn on the port.
+    slow = start(port, ['hello', 'slow'], options=['-t', '60'])
+    time.sleep(0.3)
+    assert not holds_open(slow.pid, port.lock_path)
+    assert finish(start(port, ['hello', 'quick'], options=['-n'])) == (
+        3, hello_output(['quick'], b''), HELLO_ERR)
+    assert slow.poll() is None
+    assert finish(slow, b'at last') == (
+        3, hello_output(['slow'], b'at last'), HELLO_ERR)
 
 
 # ---------------------------------------------------------------------------
@@ -647,7 +776,7 @@ def test_no_host_daemon_connected_fails_at_once(workdir):
     STARTED.append(process)
     status, out, err = finish(process)
     elapsed = time.time() - started
-    device = open(device_file).read()
+    device = read_text(device_file)
     assert (status, out) == (255, b'')
     assert err == b('negotiator: no host daemon is connected to {0}: is '
                     '"negotiator.py host --daemon" running on the host?\n'
@@ -662,7 +791,7 @@ def test_nobody_answering_on_the_port(workdir):
     device = os.ttyname(slave)
     lock_path = negotiator.lock_path_for(device)
     try:
-        status, out, err = run_cli(['guest', '--device', device, '-t', '1',
+        status, out, err = run_cli(['guest', '--device', device, '-t', '0.5',
                                     '--call', 'hello'])
         sent = read_some_now(master)
     finally:
@@ -671,9 +800,50 @@ def test_nobody_answering_on_the_port(workdir):
         os.close(master)
     assert (status, out) == (255, b'')
     assert err == b('negotiator: the host daemon did not answer on {0} '
-                    'within 1 s\n'.format(device))
+                    'within 0.5 s\n'.format(device))
     assert sent.startswith(b'\xff{"execute":"guest-sync-delimited",')
     assert sent.count(b'\n') == 1 and sent.endswith(b'\n')
+
+
+def test_host_side_going_away_mid_call(workdir):
+    """The host goes (QEMU stopped) while the caller waits for its answer."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    device = os.ttyname(slave)
+    try:
+        process = spawn(['guest', '--device', device, '-n', '-t', '20',
+                         '--call', 'hello', 'a'])
+        line = read_line(master)
+        assert line.startswith(b'\xff')
+        sync = json.loads(line[1:].decode('ascii'))
+        assert sorted(sync) == ['arguments', 'execute']
+        assert sync['execute'] == 'guest-sync-delimited'
+        os.write(master, b'\xff' + b(json.dumps(
+            {'return': sync['arguments']['id']})) + b'\n')
+        request = json.loads(read_line(master).decode('ascii'))
+        assert (request['execute'], request['arguments']) == (
+            'negotiator-execute', {'command': 'hello', 'args': ['a'],
+                                   'timeout': request['arguments']['timeout']})
+        assert 0 < request['arguments']['timeout'] <= 20
+    finally:
+        remove_quietly(negotiator.lock_path_for(device))
+        os.close(master)
+        os.close(slave)
+    started = time.time()
+    assert finish(process) == (
+        255, b'', b('negotiator: {0}: the connection closed before the other side '
+                    'answered\n'.format(device)))
+    assert time.time() - started < 10, 'it noticed only at its timeout'
+
+
+def read_line(fd):
+    """One line from ``fd`` (a port, a pipe), without its newline."""
+    data = b''
+    while not data.endswith(b'\n'):
+        ready, _, _ = select.select([fd], [], [], HANG)
+        assert ready, 'nothing more on the port after {0!r}'.format(data)
+        data += os.read(fd, 1)
+    return data[:-1]
 
 
 def read_some_now(fd):
@@ -703,14 +873,12 @@ def test_no_port_found_without_device():
     if negotiator.find_port((negotiator.GUEST_TO_HOST_PORT,),
                             fallback=None) is not None:
         pytest.skip('this machine has a negotiator-guest-to-host.0 port')
-    for args in (['--call', 'hello'], ['--list'], ['--ping']):
-        status, out, err = run_cli(['guest'] + args)
-        assert (status, out) == (255, b''), args
-        assert err == (
-            b"negotiator: no virtio-serial port named "
-            b"negotiator-guest-to-host.0 found: add the channel to the "
-            b"guest's definition (and load virtio_console), or give "
-            b"--device\n"), args
+    status, out, err = run_cli(['guest', '--call', 'hello'])
+    assert (status, out) == (255, b'')
+    assert err == (
+        b"negotiator: no virtio-serial port named negotiator-guest-to-host.0 "
+        b"found: add the channel to the guest's definition (and load "
+        b"virtio_console), or give --device\n")
 
 
 def test_busy_port_is_waited_for(workdir, monkeypatch):
@@ -749,23 +917,21 @@ def test_busy_port_is_waited_for(workdir, monkeypatch):
 # 5. Usage errors
 # ---------------------------------------------------------------------------
 
-GUEST_USAGE = (b'Usage: negotiator.py guest [OPTIONS]\n'
-               b'       negotiator.py guest --call [OPTIONS] COMMAND [ARG...]\n'
-               b'       negotiator.py guest --list | --ping\n\n')
+GUEST_USAGE = (
+    b'Usage: negotiator.py guest [OPTIONS]\n'
+    b'       negotiator.py guest --call [OPTIONS] COMMAND [ARG...]\n'
+    b'       negotiator.py guest --list | --ping\n\n')
 
 
 @pytest.mark.parametrize('args, message', [
     (['--call'], 'COMMAND is missing after --call'),
     (['foo'], 'unexpected arguments: foo (to run a command on the host: '
               '--call COMMAND)'),
-    (['--device', '/nonexistent', 'foo', 'bar'],
-     'unexpected arguments: foo bar (to run a command on the host: '
-     '--call COMMAND)'),
     (['--call', '-t', 'x', 'cmd'],
      "option -t: invalid floating-point value: 'x'"),
     (['--call', '-t', '-1', 'cmd'],
      '--timeout must be 0 (never) or a number of seconds'),
-], ids=['no-command', 'no-call', 'no-call-two', 'bad-timeout',
+], ids=['no-command', 'no-call', 'bad-timeout',
         'negative-timeout'])
 def test_usage_errors(args, message):
     status, out, err = run_cli(['guest'] + args)
@@ -777,12 +943,14 @@ def test_usage_errors(args, message):
 # 6. SIGTERM
 # ---------------------------------------------------------------------------
 
-def test_sigterm_kills_the_host_command(port, workdir):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT],
+                         ids=['SIGTERM', 'SIGINT'])
+def test_signal_kills_the_host_command(port, workdir, signum):
     pid_file = workdir.join('slow.pid')
     process = start(port, ['slow', pid_file], options=['-n', '-t', '0'])
     pid = read_pid(pid_file)
     _, sent_before = port.bridge.transcript()
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     assert finish(process) == (130, b'', b'')
     # The caller said it left (0xFF), so the host killed its command.
     wait_for(lambda: port.bridge.transcript()[1][len(sent_before):] ==
@@ -800,7 +968,7 @@ def test_sigterm_while_waiting_for_the_lock(port):
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         before = port.bridge.transcript()
-        process = start(port, ['hello'], options=['-t', '60'])
+        process = start(port, ['hello'], options=['-t', '60', '-n'])
         wait_for(lambda: holds_open(process.pid, port.lock_path))
         process.send_signal(signal.SIGTERM)
         assert finish(process) == (130, b'', b'')
