@@ -87,6 +87,12 @@ if PY3:
     def native_str(text):
         """Wire text as this Python's str."""
         return text
+
+    def bytes_from(data, start):
+        """The bytes of ``data`` from ``start`` on, without copying them:
+        what is left to write after a partial write (one write() on a port
+        takes at most 32 KiB of a line that may hold megabytes)."""
+        return memoryview(data)[start:]
 else:
     def _start_child():
         """Python 2's close_fds=True closes every number up to the limit of
@@ -131,6 +137,9 @@ else:
 
     native_str = wire_bytes
 
+    def bytes_from(data, start):
+        return buffer(data, start)  # novm
+
 
 # ============================================================================
 # Constants
@@ -165,8 +174,6 @@ MAX_LINE = 16 * 1024 * 1024
 MAX_STDIN = MAX_LINE // 4 * 3 - 64 * 1024
 #: Requests queued behind a running command before further ones are refused.
 MAX_PENDING = 64
-#: One write() on a virtio-serial port carries at most this many bytes.
-MAX_WRITE = 32768
 #: Bytes read from a pipe or a socket at once.
 READ_SIZE = 65536
 #: A command's output is not read while more than this waits to be sent ...
@@ -180,7 +187,7 @@ RECONNECT_CHECK = 1.0
 OPEN_RETRY = 1.0
 #: Seconds between repeated log lines about a port that stays unavailable.
 OPEN_LOG_EVERY = 60.0
-#: Seconds between a guest caller's tries for a port others hold.
+#: Seconds between tries for a port, lock or socket that others hold.
 LOCK_RETRY = 0.02
 #: Seconds between the host daemon's looks for guests that came or went.
 DEFAULT_RESCAN = 10.0
@@ -191,7 +198,8 @@ RECONNECT_MAX = 8.0
 #: Seconds a guest that flooded the host daemon or sent it garbage stays
 #: cut off.
 CUT_OFF_PAUSE = 30.0
-#: Malformed lines in a row after which a guest is cut off.
+#: Failed requests (malformed, unknown, refused) in a row after which a
+#: guest is cut off.
 GARBAGE_LIMIT = 16
 #: Seconds a virsh call may take before it is killed.
 VIRSH_TIMEOUT = 30.0
@@ -322,9 +330,27 @@ def decode_message(line):
     return message
 
 
+def printable(text):
+    """``text`` for a log line: a peer's control characters (a newline
+    would start a forged log line) shown escaped."""
+    return CONTROL_CHARACTERS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+CONTROL_CHARACTERS = re.compile('[\x00-\x1f\x7f]')
+
+
 def encode_bytes(data):
     """Bytes as the base64 text qemu-ga uses for ``input-data``/``out-data``."""
-    return binascii.b2a_base64(data).rstrip(b'\n').decode('ascii')
+    return base64_line(data).decode('ascii')
+
+
+if sys.version_info >= (3, 6):
+    def base64_line(data):
+        """Base64 of ``data``, without the newline (nor a copy to drop it)."""
+        return binascii.b2a_base64(data, newline=False)
+else:
+    def base64_line(data):
+        return binascii.b2a_base64(data)[:-1]
 
 
 def decode_bytes(text, name):
@@ -378,7 +404,7 @@ def output_event_encoder(request_id):
 
     def encode(stream, data):
         now = time.time()
-        return b''.join([starts[stream], binascii.b2a_base64(data)[:-1],
+        return b''.join([starts[stream], base64_line(data),
                          EVENT_END % (int(now), int(now % 1 * 1e6))])
     return encode
 
@@ -446,7 +472,7 @@ class LineReader(object):
 
 
 # ============================================================================
-# Event loop: one poll()/select() loop for every descriptor
+# Event loop: one epoll (or poll, or select) loop for every descriptor
 # ============================================================================
 
 #: errno values that mean the other end of a descriptor has gone.
@@ -512,7 +538,8 @@ def poll_fds(fds, want_write, timeout, poller=None):
     :param fds: descriptors to watch for reading.
     :param want_write: descriptors to watch for writing.
     :param timeout: seconds, or None to wait forever.
-    :param poller: a poll object that already watches exactly these.
+    :param poller: a poll or epoll object that already watches exactly
+        these.
     :returns: ``(fd, readable, writable, hung_up)`` tuples; an empty list
         also when a signal interrupted the wait.
     """
@@ -537,9 +564,15 @@ def poll_fds(fds, want_write, timeout, poller=None):
 
 def _poll(poller, timeout):
     if timeout is not None:
-        timeout = int(min(max(timeout, 0), MAX_POLL_WAIT) * 1000 + 0.999)
+        timeout = min(max(timeout, 0), MAX_POLL_WAIT)
+    if EPOLL is not None and isinstance(poller, EPOLL):
+        events = poller.poll(-1 if timeout is None else timeout)
+    else:
+        if timeout is not None:
+            timeout = int(timeout * 1000 + 0.999)
+        events = poller.poll(timeout)
     ready = []
-    for fd, event in poller.poll(timeout):
+    for fd, event in events:
         hung_up = bool(event & (select.POLLHUP | select.POLLERR |
                                 select.POLLNVAL))
         ready.append((fd, bool(event & select.POLLIN),
@@ -572,20 +605,30 @@ class Timer(object):
         self.cancelled = True
 
 
+#: Linux's epoll, whose wait costs nothing per idle descriptor (the host
+#: daemon watches one socket per guest); poll() is used where it is missing.
+EPOLL = getattr(select, 'epoll', None)
+
+
 class Loop(object):
     """Maps descriptors to callbacks and runs them as they become ready.
 
     Signals wake the loop through a pipe (``signal.set_wakeup_fd``); their
     handlers run as ordinary callbacks from the loop, never in the middle
-    of other work.  Where poll() exists, one poll object lives as long as
-    the loop and follows every change of what is watched.
+    of other work.  One epoll (else poll) object lives as long as the loop
+    and follows every change of what is watched; select() is the last
+    resort.
     """
 
     def __init__(self):
         self._readers = {}
         self._writers = {}
         self._poller = None
-        if hasattr(select, 'poll'):
+        if EPOLL is not None:
+            self._poller = EPOLL()
+            fcntl.fcntl(self._poller.fileno(), fcntl.F_SETFD,
+                        fcntl.FD_CLOEXEC)
+        elif hasattr(select, 'poll'):
             self._poller = select.poll()
         self._masks = {}
         self._timers = []
@@ -627,11 +670,22 @@ class Loop(object):
         if mask == self._masks.get(fd, 0):
             return
         if not mask:
-            self._poller.unregister(fd)
             del self._masks[fd]
-        else:
-            self._poller.register(fd, mask)  # also replaces an earlier mask
+            try:
+                self._poller.unregister(fd)
+            except (IOError, OSError):
+                pass  # closed already: epoll forgot it then
+        elif fd in self._masks:
             self._masks[fd] = mask
+            try:
+                self._poller.modify(fd, mask)
+            except (IOError, OSError) as e:
+                if e.args[0] != errno.ENOENT:
+                    raise
+                self._poller.register(fd, mask)  # closed, number reused
+        else:
+            self._masks[fd] = mask
+            self._poller.register(fd, mask)
 
     def call_later(self, delay, callback):
         """Run ``callback()`` after ``delay`` seconds; returns a Timer."""
@@ -654,6 +708,8 @@ class Loop(object):
             signal.set_wakeup_fd(-1)
         os.close(self._wake_read)
         os.close(self._wake_write)
+        if EPOLL is not None:
+            self._poller.close()
 
     def _note_signal(self, signum, frame):
         self._signals_seen.append(signum)
@@ -733,13 +789,13 @@ class Channel(object):
         try:
             while self._out:
                 chunk = self._out[0]
-                written = write_fd(self.fd, chunk[:MAX_WRITE])
+                written = write_fd(self.fd, chunk)
                 if not written:
                     self.loop.add_writer(self.fd, self._flush)
                     return
                 self.backlog -= written
                 if written < len(chunk):
-                    self._out[0] = chunk[written:]
+                    self._out[0] = bytes_from(chunk, written)
                 else:
                     self._out.pop(0)
         except Disconnected as e:
@@ -809,11 +865,14 @@ class CommandSet(object):
 
     :param directory: the commands directory (it need not exist).
     :param builtins: name -> function returning ``(output_bytes, status)``.
+    :param label: how error replies name the directory (default: its
+        path; the host daemon does not show guests its paths).
     """
 
-    def __init__(self, directory, builtins):
+    def __init__(self, directory, builtins, label=None):
         self.directory = directory
         self.builtins = builtins
+        self.label = label
 
     def names(self):
         """List ``(name, kind)`` for every command, sorted by name."""
@@ -854,6 +913,8 @@ class CommandSet(object):
         if info is not None:
             if stat.S_ISREG(info.st_mode) and os.access(path, os.X_OK):
                 return 'user', path
+            if self.label:
+                path = '{0} in {1}'.format(name, self.label)
             raise RequestError(
                 "Command '{0}' is not executable: {1} is not a regular file "
                 'with execute permission (chmod +x it)'.format(name, path),
@@ -862,7 +923,7 @@ class CommandSet(object):
             return 'builtin', self.builtins[name]
         raise RequestError(
             "Command '{0}' not found in {1}; available: {2}".format(
-                name, self.directory,
+                name, self.label or self.directory,
                 ', '.join(n for n, _ in self.names()) or 'none'),
             'NegotiatorCommandNotFound')
 
@@ -956,6 +1017,10 @@ class Process(object):
         self.check_exit()
 
     def _read_pipe(self, fd):
+        # Passing output on may end the conversation, and kill() then
+        # closes the pipes: a pipe listed a moment ago may be gone.
+        if self.killed or fd not in self._pipes:
+            return
         data = read_fd(fd)
         if data is None:
             return
@@ -992,11 +1057,14 @@ class Process(object):
             return
         for fd in list(self._pipes):
             for _ in range(64):
+                if self.killed or fd not in self._pipes:
+                    break
                 data = read_fd(fd)
                 if not data:
                     break
                 self.on_output(self._pipes[fd][0], data)
-            self._close_pipe(fd)
+            if fd in self._pipes:
+                self._close_pipe(fd)
         self._finish()
 
     def _finish(self):
@@ -1396,6 +1464,9 @@ class Server(object):
             ('input-data', 'str', False), ('timeout', 'seconds', False))),
     )
 
+    #: Level of the log line for each error reply.
+    ERROR_LOG_LEVEL = logging.INFO
+
     def __init__(self, loop, fd, name, commands, children, env=None,
                  on_disconnect=None):
         self.loop = loop
@@ -1470,10 +1541,6 @@ class Server(object):
         request_id = NO_ID
         try:
             request = decode_message(line)
-        except RequestError as e:
-            self.on_malformed(e)
-            return
-        try:
             request_id = request.get('id', NO_ID)
             name, arguments = self._parse_request(request)
             log.debug('%s: request %s', self.channel.name, name)
@@ -1481,22 +1548,19 @@ class Server(object):
             check_arguments(arguments, parameters)
             result = method(arguments, request_id)
         except RequestError as e:
-            log.info('%s: error reply: %s', self.channel.name, e.desc)
+            log.log(self.ERROR_LOG_LEVEL, '%s: error reply: %s',
+                    self.channel.name, printable(e.desc))
             self._send_error(request_id, e)
             return
         except Exception as e:
-            log.error('%s: internal error: %s', self.channel.name, e,
+            log.error('%s: internal error: %s', self.channel.name,
+                      printable(str(e)),
                       exc_info=log.isEnabledFor(logging.DEBUG))
             self._send_error(request_id, RequestError(
                 'Internal error in negotiator: {0}'.format(e)))
             return
         if result is not None:
             self._send_return(request_id, result)
-
-    def on_malformed(self, error):
-        """A line that is not a JSON object: say so, and go on serving."""
-        log.info('%s: error reply: %s', self.channel.name, error.desc)
-        self._send_error(NO_ID, error)
 
     def _parse_request(self, request):
         """The request's name and arguments, checked in qemu-ga's order."""
@@ -1582,6 +1646,7 @@ class Server(object):
         args = arguments.get('args', [])
         try:
             name = native_str(arguments['command'])
+            wire_bytes(arguments['command'])
             argv = [wire_bytes(arg) for arg in args]
         except UnicodeError:
             raise RequestError("Parameters 'command' and 'args' must be "
@@ -1714,14 +1779,35 @@ def lock_path_for(device, lock_dir=None):
     return os.path.join(lock_dir, 'negotiator.{0}.lock'.format(name))
 
 
+def open_lock_file(path):
+    """Open (or create) a lock file; it must belong to this user.
+
+    Lock directories are writable by everyone: a file that someone else
+    made there, and may hold locked for ever, is refused with a message.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT |
+                     getattr(os, 'O_NOFOLLOW', 0), int('644', 8))
+    except OSError as e:
+        raise NegotiatorError('cannot open the lock file {0}: {1}'.format(
+            path, e.strerror))
+    owner = os.fstat(fd).st_uid
+    if owner != os.geteuid():
+        os.close(fd)
+        raise NegotiatorError(
+            'the lock file {0} belongs to another user (uid {1}); remove '
+            'it'.format(path, owner))
+    set_nonblocking(fd)
+    return fd
+
+
 def take_lock(path):
     """Hold ``path`` locked for as long as this process lives.
 
     :returns: the lock file's descriptor.
     :raises NegotiatorError: when another agent holds it.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, int('644', 8))
-    set_nonblocking(fd)
+    fd = open_lock_file(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except (IOError, OSError) as e:
@@ -1991,7 +2077,7 @@ class Client(object):
         sent = 0
         while sent < len(data):
             try:
-                written = write_fd(self.fd, data[sent:sent + MAX_WRITE])
+                written = write_fd(self.fd, bytes_from(data, sent))
             except Disconnected as e:
                 raise ConnectError('{0}: the agent side closed the connection '
                                    '({1})'.format(self.name, e))
@@ -2006,7 +2092,10 @@ class Client(object):
             if timeout <= 0:
                 raise CallTimeout('timed out')
         if writable:
-            poll_fds([], [self.fd], timeout)
+            for _, _, ready, hung_up in poll_fds([], [self.fd], timeout):
+                if hung_up and not ready:
+                    raise ConnectError('{0}: the other side went away'.format(
+                        self.name))
         else:
             poll_fds([self.fd], [], timeout)
 
@@ -2099,38 +2188,45 @@ def random_id():
     return int(binascii.hexlify(os.urandom(7)), 16)
 
 
-def connect_socket(path, port=HOST_TO_GUEST_PORT, wait=True):
+def connect_socket(path, port=HOST_TO_GUEST_PORT, wait=True, deadline=None):
     """Connect to the UNIX socket of a guest's port.
 
-    :param wait: whether to wait while QEMU's queue of clients is full
-        (the host daemon must never wait: it serves other guests).
+    :param wait: whether to wait, until ``deadline`` (a monotonic() time,
+        or None for ever), while QEMU's queue of clients is full; the host
+        daemon never waits: it serves other guests.
     :raises ConnectError: with a one-line reason and what to do about it.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    if not wait:
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         set_nonblocking(sock.fileno())
-    try:
-        sock.connect(path)
-    except socket.error as e:
-        sock.close()
-        code = e.args[0]
-        if code == errno.ENOENT:
-            reason = ('no such socket: is the guest running, and does its '
-                      'definition have the {0} channel?'.format(port))
-        elif code in WOULD_BLOCK:
-            reason = 'busy: QEMU has other clients of this socket queued'
-        elif code == errno.EACCES:
-            reason = 'permission denied: run as root (or the socket\'s owner)'
-        elif code == errno.ECONNREFUSED:
-            reason = ('connection refused: nothing serves this socket '
-                      '(the guest is stopped?)')
-        elif code == errno.ENOTSOCK:
-            reason = 'not a socket'
-        else:
-            reason = os.strerror(code)
-        raise ConnectError('cannot connect to {0}: {1}'.format(path, reason))
-    set_nonblocking(sock.fileno())
-    return sock
+        try:
+            sock.connect(path)
+            return sock
+        except socket.error as e:
+            sock.close()
+            failure = e
+            code = getattr(e, 'errno', None)
+        if (code not in WOULD_BLOCK or not wait or
+                (deadline is not None and monotonic() >= deadline)):
+            break
+        time.sleep(LOCK_RETRY)
+    if code is None:
+        reason = str(failure)  # e.g. a path too long for a UNIX socket
+    elif code == errno.ENOENT:
+        reason = ('no such socket: is the guest running, and does its '
+                  'definition have the {0} channel?'.format(port))
+    elif code in WOULD_BLOCK:
+        reason = 'busy: QEMU has other clients of this socket queued'
+    elif code == errno.EACCES:
+        reason = 'permission denied: run as root (or the socket\'s owner)'
+    elif code == errno.ECONNREFUSED:
+        reason = ('connection refused: nothing serves this socket '
+                  '(the guest is stopped?)')
+    elif code == errno.ENOTSOCK:
+        reason = 'not a socket'
+    else:
+        reason = os.strerror(code)
+    raise ConnectError('cannot connect to {0}: {1}'.format(path, reason))
 
 
 def open_client(path, timeout):
@@ -2138,7 +2234,7 @@ def open_client(path, timeout):
     deadline = None
     if timeout:
         deadline = monotonic() + timeout
-    sock = connect_socket(path)
+    sock = connect_socket(path, deadline=deadline)
     client = Client(sock.fileno(), deadline, path)
     try:
         client.sync()
@@ -2220,6 +2316,8 @@ def read_stdin(deadline):
         except (OSError, IOError) as e:
             if e.args[0] == errno.EINTR:
                 continue
+            if e.args[0] == errno.EBADF:  # started with stdin closed
+                return b''
             raise
         if not data:
             return b''.join(chunks)
@@ -2355,7 +2453,8 @@ def print_json(value):
 #: A per-domain channel directory of newer libvirt: domain-ID-NAME.
 DOMAIN_DIR = re.compile(r'^domain-(\d+)-(.+)$')
 #: The line virsh echoes between the outputs of several commands in one
-#: call; well-formed XML cannot hold it outside comments.
+#: call; libvirt's XML cannot hold it as a line of its own outside comments
+#: and CDATA.
 VIRSH_SEPARATOR = '<<negotiator>>'
 #: Running domains: the table (ids, states), then the exact names (the
 #: table pads them and, outside UTF-8 locales, escapes non-ASCII).
@@ -2385,10 +2484,10 @@ def virsh_quote(name):
     return '"{0}"'.format(name.replace('\\', '\\\\').replace('"', '\\"'))
 
 
-def dumpxml_command(names):
-    """One virsh command line describing every domain in ``names``."""
+def dumpxml_command(domains):
+    """One virsh command line describing each domain (id, UUID or name)."""
     return ' '.join('dumpxml --domain {0}; echo "{1}";'.format(
-        virsh_quote(name), VIRSH_SEPARATOR) for name in names)
+        virsh_quote(domain), VIRSH_SEPARATOR) for domain in domains)
 
 
 def output_text(data):
@@ -2404,7 +2503,7 @@ def parse_virsh_list(text):
     The table's columns are cut where its header puts them; the names are
     then taken from ``list --name`` when it lists as many.
     """
-    table, _, names = text.partition(VIRSH_SEPARATOR + '\n')
+    table, _, names = ('\n' + text).partition('\n' + VIRSH_SEPARATOR + '\n')
     domains = []
     columns = None
     for line in table.splitlines():
@@ -2434,7 +2533,7 @@ def parse_domains_xml(text):
     """
     from xml.etree import ElementTree  # only discovery needs it
     domains = {}
-    for piece in text.split(VIRSH_SEPARATOR + '\n'):
+    for piece in ('\n' + text).split('\n' + VIRSH_SEPARATOR + '\n'):
         if not piece.strip():
             continue
         try:
@@ -2501,18 +2600,30 @@ def is_socket(path):
 
 
 def run_virsh(connect, command):
-    """Run virsh and wait for it: ``(status, stdout, first error line)``.
+    """Run virsh and wait for it, VIRSH_TIMEOUT at most:
+    ``(status, stdout, first error line)``.
 
     :raises OSError: when virsh cannot run at all (not installed).
     """
-    import subprocess  # only discovery needs it
-    child = subprocess.Popen(virsh_argv(connect, command), env=virsh_env(),
-                             stdin=open(os.devnull, 'rb'),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             close_fds=True)
-    out, err = child.communicate()
-    return (child.returncode, output_text(out),
-            first_line(err.decode('utf-8', 'replace')))
+    import subprocess  # only discovery needs them
+    import threading
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        child = subprocess.Popen(
+            virsh_argv(connect, command), env=virsh_env(), stdin=devnull,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True)
+    finally:
+        os.close(devnull)
+    timer = threading.Timer(VIRSH_TIMEOUT, child.kill)
+    timer.start()
+    try:
+        out, err = child.communicate()
+    finally:
+        timer.cancel()
+    error = first_line(err.decode('utf-8', 'replace'))
+    if child.returncode == -signal.SIGKILL:
+        error = 'virsh timed out after {0:g} s'.format(VIRSH_TIMEOUT)
+    return child.returncode, output_text(out), error
 
 
 def first_line(text):
@@ -2523,56 +2634,72 @@ def first_line(text):
     return ''
 
 
-def find_guests(connect=None, channel_dir=None):
+def running_domains(connect):
+    """``virsh list``'s ``(id, name, state)`` of each running domain, or
+    None when virsh is missing or fails (logged)."""
+    try:
+        status, out, error = run_virsh(connect, LIST_COMMAND)
+    except OSError as e:
+        status, error = None, 'cannot run virsh: {0}'.format(e.strerror)
+    if status == 0:
+        return parse_virsh_list(out)
+    error = printable(error or 'virsh failed')
+    if connect:
+        raise ConnectError(error)
+    log.warning('%s; looking in %s instead', error, DEFAULT_CHANNEL_DIR)
+    return None
+
+
+def find_guests(connect=None, channel_dir=None, only=None):
     """The running guests that have our ports: ``[(name, state, ports)]``.
 
-    Asks libvirt through virsh; where virsh is missing or fails, scans
-    libvirt's channel directory instead.  An explicit ``channel_dir`` is
-    scanned without asking virsh.
+    Asks libvirt through virsh (``virsh dumpxml`` by domain id: virsh
+    would take a numeric name for an id); where virsh is missing or fails,
+    and no --connect URI was given, scans libvirt's channel directory
+    instead.  An explicit ``channel_dir`` is scanned without asking virsh.
+
+    :param only: the name of the one guest wanted, or None for all.
     """
+    running = None
     if channel_dir is None:
-        try:
-            status, out, error = run_virsh(connect, LIST_COMMAND)
-        except OSError as e:
-            status, error = None, 'cannot run virsh: {0}'.format(e.strerror)
-        if status == 0:
-            running = parse_virsh_list(out)
-            described = {}
-            if running:
-                _, xml, _ = run_virsh(connect, dumpxml_command(
-                    [name for _, name, _ in running]))
-                described = parse_domains_xml(xml)
-            guests = []
-            for _, name, state in running:
-                ports = described.get(name, (None, {}))[1]
-                if ports:
-                    guests.append((name, state, ports))
-            return guests
-        log.warning('%s; looking in %s instead', error or 'virsh failed',
-                    DEFAULT_CHANNEL_DIR)
-    found = scan_channel_dir(channel_dir or DEFAULT_CHANNEL_DIR)
-    return [(name, '-', found[name]) for name in sorted(found)]
+        running = running_domains(connect)
+    if running is None:
+        found = scan_channel_dir(channel_dir or DEFAULT_CHANNEL_DIR)
+        return [(name, '-', found[name]) for name in sorted(found)
+                if only is None or name == only]
+    running = [domain for domain in running
+               if only is None or domain[1] == only]
+    described = {}
+    if running:
+        _, xml, _ = run_virsh(connect, dumpxml_command(
+            [domain_id for domain_id, _, _ in running]))
+        described = parse_domains_xml(xml)
+    guests = []
+    for _, name, state in running:
+        ports = described.get(name, (None, {}))[1]
+        if ports:
+            guests.append((name, state, ports))
+    return guests
 
 
 def resolve_guest(target, connect=None, channel_dir=None):
     """The socket of ``target``'s host-to-guest port.
 
-    ``target`` is a socket path (anything holding a slash, or an existing
-    file) or the name of a running libvirt guest.
+    ``target`` is a socket path (anything holding a slash, or a socket in
+    the current directory) or the name of a running libvirt guest.
 
     :raises ConnectError: when no such guest has the port.
     """
-    if '/' in target or os.path.exists(target):
+    if '/' in target or is_socket(target):
         return target
-    for name, _, ports in find_guests(connect, channel_dir):
-        if name == target:
-            for port in (HOST_TO_GUEST_PORT, LEGACY_PORT):
-                if port in ports:
-                    return ports[port]
-            raise ConnectError(
-                'guest {0} has no {1} channel: add it to its definition '
-                '(libvirt: <channel type="unix"> with <target type="virtio" '
-                'name="{1}"/>)'.format(target, HOST_TO_GUEST_PORT))
+    for name, _, ports in find_guests(connect, channel_dir, only=target):
+        for port in (HOST_TO_GUEST_PORT, LEGACY_PORT):
+            if port in ports:
+                return ports[port]
+        raise ConnectError(
+            'guest {0} has no {1} channel: add it to its definition '
+            '(libvirt: <channel type="unix"> with <target type="virtio" '
+            'name="{1}"/>)'.format(target, HOST_TO_GUEST_PORT))
     raise ConnectError(
         'no running guest named {0} has negotiator ports (a socket path '
         'must hold a slash: ./{0}); see --list-guests'.format(target))
@@ -2652,8 +2779,9 @@ class DaemonServer(Server):
     """Answers one guest's calls on the host.
 
     A guest is trusted less than the host: it gets the commands directory
-    and the protocol's basics, no built-ins and no facts about the host, and
-    a guest that floods the daemon or sends garbage is cut off.
+    and the protocol's basics, no built-ins and no host facts but
+    negotiator's version, and a guest that floods the daemon or sends
+    garbage is cut off.  Its error replies are logged only with -v.
 
     :param on_abuse: called with the reason to cut the guest off.
     """
@@ -2661,35 +2789,43 @@ class DaemonServer(Server):
     REQUESTS = tuple(request for request in Server.REQUESTS if request[0] in (
         'guest-sync-delimited', 'guest-sync', 'guest-ping', 'guest-info',
         'negotiator-list-commands', 'negotiator-execute'))
+    ERROR_LOG_LEVEL = logging.DEBUG
 
     def __init__(self, loop, fd, name, commands, children, env, on_disconnect,
                  on_abuse):
         Server.__init__(self, loop, fd, name, commands, children, env,
                         on_disconnect)
         self._on_abuse = on_abuse
-        self._garbage = 0
+        self._failures = 0
 
     def on_line(self, line):
+        """Queue a request, within a budget: MAX_PENDING lines, and no more
+        bytes than one longest line, for all of them together."""
         if len(self.pending) >= MAX_PENDING:
-            self._on_abuse('more than {0} requests waiting'.format(
-                MAX_PENDING))
+            self._on_abuse('{0} requests already waiting'.format(MAX_PENDING))
+        elif sum(len(waiting) for waiting in self.pending) + len(line) > \
+                MAX_LINE:
+            self._on_abuse('more than {0} bytes of requests waiting'.format(
+                MAX_LINE))
         else:
             Server.on_line(self, line)
 
     def on_oversized(self):
         self._on_abuse('a line longer than {0} bytes'.format(MAX_LINE))
 
-    def on_malformed(self, error):
-        self._garbage += 1
-        if self._garbage >= GARBAGE_LIMIT:
-            self._on_abuse('{0} malformed lines in a row'.format(
+    def _send_error(self, request_id, error):
+        """Every error reply is a strike; GARBAGE_LIMIT in a row cut the
+        guest off (a peer answering our replies with replies, too)."""
+        self._failures += 1
+        if self._failures >= GARBAGE_LIMIT:
+            self._on_abuse('{0} failed requests in a row'.format(
                 GARBAGE_LIMIT))
         else:
-            Server.on_malformed(self, error)
+            Server._send_error(self, request_id, error)
 
-    def _parse_request(self, request):
-        self._garbage = 0
-        return Server._parse_request(self, request)
+    def _send_return(self, request_id, result):
+        self._failures = 0
+        Server._send_return(self, request_id, result)
 
 
 class GuestLink(object):
@@ -2710,7 +2846,7 @@ class GuestLink(object):
         self.server = None
         self._timer = None
         self._delay = RECONNECT_MIN
-        self._complained = False
+        self._trouble_logged = False
         self.closed = False
 
     def connect(self):
@@ -2722,13 +2858,13 @@ class GuestLink(object):
             self.sock = connect_socket(self.path, GUEST_TO_HOST_PORT,
                                        wait=False)
         except ConnectError as e:
-            if not self._complained:
+            if not self._trouble_logged:
                 log.warning('guest %s: %s; retrying', self.name, e)
-                self._complained = True
+                self._trouble_logged = True
             self._retry_later()
             return
         log.info('guest %s: connected to %s', self.name, self.path)
-        self._complained = False
+        self._trouble_logged = False
         self._delay = RECONNECT_MIN
         self.server = DaemonServer(
             self.loop, self.sock.fileno(), 'guest ' + self.name,
@@ -2739,7 +2875,7 @@ class GuestLink(object):
         log.warning('guest %s: cut off for %g s: %s', self.name,
                     CUT_OFF_PAUSE, why)
         self._delay = CUT_OFF_PAUSE
-        self._complained = True
+        self._trouble_logged = True
         self.server.close()
 
     def _lost(self):
@@ -2748,7 +2884,7 @@ class GuestLink(object):
         self.sock = None
         if self.closed:
             return
-        if not self._complained:
+        if not self._trouble_logged:
             log.info('guest %s: connection closed (guest stopped?); '
                      'reconnecting', self.name)
         self._retry_later()
@@ -2773,27 +2909,31 @@ class GuestLink(object):
 class HostDaemon(object):
     """Serves the guest-to-host port of every guest it finds.
 
-    Guests come from ``--guest NAME=SOCKET`` pairs, else from libvirt
-    (``virsh list``, then ``virsh dumpxml`` once per domain start), else
-    from a scan of libvirt's channel directory.  virsh runs as a child whose
-    output joins the loop, so a slow libvirtd never delays a guest's call.
+    Guests come from ``--guest NAME=SOCKET`` pairs; else from
+    ``--channel-dir``; else from libvirt (``virsh list``, then
+    ``virsh dumpxml`` once per domain start), with libvirt's channel
+    directory standing in while virsh has never worked.  virsh runs as a
+    child whose output joins the loop, so a slow libvirtd never delays a
+    guest's call.
     """
 
-    def __init__(self, loop, commands, static=None, connect=None,
+    def __init__(self, loop, commands, pairs=None, connect=None,
                  channel_dir=None, rescan=DEFAULT_RESCAN):
         self.loop = loop
         self.commands = commands
         self.children = Children()
-        self.static = static
+        self.pairs = pairs
         self.connect = connect
         self.channel_dir = channel_dir
         self.rescan_every = rescan
         self.links = {}
         #: What dumpxml said of each running domain: (id, name) -> ports.
         #: The id changes with each start, so a domain without our ports
-        #: is not described again until it restarts.
+        #: is not described again until it restarts (or SIGHUP).
         self._described = {}
+        #: A virsh child is running (one at a time).
         self._scanning = False
+        self._virsh_worked = False
         self._virsh_failed = False
         self._timer = None
 
@@ -2805,6 +2945,7 @@ class HostDaemon(object):
     def rescan_now(self):
         """SIGHUP: look for guests now, and retry waiting connections."""
         log.info('SIGHUP: looking for guests again')
+        self._described = {}  # a channel may have been added to a guest
         for link in list(self.links.values()):
             link.connect()
         self.rescan()
@@ -2813,8 +2954,8 @@ class HostDaemon(object):
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self.loop.call_later(self.rescan_every, self.rescan)
-        if self.static is not None:
-            self.update(self.static)
+        if self.pairs is not None:
+            self.update(self.pairs)
         elif self.channel_dir is not None:
             self.update(self._scanned(self.channel_dir))
         elif not self._scanning:
@@ -2839,11 +2980,13 @@ class HostDaemon(object):
         def finished(result):
             if result.get('exitcode') == 0:
                 on_done(output_text(b''.join(out)))
+                return
+            if result.get('timed-out'):
+                why = 'virsh timed out after {0:g} s'.format(VIRSH_TIMEOUT)
             else:
-                self._virsh_trouble(first_line(
-                    b''.join(err).decode('utf-8', 'replace')) or
-                    'virsh failed with {0}'.format(result))
-                on_done(None)
+                why = first_line(b''.join(err).decode('utf-8', 'replace'))
+            self._virsh_trouble(why or 'virsh failed: {0}'.format(result))
+            on_done(None)
 
         try:
             Process(self.loop, self.children, virsh_argv(self.connect, command),
@@ -2853,16 +2996,26 @@ class HostDaemon(object):
             on_done(None)
 
     def _virsh_trouble(self, why):
-        if not self._virsh_failed:
-            log.warning('%s; looking in %s until virsh works', why,
-                        DEFAULT_CHANNEL_DIR)
-            self._virsh_failed = True
+        """Log once that virsh fails, and what happens meanwhile."""
+        if self._virsh_failed:
+            return
+        self._virsh_failed = True
+        if self._virsh_worked or self.connect:
+            log.warning('%s; serving the guests known so far until virsh '
+                        'works', printable(why))
+        else:
+            log.warning('%s; looking in %s until virsh works',
+                        printable(why), DEFAULT_CHANNEL_DIR)
 
     def _on_list(self, output):
         if output is None:
+            # A libvirtd restart must not drop every guest: the channel
+            # directory stands in only while virsh has never worked.
             self._scanning = False
-            self.update(self._scanned(DEFAULT_CHANNEL_DIR))
+            if not (self._virsh_worked or self.connect):
+                self.update(self._scanned(DEFAULT_CHANNEL_DIR))
             return
+        self._virsh_worked = True
         if self._virsh_failed:
             log.info('virsh works again')
             self._virsh_failed = False
@@ -2871,7 +3024,7 @@ class HostDaemon(object):
         for key in list(self._described):
             if key not in running:
                 del self._described[key]
-        unknown = [name for domain_id, name in running
+        unknown = [domain_id for domain_id, name in running
                    if (domain_id, name) not in self._described]
         if not unknown:
             self._scanning = False
@@ -2936,11 +3089,13 @@ def parse_guest_pairs(pairs):
 
 def run_daemon(options):
     """``host --daemon``: serve guests until SIGTERM or SIGINT."""
-    static = None
+    pairs = None
     if options.guests:
-        static = parse_guest_pairs(options.guests)
+        pairs = parse_guest_pairs(options.guests)
     loop = Loop()
-    daemon = HostDaemon(loop, CommandSet(options.commands_dir, {}), static,
+    commands = CommandSet(options.commands_dir, {},
+                          "the host's commands directory")
+    daemon = HostDaemon(loop, commands, pairs,
                         options.connect, options.channel_dir, options.rescan)
     try:
         def stop():
@@ -2956,8 +3111,8 @@ def run_daemon(options):
             log.warning('commands directory %s does not exist: guests can '
                         'run no command', options.commands_dir)
         loop.run()
-        daemon.stop()
     finally:
+        daemon.stop()
         loop.close()
     return 0
 
@@ -3036,10 +3191,9 @@ def wait_for_lock(path, deadline):
     :raises CallTimeout: when the deadline passes first.
     """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, int('644', 8))
-    except OSError as e:
-        raise ConnectError('cannot open the lock file {0}: {1}'.format(
-            path, e.strerror))
+        fd = open_lock_file(path)
+    except NegotiatorError as e:
+        raise ConnectError(str(e))
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -3141,9 +3295,10 @@ With --daemon: serve the negotiator-guest-to-host.0 port of every running
 guest from one process, running the commands directory's executables for
 "guest --call" with NEGOTIATOR_GUEST (the guest's name), NEGOTIATOR_COMMAND
 and NEGOTIATOR_VERSION in their environment.  Guests are the --guest pairs
-given, else libvirt's running guests (asked again every --rescan seconds,
-and on SIGHUP), else the sockets in --channel-dir.  SIGTERM or SIGINT stop
-it and the commands it runs."""
+given; else the sockets in --channel-dir when given; else libvirt's running
+guests, from virsh (the sockets in libvirt's channel directory while virsh
+has never worked).  It looks again every --rescan seconds and on SIGHUP.
+SIGTERM or SIGINT stop it and the commands it runs."""
 
 
 class PlainFormatter(optparse.IndentedHelpFormatter):
@@ -3305,7 +3460,7 @@ def parse_host_mode(args):
     if options.daemon or options.list_guests:
         if extra:
             parser.error('unexpected arguments: {0}'.format(' '.join(extra)))
-        if options.rescan <= 0:
+        if not 0 < options.rescan <= MAX_TIMEOUT:
             parser.error('--rescan must be a positive number of seconds')
         try:
             parse_guest_pairs(options.guests)

@@ -593,7 +593,7 @@ def test_sixteen_malformed_lines_in_a_row_cut_the_guest_off(farm):
     end.send(garbage)  # the 16th in a row
     assert end.read_to_eof() == b''
     farm.daemon.wait_log('guest garbage: cut off')
-    assert ('negotiator: guest garbage: cut off for 30 s: 16 malformed lines '
+    assert ('negotiator: guest garbage: cut off for 30 s: 16 failed requests '
             'in a row') in farm.daemon.lines()
     assert_served(farm.ends['g000'], 'g000')
     # Cut off means no reconnection after the usual 0.5 s either.
@@ -649,8 +649,8 @@ def test_more_than_64_requests_waiting_cut_the_guest_off(farm):
         gate.release()
     farm.daemon.wait_log('guest flood: cut off')
     lines = farm.daemon.lines()
-    assert ('negotiator: guest flood: cut off for 30 s: more than 64 '
-            'requests waiting') in lines
+    assert ('negotiator: guest flood: cut off for 30 s: 64 requests already '
+            'waiting') in lines
     assert ('negotiator: guest flood: killing command pid {0}: its client '
             'has gone'.format(pid)) in lines
     assert_served(farm.ends['g002'], 'g002')
@@ -758,8 +758,8 @@ def test_builtin_commands_are_not_offered(farm, name):
     assert (call.out, call.err) == (b'', b'')
     assert call.reply == {'id': 8, 'error': {
         'class': 'NegotiatorCommandNotFound',
-        'desc': "Command '{0}' not found in {1}; available: {2}".format(
-            name, farm.workdir.commands, ', '.join(COMMAND_NAMES))}}
+        'desc': "Command '{0}' not found in the host's commands directory; "
+                "available: {1}".format(name, ', '.join(COMMAND_NAMES))}}
 
 
 def test_command_output_status_and_environment(farm):
@@ -1114,6 +1114,181 @@ def test_guest_with_non_ascii_name_found_through_virsh():
         call = ends['other'].execute('env', request_id=1)
         assert call.out == name.encode('utf-8') + b'|env|' + b(VERSION)
         assert call.reply == {'return': {'exitcode': 0}, 'id': 1}
+        daemon.stop()
+    finally:
+        if daemon is not None:
+            daemon.kill()
+        close_all(stand_ins, ends)
+        wd.cleanup()
+
+
+# ---------------------------------------------------------------------------
+# Budgets and strikes of a guest
+# ---------------------------------------------------------------------------
+
+def padded_ping(request_id, size):
+    """A guest-ping line of about ``size`` bytes (an unexpected member)."""
+    return (b'{"execute": "guest-ping", "id": ' + b(str(request_id)) +
+            b', "padding": "' + b'x' * size + b'"}\n')
+
+
+def test_requests_waiting_may_total_at_most_16_mib(farm):
+    _, end = new_guest(farm, 'budget')
+    unexpected = {'class': 'GenericError',
+                  'desc': "QMP input member 'padding' is unexpected"}
+    # One line of 9 MiB waiting behind a running command is fine.
+    gate = Gate(farm.workdir.join('gate-budget-1'))
+    try:
+        end.start('gated', [gate.path, farm.workdir.join('budget-1.pid')],
+                  'run')
+        pid = wait_pids(farm.workdir.join('budget-1.pid'))[0]
+        end.send(padded_ping(1, 9 << 20))
+        wait_for(lambda: end.unread() == 0)  # the daemon has it all
+        assert running(pid)
+    finally:
+        gate.release()
+    call = end.read_call('run')
+    assert (call.out, call.err) == (b'budget', b'')
+    assert call.reply == {'return': {'exitcode': 0}, 'id': 'run'}
+    assert end.read_message() == {'error': unexpected, 'id': 1}
+    # Two of them (18 MiB) cut the guest off, and its command dies.
+    gate = Gate(farm.workdir.join('gate-budget-2'))
+    try:
+        end.start('gated', [gate.path, farm.workdir.join('budget-2.pid')],
+                  'run')
+        pid = wait_pids(farm.workdir.join('budget-2.pid'))[0]
+        end.send(padded_ping(2, 9 << 20) + padded_ping(3, 9 << 20))
+        assert end.read_to_eof() == b''
+        wait_for(lambda: not running(pid))
+    finally:
+        gate.release()
+    farm.daemon.wait_log('guest budget: cut off')
+    lines = farm.daemon.lines()
+    assert ('negotiator: guest budget: cut off for 30 s: more than 16777216 '
+            'bytes of requests waiting') in lines
+    assert ('negotiator: guest budget: killing command pid {0}: its client '
+            'has gone'.format(pid)) in lines
+    assert_served(farm.ends['g003'], 'g003')
+
+
+def test_sixteen_failed_requests_in_a_row_cut_the_guest_off(farm):
+    # Unknown requests, and replies sent back as if ours were requests
+    # (a peer answering replies with replies), are all strikes.
+    _, end = new_guest(farm, 'echoer')
+    unknown = b'{"execute": "guest-exec", "id": 7}\n'
+    answer = b'{"return": {}}\n'
+    not_found = {'id': 7, 'error': {
+        'class': 'CommandNotFound',
+        'desc': 'The command guest-exec has not been found'}}
+    unexpected = {'error': {'class': 'GenericError',
+                            'desc': "QMP input member 'return' is unexpected"}}
+    # 15 in a row, a successful reply (the count starts again), 15 more.
+    end.send(unknown * 8 + answer * 7 +
+             b'{"execute": "guest-ping", "id": 15}\n' + answer * 15)
+    replies = [end.read_message() for _ in range(31)]
+    assert replies == ([not_found] * 8 + [unexpected] * 7 +
+                       [{'return': {}, 'id': 15}] + [unexpected] * 15)
+    end.send(answer)  # the 16th in a row
+    assert end.read_to_eof() == b''
+    farm.daemon.wait_log('guest echoer: cut off')
+    assert ('negotiator: guest echoer: cut off for 30 s: 16 failed requests '
+            'in a row') in farm.daemon.lines()
+    assert_served(farm.ends['g004'], 'g004')
+    assert not farm.stand_ins['echoer'].waiting(0.6)
+
+
+# ---------------------------------------------------------------------------
+# A socket path too long for AF_UNIX; --rescan nan and inf
+# ---------------------------------------------------------------------------
+
+def test_guest_socket_path_too_long_is_a_warning():
+    wd = Workdir()
+    write_commands(wd.commands)
+    long_path = wd.join('x' * 120 + '.sock')
+    stand_ins = {'ok': StandIn(wd.join('ok.sock'))}
+    ends = {}
+    daemon = None
+    try:
+        daemon = Daemon(wd, ['--guest', 'g=' + long_path,
+                             '--guest', 'ok=' + stand_ins['ok'].path])
+        ends['ok'] = stand_ins['ok'].accept()
+        daemon.wait_log('guest g: cannot connect')
+        # SIGHUP retries at once: still the one warning.
+        daemon.send_signal(signal.SIGHUP)
+        daemon.wait_log('SIGHUP: looking for guests again')
+        assert_served(ends['ok'], 'ok')
+        assert [line for line in daemon.lines() if 'guest g:' in line] == [
+            'negotiator: guest g: found ({0})'.format(long_path),
+            'negotiator: guest g: cannot connect to {0}: AF_UNIX path too '
+            'long; retrying'.format(long_path)]
+        daemon.stop()
+    finally:
+        if daemon is not None:
+            daemon.kill()
+        close_all(stand_ins, ends)
+        wd.cleanup()
+
+
+@pytest.mark.parametrize('value', ['nan', 'inf'])
+def test_daemon_rescan_nan_or_inf_is_a_usage_error(value):
+    status, out, err = run_cli(['host', '--daemon', '--rescan', value],
+                               timeout=HANG)
+    assert (status, out) == (2, b'')
+    assert err.startswith(b'Usage: negotiator.py host [OPTIONS] GUEST|SOCKET')
+    assert err.rstrip(b'\n').split(b'\n')[-1] == (
+        b'negotiator.py: error: --rescan must be a positive number of seconds')
+    assert err.count(b'error') == 1
+
+
+# ---------------------------------------------------------------------------
+# virsh failing after it worked: the guests known so far stay served
+# ---------------------------------------------------------------------------
+
+@needs_virsh
+def test_virsh_failing_after_it_worked_keeps_the_guests(monkeypatch):
+    wd = Workdir()
+    write_commands(wd.commands)
+    node = wd.join('node.xml')
+    flag = wd.join('virsh-fails')
+    bin_dir = wd.join('bin')
+    os.mkdir(bin_dir)
+    make_command(bin_dir, 'virsh', (
+        "#!/bin/sh\n"
+        "if [ -e '{0}' ]; then\n"
+        "    echo 'error: failed to connect to the hypervisor' >&2\n"
+        "    exit 1\n"
+        "fi\n"
+        "exec '{1}' \"$@\"\n").format(flag, which('virsh')))
+    monkeypatch.setenv('PATH', bin_dir + os.pathsep + os.environ['PATH'])
+    monkeypatch.setenv('LIBVIRT_DEFAULT_URI', 'test://' + node)
+    stand_ins = {'g1': StandIn(wd.join('g1.sock'))}
+    write_node(node, [domain_xml('g1', [('bind', stand_ins['g1'].path,
+                                         PORT)])])
+    ends = {}
+    daemon = None
+    try:
+        # No rescans but on SIGHUP.
+        daemon = Daemon(wd, ['--rescan', '3600'])
+        ends['g1'] = stand_ins['g1'].accept()
+        assert_served(ends['g1'], 'g1', 1)
+        open(flag, 'w').close()
+        daemon.send_signal(signal.SIGHUP)
+        daemon.wait_log('until virsh works')
+        assert ('negotiator: error: failed to connect to the hypervisor; '
+                'serving the guests known so far until virsh works'
+                ) in daemon.lines()
+        assert_served(ends['g1'], 'g1', 2)
+        os.unlink(flag)
+        daemon.send_signal(signal.SIGHUP)
+        daemon.wait_log('virsh works again')
+        assert_served(ends['g1'], 'g1', 3)
+        lines = daemon.lines()
+        assert 'negotiator: virsh works again' in lines
+        assert [line for line in lines if 'gone' in line] == []
+        assert [line for line in lines if 'guest g1: connected' in line] == [
+            'negotiator: guest g1: connected to {0}'.format(
+                stand_ins['g1'].path)]
+        assert not stand_ins['g1'].waiting(0)
         daemon.stop()
     finally:
         if daemon is not None:

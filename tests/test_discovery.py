@@ -21,6 +21,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from xml.sax.saxutils import escape
 
 import pytest
@@ -533,7 +534,14 @@ def test_find_guests_virsh_fails_scans_default_dir(world, monkeypatch,
     _, _, err = virsh(uri, 'list')
     first = negotiator.first_line(err)
     assert first
-    assert negotiator.find_guests(uri) == [
+    # With a URI given, virsh's failure is the answer: no fallback.
+    with pytest.raises(negotiator.ConnectError) as raised:
+        negotiator.find_guests(uri)
+    assert str(raised.value) == first
+    assert negotiator_warnings(caplog) == []
+    # Without one, virsh's first error line, then the channel directory.
+    monkeypatch.setenv('LIBVIRT_DEFAULT_URI', uri)
+    assert negotiator.find_guests() == [
         ('dead', '-', {HTG: world.dead}),
         ('old', '-', {LEGACY: world.old}),
         ('web1', '-', {HTG: world.agent_path, GTH: world.web1_gth}),
@@ -792,11 +800,19 @@ def test_cli_virsh_fails(world):
     virsh_status, _, virsh_err = virsh(uri, 'list')
     first = negotiator.first_line(virsh_err)
     assert virsh_status != 0 and first
+    # With --connect, virsh's error is the answer (exit 255).
+    status, out, err = cli(['host', '--connect', uri, '--list-guests'])
+    assert (status, out, err) == (255, b'', b('negotiator: ' + first + '\n'))
+    status, out, err = cli(['host', '-n', '--connect', uri, 'web1', 'greet'])
+    assert (status, out, err) == (255, b'', b('negotiator: ' + first + '\n'))
+    # Without it (libvirt's default URI), a warning and the channel
+    # directory instead.
+    env = dict(os.environ, LIBVIRT_DEFAULT_URI=uri)
     warning = b('negotiator: {0}; looking in {1} instead\n'.format(
         first, DEFAULT_CHANNEL_DIR))
-    status, out, err = cli(['host', '--connect', uri, '--list-guests'])
+    status, out, err = cli(['host', '--list-guests'], env=env)
     assert (status, out, err) == (0, HEADER_ONLY, warning)
-    status, out, err = cli(['host', '-n', '--connect', uri, 'web1', 'greet'])
+    status, out, err = cli(['host', '-n', 'web1', 'greet'], env=env)
     assert (status, out) == (255, b'')
     assert err == warning + (
         b'negotiator: no running guest named web1 has negotiator ports (a '
@@ -851,3 +867,37 @@ def test_domain_xml_with_nested_domain_element_is_parsed(workdir):
     assert '<domain xmlns="http://example.org/app">x</domain>' in out
     assert negotiator.parse_domains_xml(out) == {
         'meta': ('1', {HTG: sock}), 'after': ('2', {HTG: sock})}
+
+
+def test_cli_list_guests_busy_socket_answers_within_the_probe_limit(workdir):
+    # QEMU's queue of clients is full (listen(0) and a client never
+    # accepted): the probe gives up after PROBE_TIMEOUT, not never.
+    directory = workdir.join('channels')
+    os.mkdir(directory)
+    path = os.path.join(directory, 'busy.' + HTG)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    held = [server]
+    try:
+        server.bind(path)
+        server.listen(0)
+        for _ in range(8):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            held.append(client)
+            try:
+                client.connect(path)
+            except socket.error:
+                break   # the queue is full
+        else:
+            raise AssertionError('the queue never filled')
+        env = env_without_virsh(workdir.path)
+        started = time.time()
+        table = cli(['host', '--channel-dir', directory, '--list-guests'],
+                    env=env)
+        elapsed = time.time() - started
+    finally:
+        for sock in held:
+            sock.close()
+    assert elapsed < 8
+    assert table == (0, b'NAME  STATE  PORTS' + b' ' * 23 + b'AGENT\n' +
+                     b'busy  -      ' + b(HTG) + b'  no answer\n', b'')

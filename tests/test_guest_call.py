@@ -489,17 +489,18 @@ def test_missing_command_is_127(port):
     status, out, err = call(port, ['no-such-command', 'x'])
     assert (status, out) == (127, b'')
     assert err == b(
-        "negotiator: Command 'no-such-command' not found in {0}; available: "
-        "{1}\n".format(port.commands, ', '.join(USER_COMMANDS)))
+        "negotiator: Command 'no-such-command' not found in the host's "
+        "commands directory; available: {0}\n".format(
+            ', '.join(USER_COMMANDS)))
 
 
 def test_not_executable_command_is_126(port):
     status, out, err = call(port, ['not-executable'])
     assert (status, out) == (126, b'')
     assert err == b(
-        "negotiator: Command 'not-executable' is not executable: {0} is not "
-        "a regular file with execute permission (chmod +x it)\n".format(
-            os.path.join(port.commands, 'not-executable')))
+        "negotiator: Command 'not-executable' is not executable: "
+        "not-executable in the host's commands directory is not a regular "
+        "file with execute permission (chmod +x it)\n")
 
 
 def test_json_result(port):
@@ -520,9 +521,9 @@ def test_json_result(port):
 
 def test_json_error(port):
     status, out, err = call(port, ['not-executable'], options=['--json'])
-    desc = ("Command 'not-executable' is not executable: {0} is not a regular "
-            "file with execute permission (chmod +x it)".format(
-                os.path.join(port.commands, 'not-executable')))
+    desc = ("Command 'not-executable' is not executable: not-executable in "
+            "the host's commands directory is not a regular file with execute "
+            "permission (chmod +x it)")
     assert status == 126
     assert json.loads(out.decode('utf-8')) == {
         'error': {'class': 'NegotiatorCommandNotExecutable', 'desc': desc},
@@ -975,3 +976,54 @@ def test_sigterm_while_waiting_for_the_lock(port):
         assert port.bridge.transcript() == before
     finally:
         os.close(lock)
+
+
+# ---------------------------------------------------------------------------
+# Lock files must belong to the user
+# ---------------------------------------------------------------------------
+
+def foreign_lock_file(path):
+    """Make ``path`` a lock file that belongs to uid 65534."""
+    remove_quietly(path)
+    with open(path, 'w'):
+        pass
+    os.chown(path, 65534, -1)
+
+
+def foreign_lock_message(path):
+    return b('negotiator: the lock file {0} belongs to another user (uid '
+             '65534); remove it\n'.format(path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='chown needs root')
+def test_caller_refuses_a_lock_file_of_another_user(port):
+    foreign_lock_file(port.lock_path)
+    try:
+        status, out, err = call(port, ['hello'])
+    finally:
+        remove_quietly(port.lock_path)
+    assert (out, err) == (b'', foreign_lock_message(port.lock_path))
+    # With the file gone, calls work again.
+    assert call(port, ['hello'], stdin=b'x') == (3, hello_output([], b'x'),
+                                                 HELLO_ERR)
+    assert status == 255
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='chown needs root')
+def test_agent_refuses_a_lock_file_of_another_user(workdir):
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        device = os.ttyname(slave)
+        lock_path = negotiator.lock_path_for(device)
+        foreign_lock_file(lock_path)
+        try:
+            status, out, err = run_cli(['guest', '--device', device,
+                                        '--commands-dir', workdir.commands])
+        finally:
+            remove_quietly(lock_path)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert b'Traceback' not in err, err.decode('utf-8', 'replace')
+    assert (status, out, err) == (1, b'', foreign_lock_message(lock_path))

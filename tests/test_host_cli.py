@@ -767,6 +767,118 @@ def test_nobody_answers(workdir):
 
 
 # ---------------------------------------------------------------------------
+# Connecting: a full client queue, a path too long for AF_UNIX
+# ---------------------------------------------------------------------------
+
+def fill_backlog(path):
+    """A listening socket at ``path`` whose queue of clients is full: the
+    listener and the queued clients (never accepted), to close."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(0)
+    held = [server]
+    for _ in range(8):
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.setblocking(False)
+        held.append(client)
+        try:
+            client.connect(path)
+        except socket.error:
+            break   # the queue is full (EAGAIN)
+    else:
+        raise AssertionError('the queue of {0} never filled'.format(path))
+    return held
+
+
+def test_full_client_queue_is_waited_for_until_the_timeout(workdir):
+    path = workdir.join('busy.sock')
+    held = fill_backlog(path)
+    try:
+        started = time.time()
+        status, out, err = cli(['host', '-n', '-t', '1', path, 'true'])
+        elapsed = time.time() - started
+    finally:
+        for sock in held:
+            sock.close()
+    assert elapsed < 8
+    assert (status, out) == (255, b'')
+    assert err == b('negotiator: cannot connect to {0}: busy: QEMU has other '
+                    'clients of this socket queued\n'.format(path))
+
+
+def test_socket_path_too_long_for_af_unix(workdir):
+    path = workdir.join('x' * 120 + '.sock')
+    assert len(path) > 108
+    status, out, err = cli(['host', '-n', path, 'true'])
+    assert (status, out) == (255, b'')
+    assert err == b('negotiator: cannot connect to {0}: AF_UNIX path too '
+                    'long\n'.format(path))
+
+
+# ---------------------------------------------------------------------------
+# Standard input closed (cmd <&-)
+# ---------------------------------------------------------------------------
+
+def test_closed_stdin_forwards_nothing(agent):
+    process = subprocess.Popen(
+        [sys.executable, NEGOTIATOR, 'host', agent.socket, 'cat-stdin'],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
+        preexec_fn=lambda: os.close(0))
+    out, err = communicate(process, None, time.time() + HANG)
+    assert (process.returncode, out, err) == (0, b'<eof>', b'')
+    process = subprocess.Popen(
+        [sys.executable, NEGOTIATOR, 'host', agent.socket, 'exit-with', '3'],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
+        preexec_fn=lambda: os.close(0))
+    out, err = communicate(process, None, time.time() + HANG)
+    assert (process.returncode, out, err) == (3, b'out 3', b'err 3')
+
+
+# ---------------------------------------------------------------------------
+# A peer's odd command names: escaped in the log, UTF-8 only
+# ---------------------------------------------------------------------------
+
+def test_control_characters_of_a_command_name_are_escaped_in_the_log(agent):
+    name = 'a\nnegotiator: forged'
+    client = agent.client()
+    try:
+        reply = client.call({'execute': 'negotiator-execute', 'id': 'forge',
+                             'arguments': {'command': name}})
+    finally:
+        client.close()
+    assert reply == {'id': 'forge', 'error': {
+        'class': 'NegotiatorCommandNotFound',
+        'desc': not_found_message(agent, name).decode('utf-8')[
+            len('negotiator: '):-1]}}
+    # The error reply is logged (-v) before the reply is sent.
+    log = agent.log()
+    assert "Command 'a\\nnegotiator: forged' not found" in log
+    assert [line for line in log.splitlines()
+            if line.startswith('negotiator: forged')] == []
+
+
+@pytest.mark.skipif(sys.version_info[0] < 3, reason=(
+    "Python 2's UTF-8 codec encodes a lone surrogate: its bytes pass on as "
+    'they are, as any other name'))
+@pytest.mark.parametrize('arguments', [
+    b'{"command": "\\ud800"}',
+    b'{"command": "args", "args": ["ok", "\\ud800"]}',
+], ids=['command', 'args'])
+def test_lone_surrogate_in_a_command_name_is_refused(agent, arguments):
+    client = agent.client()
+    try:
+        client.send(b'{"execute": "negotiator-execute", "id": 5, '
+                    b'"arguments": ' + arguments + b'}\n')
+        reply = client.read_message()
+    finally:
+        client.close()
+    assert reply == {'id': 5, 'error': {
+        'class': 'GenericError',
+        'desc': "Parameters 'command' and 'args' must be UTF-8 text"}}
+    assert 'internal error' not in agent.log()
+
+
+# ---------------------------------------------------------------------------
 # Last: the agent survived every error above
 # ---------------------------------------------------------------------------
 
