@@ -92,7 +92,7 @@ if PY3:
         """The bytes of ``data`` from ``start`` on, without copying them:
         what is left to write after a partial write (one write() on a port
         takes at most 32 KiB of a line that may hold megabytes)."""
-        return memoryview(data)[start:]
+        return memoryview(data)[start:]  # novm
 else:
     def _start_child():
         """Python 2's close_fds=True closes every number up to the limit of
@@ -347,7 +347,7 @@ def encode_bytes(data):
 if sys.version_info >= (3, 6):
     def base64_line(data):
         """Base64 of ``data``, without the newline (nor a copy to drop it)."""
-        return binascii.b2a_base64(data, newline=False)
+        return binascii.b2a_base64(data, newline=False)  # novm
 else:
     def base64_line(data):
         return binascii.b2a_base64(data)[:-1]
