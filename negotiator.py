@@ -176,6 +176,8 @@ MAX_STDIN = MAX_LINE // 4 * 3 - 64 * 1024
 MAX_PENDING = 64
 #: Bytes read from a pipe or a socket at once.
 READ_SIZE = 65536
+#: One read() on a virtio-serial port returns at most this many bytes.
+PORT_READ = 4096
 #: A command's output is not read while more than this waits to be sent ...
 HIGH_WATER = 1024 * 1024
 #: ... and is read again once the backlog is below this.
@@ -821,6 +823,8 @@ class Channel(object):
                     self.handler.on_line(item)
                 if not self.connected:
                     return
+            if len(data) < PORT_READ:
+                return  # emptied: another read would only say EAGAIN
 
     def disconnect(self, why):
         """Stop reading and writing; drop what was not sent."""
