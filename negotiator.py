@@ -308,9 +308,14 @@ ERROR_STATUSES = {
 # Wire protocol: newline-delimited JSON, as qemu-ga speaks it
 # ============================================================================
 
+#: Compact, ASCII-only JSON; made once, as json.dumps() with separators
+#: would make one per message.
+JSON_ENCODER = json.JSONEncoder(separators=(',', ':'))
+
+
 def encode_message(message):
     """Return ``message`` as one wire line: ASCII-only JSON ending in ``\\n``."""
-    line = json.dumps(message, separators=(',', ':'))
+    line = JSON_ENCODER.encode(message)
     if not isinstance(line, bytes):
         line = line.encode('ascii')
     return line + b'\n'
@@ -441,6 +446,10 @@ class LineReader(object):
             a 0xFF byte was and OVERSIZED where a too-long line began,
             in stream order.
         """
+        if (not self._chunks and not self._dropping and
+                data.endswith(b'\n') and len(data) <= self.limit and
+                RESYNC_BYTE not in data):
+            return data.split(b'\n')[:-1]  # the usual case: whole lines
         items = []
         for index, piece in enumerate(data.split(RESYNC_BYTE)):
             if index:
@@ -744,6 +753,8 @@ class Loop(object):
             self._signal_callbacks[signum]()
 
     def _run_due_timers(self):
+        if not self._timers:
+            return
         now = monotonic()
         for timer in list(self._timers):
             if timer.deadline <= now and not timer.cancelled:
