@@ -2087,6 +2087,11 @@ class Client(object):
         self.reader = LineReader()
         self._lines = []
         self._next_id = random_id()
+        #: Watches fd for reading, made once for the many waits of a call.
+        self._poller = None
+        if hasattr(select, 'poll'):
+            self._poller = select.poll()
+            self._poller.register(fd, select.POLLIN)
 
     def send(self, data):
         sent = 0
@@ -2112,7 +2117,7 @@ class Client(object):
                     raise ConnectError('{0}: the other side went away'.format(
                         self.name))
         else:
-            poll_fds([self.fd], [], timeout)
+            poll_fds([self.fd], [], timeout, self._poller)
 
     def receive(self):
         """The next received item (line, RESYNC or OVERSIZED); waits for it."""
