@@ -766,6 +766,14 @@ class Loop(object):
         while self.running:
             self.run_once()
 
+    def stop_on(self, *signums):
+        """End run() when one of these signals arrives."""
+        def stop():
+            log.info('stopping')
+            self.running = False
+        for signum in signums:
+            self.on_signal(signum, stop)
+
 
 class Channel(object):
     """One conversation's descriptor: lines in, buffered non-blocking writes out.
@@ -2038,13 +2046,7 @@ def run_guest(options):
             device = options.device or find_port() or FALLBACK_DEVICE
             lock_fd = take_lock(lock_path_for(device))
             service = PortService(loop, options.device, commands, children)
-
-        def stop():
-            log.info('stopping')
-            loop.running = False
-
-        loop.on_signal(signal.SIGTERM, stop)
-        loop.on_signal(signal.SIGINT, stop)
+        loop.stop_on(signal.SIGTERM, signal.SIGINT)
         loop.on_signal(signal.SIGCHLD, children.check)
         service.start()
         log.info('negotiator %s guest agent started (commands: %s)',
@@ -2397,14 +2399,20 @@ def run_call(client, command, options, started, where, stdin_data):
     return run_remote(client, command, options, where, stdin_data)
 
 
-def show_ping(client, started, as_json):
+def ping_agent(client):
+    """``(version, guest-ping round trip in ms)`` of the other side."""
     sent = monotonic()
     client.call('guest-ping')
     round_trip = (monotonic() - sent) * 1000
-    version = client.call('guest-info').get('version', '?')
+    return client.call('guest-info').get('version', '?'), round_trip
+
+
+def show_ping(client, started, as_json):
+    connected = monotonic()
+    version, round_trip = ping_agent(client)
     if as_json:
         print_json({'version': version, 'round-trip-ms': round(round_trip, 3),
-                    'connect-ms': round((sent - started) * 1000, 3)})
+                    'connect-ms': round((connected - started) * 1000, 3)})
     else:
         sys.stdout.write('{0}: agent {1}, round trip {2:.2f} ms\n'.format(
             client.name, version, round_trip))
@@ -2779,10 +2787,7 @@ def probe_agent(path, timeout):
     except NegotiatorError as e:
         return None, str(e)
     try:
-        sent = monotonic()
-        client.call('guest-ping')
-        round_trip = (monotonic() - sent) * 1000
-        version = client.call('guest-info').get('version', '?')
+        version, round_trip = ping_agent(client)
         return {'version': version,
                 'round-trip-ms': round(round_trip, 3)}, None
     except NegotiatorError as e:
@@ -3107,23 +3112,18 @@ def parse_guest_pairs(pairs):
     return found
 
 
-def run_daemon(options):
-    """``host --daemon``: serve guests until SIGTERM or SIGINT."""
-    pairs = None
-    if options.guests:
-        pairs = parse_guest_pairs(options.guests)
+def run_daemon(options, pairs):
+    """``host --daemon``: serve guests until SIGTERM or SIGINT.
+
+    :param pairs: ``{name: socket}`` from --guest, or None to find guests.
+    """
     loop = Loop()
     commands = CommandSet(options.commands_dir, {},
                           "the host's commands directory")
     daemon = HostDaemon(loop, commands, pairs,
                         options.connect, options.channel_dir, options.rescan)
     try:
-        def stop():
-            log.info('stopping')
-            loop.running = False
-
-        loop.on_signal(signal.SIGTERM, stop)
-        loop.on_signal(signal.SIGINT, stop)
+        loop.stop_on(signal.SIGTERM, signal.SIGINT)
         daemon.start()
         log.info('negotiator %s host daemon started (commands: %s)',
                  __version__, options.commands_dir)
@@ -3369,7 +3369,7 @@ def add_call_options(parser, other_side):
     parser.add_option_group(group)
 
 
-def add_commands_dir_option(parser, who):
+def add_service_options(parser, who):
     parser.add_option('--commands-dir', metavar='DIR',
                       default=DEFAULT_COMMANDS_DIR,
                       help='directory of the commands {0} may run '
@@ -3386,7 +3386,7 @@ def guest_parser():
     parser.add_option('--listen', metavar='PATH',
                       help='serve a UNIX socket at PATH instead of a port '
                       '(to try negotiator without a VM)')
-    add_commands_dir_option(parser, 'the host')
+    add_service_options(parser, 'the host')
     parser.add_option('--call', action='store_true',
                       help='run COMMAND [ARG...] on the host')
     add_call_options(parser, 'host')
@@ -3419,7 +3419,7 @@ def host_parser():
                      default=DEFAULT_RESCAN,
                      help='look for guests that came or went every SECONDS '
                      '(default: %default)')
-    add_commands_dir_option(group, 'guests')
+    add_service_options(group, 'guests')
     parser.add_option_group(group)
     return parser
 
@@ -3483,12 +3483,12 @@ def parse_host_mode(args):
         if not 0 < options.rescan <= MAX_TIMEOUT:
             parser.error('--rescan must be a positive number of seconds')
         try:
-            parse_guest_pairs(options.guests)
+            pairs = parse_guest_pairs(options.guests) or None
         except ValueError as e:
             parser.error(str(e))
         setup_logging(options.verbosity, options.syslog)
         if options.daemon:
-            return options, lambda: run_daemon(options)
+            return options, lambda: run_daemon(options, pairs)
         return options, lambda: host_list_guests(options)
     if not extra:
         parser.error('GUEST (or SOCKET) is missing')
