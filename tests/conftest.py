@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from helpers import Workdir
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
 HIDE_SIX_DIR = os.path.join(TESTS_DIR, 'hide_six')
@@ -70,3 +72,11 @@ def pytest_report_header(config):
 def python_exe():
     """The interpreter running the tests, for spawning negotiator.py."""
     return sys.executable
+
+
+@pytest.fixture
+def workdir():
+    """A temporary directory with a commands directory, removed afterwards."""
+    wd = Workdir()
+    yield wd
+    wd.cleanup()

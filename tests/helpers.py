@@ -5,6 +5,7 @@ Everything here runs on Python 2.7 and 3.6+ (no f-strings).
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -19,6 +20,32 @@ NEGOTIATOR = os.path.join(ROOT, 'negotiator.py')
 
 #: Generous bound that only catches hangs.
 HANG = 30.0
+
+
+def b(text):
+    """Text as UTF-8 bytes, to compare with what a process wrote."""
+    return text.encode('utf-8')
+
+
+def cli(args, **kwargs):
+    """run_cli(), also checking that no traceback reached stderr."""
+    status, out, err = run_cli(args, **kwargs)
+    assert b'Traceback' not in err, err.decode('utf-8', 'replace')
+    return status, out, err
+
+
+def process_state(pid):
+    """A /proc state letter ('R', 'S', 'Z', ...), or None when gone."""
+    try:
+        with open('/proc/{0}/stat'.format(pid)) as handle:
+            return handle.read().rsplit(')', 1)[1].split()[0]
+    except (IOError, OSError):
+        return None
+
+
+def running(pid):
+    """Alive and not a zombie (a zombie has been killed, only not reaped)."""
+    return process_state(pid) not in (None, 'Z')
 
 
 def run_cli(args, stdin=b'', timeout=HANG, env=None):
@@ -163,12 +190,18 @@ def wait_for(condition, timeout=HANG, interval=0.01):
 
 
 class RawClient(object):
-    """A client that speaks raw bytes to a socket, for protocol tests."""
+    """A client that speaks raw bytes to a socket, for protocol tests.
 
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    It connects to ``path``, or speaks on the connected socket ``sock``.
+    """
+
+    def __init__(self, path=None, sock=None):
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(HANG)
+            sock.connect(path)
+        self.sock = sock
         self.sock.settimeout(HANG)
-        self.sock.connect(path)
         self.buffer = b''
 
     def send(self, data):
@@ -202,12 +235,10 @@ class RawClient(object):
         """True when nothing at all arrives within ``seconds``."""
         if self.buffer:
             return False
-        self.sock.settimeout(seconds)
-        try:
-            data = self.sock.recv(65536)
-        except socket.timeout:
+        ready, _, _ = select.select([self.sock], [], [], seconds)
+        if not ready:
             return True
-        self.buffer += data
+        self.buffer += self.sock.recv(65536)
         return False
 
     def close(self):

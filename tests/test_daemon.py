@@ -28,7 +28,8 @@ import time
 import pytest
 
 import negotiator
-from helpers import HANG, NEGOTIATOR, Workdir, make_command, run_cli, wait_for
+from helpers import (HANG, NEGOTIATOR, RawClient, Workdir, b, make_command,
+                     run_cli, running, wait_for)
 
 PORT = negotiator.GUEST_TO_HOST_PORT
 MAX_LINE = negotiator.MAX_LINE
@@ -117,31 +118,11 @@ class Call(object):
             self.reply = message
 
 
-class GuestEnd(object):
+class GuestEnd(RawClient):
     """The connection the daemon made to a stand-in, driven as the guest."""
 
     def __init__(self, sock):
-        self.sock = sock
-        self.sock.settimeout(HANG)
-        self.buffer = b''
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def request(self, message):
-        self.send(json.dumps(message).encode('ascii') + b'\n')
-
-    def read_line(self, timeout=HANG):
-        """The next line (without its newline); b'' at end of file."""
-        self.sock.settimeout(timeout)
-        while b'\n' not in self.buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                rest, self.buffer = self.buffer, b''
-                return rest
-            self.buffer += data
-        line, self.buffer = self.buffer.split(b'\n', 1)
-        return line
+        RawClient.__init__(self, sock=sock)
 
     def read_exact(self, size, timeout=HANG):
         self.sock.settimeout(timeout)
@@ -151,15 +132,6 @@ class GuestEnd(object):
             self.buffer += data
         data, self.buffer = self.buffer[:size], self.buffer[size:]
         return data
-
-    def read_message(self, timeout=HANG):
-        line = self.read_line(timeout)
-        assert line, 'connection closed'
-        return json.loads(line.decode('ascii'))
-
-    def call(self, message):
-        self.request(message)
-        return self.read_message()
 
     def read_call(self, request_id):
         """Output events up to the reply: a Call."""
@@ -183,16 +155,6 @@ class GuestEnd(object):
         return struct.unpack('i', fcntl.ioctl(
             self.sock.fileno(), termios.TIOCOUTQ, b'\0\0\0\0'))[0]
 
-    def nothing_within(self, seconds):
-        """True when nothing at all arrives within ``seconds``."""
-        if self.buffer:
-            return False
-        ready, _, _ = select.select([self.sock], [], [], seconds)
-        if not ready:
-            return True
-        self.buffer += self.sock.recv(65536)
-        return False
-
     def read_to_eof(self, timeout=HANG):
         """Everything that arrives before end of file, which must come."""
         deadline = time.time() + timeout
@@ -207,9 +169,6 @@ class GuestEnd(object):
             if not chunk:
                 return data
             data += chunk
-
-    def close(self):
-        self.sock.close()
 
 
 class StandIn(object):
@@ -411,23 +370,6 @@ def write_commands(directory):
     for name, script in SCRIPTS.items():
         make_command(directory, name, script)
 
-
-def b(text):
-    return text.encode('utf-8')
-
-
-def process_state(pid):
-    """A /proc state letter ('R', 'S', 'Z', ...), or None when gone."""
-    try:
-        with open('/proc/{0}/stat'.format(pid)) as handle:
-            return handle.read().rsplit(')', 1)[1].split()[0]
-    except (IOError, OSError):
-        return None
-
-
-def running(pid):
-    """Alive and not a zombie (a zombie has been killed, only not reaped)."""
-    return process_state(pid) not in (None, 'Z')
 
 
 def wait_pids(path):

@@ -27,8 +27,8 @@ from xml.sax.saxutils import escape
 import pytest
 
 import negotiator
-from helpers import GuestProcess, Workdir, connectable, make_command, \
-    run_cli, wait_for
+from helpers import (GuestProcess, Workdir, b, cli, connectable,
+                     make_command, wait_for)
 
 VIRSH = '/usr/bin/virsh'
 needs_virsh = pytest.mark.skipif(
@@ -57,10 +57,6 @@ REFUSED = ('cannot connect to {0}: connection refused: nothing serves this '
 # ---------------------------------------------------------------------------
 # Helpers: sockets, node XML, virsh
 # ---------------------------------------------------------------------------
-
-def b(text):
-    return text.encode('utf-8')
-
 
 def dead_socket(path):
     """A UNIX socket file nothing listens on (connecting is refused)."""
@@ -116,12 +112,6 @@ def virsh(uri, command):
         out, err = child.communicate()
     return (child.returncode, out.decode('utf-8', 'replace'),
             err.decode('utf-8', 'replace'))
-
-
-def cli(args, **kwargs):
-    status, out, err = run_cli(args, **kwargs)
-    assert b'Traceback' not in err, err.decode('utf-8', 'replace')
-    return status, out, err
 
 
 def env_without_virsh(directory):
@@ -217,13 +207,6 @@ def world():
         raise
     yield the_world
     the_world.stop()
-
-
-@pytest.fixture
-def workdir():
-    wd = Workdir()
-    yield wd
-    wd.cleanup()
 
 
 def expected_guests(world):

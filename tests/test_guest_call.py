@@ -37,7 +37,7 @@ import tty
 import pytest
 
 import negotiator
-from helpers import (HANG, NEGOTIATOR, ROOT, Workdir, communicate,
+from helpers import (HANG, NEGOTIATOR, ROOT, Workdir, b, communicate,
                      make_command, run_cli, wait_for)
 
 GUEST_NAME = 'g1'
@@ -84,10 +84,6 @@ def hello_output(args, stdin=b''):
 
 
 HELLO_ERR = b'hello on stderr\n'
-
-
-def b(text):
-    return text.encode('utf-8')
 
 
 # ---------------------------------------------------------------------------
@@ -335,13 +331,6 @@ def port():
             the_port.stop()
         finally:
             wd.cleanup()
-
-
-@pytest.fixture
-def workdir():
-    wd = Workdir()
-    yield wd
-    wd.cleanup()
 
 
 #: Callers a test started in the background, killed if it left them running.

@@ -21,8 +21,8 @@ import time
 import pytest
 
 import negotiator
-from helpers import (HANG, NEGOTIATOR, Agent, Workdir, communicate,
-                     make_command, run_cli, wait_for)
+from helpers import (HANG, NEGOTIATOR, Agent, Workdir, b, cli, communicate,
+                     make_command, process_state, run_cli, wait_for)
 
 BUILTINS = ('disk-usage', 'hostname', 'ip-addresses', 'os-info', 'uptime')
 
@@ -105,28 +105,11 @@ def agent():
         wd.cleanup()
 
 
-@pytest.fixture
-def workdir():
-    wd = Workdir()
-    yield wd
-    wd.cleanup()
-
-
 def host(agent, *args, **kwargs):
     """agent.host(), also checking that no traceback reached stderr."""
     status, out, err = agent.host(*args, **kwargs)
     assert b'Traceback' not in err, err.decode('utf-8', 'replace')
     return status, out, err
-
-
-def cli(args, **kwargs):
-    status, out, err = run_cli(args, **kwargs)
-    assert b'Traceback' not in err, err.decode('utf-8', 'replace')
-    return status, out, err
-
-
-def b(text):
-    return text.encode('utf-8')
 
 
 def last_line(data):
@@ -142,15 +125,6 @@ def write_file(path, data):
     with open(path, 'wb') as handle:
         handle.write(data)
     return path
-
-
-def process_state(pid):
-    """A /proc state letter ('R', 'S', 'Z', ...), or None when gone."""
-    try:
-        with open('/proc/{0}/stat'.format(pid)) as handle:
-            return handle.read().rsplit(')', 1)[1].split()[0]
-    except (IOError, OSError):
-        return None
 
 
 def read_pid(path):
