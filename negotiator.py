@@ -3301,8 +3301,8 @@ HOST_USAGE = """%prog host [OPTIONS] GUEST|SOCKET COMMAND [ARG...]
 Run COMMAND with its ARGs in a guest: GUEST is the name of a running
 libvirt guest (found with virsh, or in libvirt's channel directory),
 SOCKET the UNIX socket of its negotiator-host-to-guest.0 port (a path
-holding a slash).  Options go before GUEST; everything after COMMAND is
-passed on verbatim.  The command's stdout and stderr arrive here as they
+holding a slash, or a socket in the current directory).  Options go before
+GUEST; everything after COMMAND is passed on verbatim.  The command's stdout and stderr arrive here as they
 are produced; its exit status becomes this program's.  Standard input is
 forwarded when it is not a terminal.
 
