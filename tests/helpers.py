@@ -222,6 +222,16 @@ class RawClient(object):
         line, self.buffer = self.buffer.split(b'\n', 1)
         return line
 
+    def read_bytes(self, size, timeout=HANG):
+        """The next ``size`` bytes, raw (the raw output after an event)."""
+        self.sock.settimeout(timeout)
+        while len(self.buffer) < size:
+            data = self.sock.recv(65536)
+            assert data, 'connection closed'
+            self.buffer += data
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
     def read_message(self, timeout=HANG):
         line = self.read_line(timeout)
         assert line, 'connection closed'

@@ -156,9 +156,12 @@ def test_background_process_of_a_command_neither_delays_nor_holds_the_port(
     assert messages[-1] == {'return': {'exitcode': 0}, 'id': 1}
     background = int(open(pid_file).read())
     try:
-        # Until sleep is exec'd, the forked shell still has its script open.
+        # Until sleep is exec'd, the forked shell still has its script open
+        # (and exec closes it a moment after the command line changes).
         wait_for(lambda: open('/proc/{0}/cmdline'.format(background), 'rb')
-                 .read().startswith(b'sleep\0'))
+                 .read().startswith(b'sleep\0') and
+                 sorted(os.listdir('/proc/{0}/fd'.format(background))) ==
+                 ['0', '1', '2'])
         held = [os.readlink('/proc/{0}/fd/{1}'.format(background, fd))
                 for fd in os.listdir('/proc/{0}/fd'.format(background))]
         assert port.path not in held

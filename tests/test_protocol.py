@@ -4,13 +4,15 @@ import base64
 import hashlib
 import json
 import os
+import re
 import socket
+import sys
 import threading
 
 import pytest
 
 import negotiator
-from helpers import Agent, Workdir, make_command, wait_for
+from helpers import Agent, Workdir, b, make_command, wait_for
 
 
 # ---------------------------------------------------------------------------
@@ -134,8 +136,18 @@ def test_client_never_takes_a_stale_reply_for_its_own():
         event = {'event': 'negotiator-output',
                  'data': {'out-data': 'b3Vycw==', 'id': request_id}}
         reply = {'return': {'exitcode': 7}, 'id': request_id}
-        return b''.join(json.dumps(m).encode('ascii') + b'\n'
-                        for m in (stale, stale_event, event, reply))
+        lines = [json.dumps(m).encode('ascii') + b'\n'
+                 for m in (stale, stale_event, event, reply)]
+        # Raw output is not lines, whoever it is for: a forged reply in a
+        # stale request's raw bytes, then raw bytes of ours.
+        forged = b'\xff\n' + json.dumps(reply).encode('ascii') + b'\n'
+        raw = [json.dumps({'event': 'negotiator-output', 'data': {
+            'out-bytes': len(forged), 'id': request_id + 1}}).encode('ascii'),
+            b'\n', forged,
+            json.dumps({'event': 'negotiator-output', 'data': {
+                'err-bytes': 3, 'id': request_id}}).encode('ascii'),
+            b'\n', b'\x00\n\xff']
+        return b''.join(lines[:3] + raw + lines[3:])
 
     thread = threading.Thread(target=scripted_agent, args=(theirs, script))
     thread.daemon = True
@@ -146,9 +158,9 @@ def test_client_never_takes_a_stale_reply_for_its_own():
     client.sync()
     events = []
     result = client.call('negotiator-execute', {'command': 'x'},
-                         lambda name, data: events.append(data['out-data']))
+                         lambda stream, data: events.append((stream, data)))
     assert result == {'exitcode': 7}
-    assert events == ['b3Vycw==']
+    assert events == [('out-data', b'ours'), ('err-data', b'\x00\n\xff')]
     ours.close()
     thread.join(10)
 
@@ -178,6 +190,8 @@ def agent():
                  '#!/bin/sh\nprintf out; printf err >&2; exit 5\n')
     make_command(workdir.commands, 'big',
                  '#!/bin/sh\nexec head -c "$1" /dev/zero | tr "\\0" x\n')
+    make_command(workdir.commands, 'pipe-size', '#!{0}\nimport fcntl\n'
+                 'print(fcntl.fcntl(1, 1032))\n'.format(sys.executable))
     make_command(workdir.commands, 'touch-marker',
                  '#!/bin/sh\ntouch "$1"\n')
     make_command(workdir.commands, 'sleep-pid',
@@ -283,6 +297,10 @@ def test_guest_info_lists_what_is_served(agent):
       'arguments': {'command': 'cat', 'timeout': 'soon'}},
      {'class': 'GenericError',
       'desc': "Invalid parameter type for 'timeout', expected: number >= 0"}),
+    ({'execute': 'negotiator-execute',
+      'arguments': {'command': 'cat', 'raw-output': 'yes'}},
+     {'class': 'GenericError',
+      'desc': "Invalid parameter type for 'raw-output', expected: boolean"}),
     ({'execute': 'negotiator-execute', 'arguments': {'command': 7}},
      {'class': 'GenericError',
       'desc': "Invalid parameter type for 'command', expected: string"}),
@@ -403,6 +421,71 @@ def test_fifty_megabytes_of_output_arrive_intact(agent):
     client.close()
 
 
+RAW_EVENT = re.compile(
+    br'\A\{"event":"negotiator-output","data":\{"id":"r","(out|err)-bytes":'
+    br'(\d+)\},"timestamp":\{"seconds":\d+,"microseconds":\d+\}\}\Z')
+
+
+def raw_execute(client, command, args=(), **extra):
+    """Run a command with raw output; ``(chunks, final reply)``.
+
+    Every event line must be exactly a raw chunk's header; the chunks come
+    as ``(stream, bytes)`` in order.
+    """
+    arguments = {'command': command, 'args': list(args), 'raw-output': True}
+    arguments.update(extra)
+    client.request({'execute': 'negotiator-execute', 'arguments': arguments,
+                    'id': 'r'})
+    chunks = []
+    while True:
+        line = client.read_line()
+        match = RAW_EVENT.match(line)
+        if not match:
+            return chunks, json.loads(line.decode('ascii'))
+        stream = match.group(1).decode('ascii') + '-data'
+        chunks.append((stream, client.read_bytes(int(match.group(2)))))
+
+
+def test_raw_output_follows_its_event_line_byte_for_byte(agent):
+    client = agent.client()
+    data = bytes(bytearray(range(256))) * 4096 + b'\n\xff{"return":{}}\n'
+    chunks, reply = raw_execute(
+        client, 'cat', **{'input-data': negotiator.encode_bytes(data)})
+    assert reply == {'return': {'exitcode': 0}, 'id': 'r'}
+    assert set(stream for stream, _ in chunks) == set(['out-data'])
+    assert b''.join(chunk for _, chunk in chunks) == data
+    chunks, reply = raw_execute(client, 'both')
+    assert reply == {'return': {'exitcode': 5}, 'id': 'r'}
+    assert sorted(chunks) == [('err-data', b'err'), ('out-data', b'out')]
+    chunks, reply = raw_execute(client, 'hostname')  # a built-in
+    assert reply == {'return': {'exitcode': 0}, 'id': 'r'}
+    assert chunks == [('out-data', b(socket.gethostname() + '\n'))]
+    assert client.call({'execute': 'guest-ping', 'id': 2}) == {
+        'return': {}, 'id': 2}
+    client.close()
+
+
+def test_fifty_megabytes_of_raw_output_arrive_intact_in_big_chunks(agent):
+    client = agent.client()
+    size = 50 * 1024 * 1024
+    chunks, reply = raw_execute(client, 'big', [str(size)])
+    assert reply == {'return': {'exitcode': 0}, 'id': 'r'}
+    assert sum(len(chunk) for _, chunk in chunks) == size
+    assert all(chunk == b'x' * len(chunk) for _, chunk in chunks)
+    # Reads grow past 64 KiB when the command writes faster than the
+    # agent sends (its stdout pipe holds 1 MiB).
+    assert max(len(chunk) for _, chunk in chunks) > 65536
+    client.close()
+
+
+def test_command_stdout_is_a_one_megabyte_pipe(agent):
+    client = agent.client()
+    events, reply = execute(client, 'pipe-size')
+    assert reply['return'] == {'exitcode': 0}
+    assert output_of(events) == b'1048576\n'
+    client.close()
+
+
 def test_requests_wait_behind_a_running_command_in_order(agent):
     client = agent.client()
     client.request({'execute': 'negotiator-execute', 'id': 1,
@@ -470,7 +553,7 @@ def test_list_commands(agent):
     kinds = dict((c['name'], c['kind']) for c in reply['return'])
     assert kinds == {
         'big': 'user', 'both': 'user', 'cat': 'user', 'echo-args': 'user',
-        'sleep-pid': 'user', 'touch-marker': 'user', 'disk-usage': 'builtin',
+        'pipe-size': 'user', 'sleep-pid': 'user', 'touch-marker': 'user', 'disk-usage': 'builtin',
         'hostname': 'builtin', 'ip-addresses': 'builtin', 'os-info': 'builtin',
         'uptime': 'builtin'}
     client.close()
