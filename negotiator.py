@@ -394,10 +394,10 @@ EVENT_END = b'},"timestamp":{"seconds":%d,"microseconds":%d}}\n'
 RAW_MEMBERS = {'out-data': 'out-bytes', 'err-data': 'err-bytes'}
 
 
-def output_event_encoder(request_id, raw=False):
-    """A function that turns a chunk of a command's output into an event.
+class OutputEvents(object):
+    """Makes the events that carry one request's command output.
 
-    The event is QMP-style, tied to the request by ``data.id``::
+    An event is QMP-style, tied to the request by ``data.id``::
 
         {"event":"negotiator-output","data":{"id":ID,"out-data":"BASE64"},
          "timestamp":{"seconds":S,"microseconds":US}}
@@ -405,33 +405,40 @@ def output_event_encoder(request_id, raw=False):
     With ``raw`` (the client asked for "raw-output") the line gives the
     chunk's size instead, ``"out-bytes":N``, and the N bytes themselves
     follow the newline as they are: no base64 to make and read back, and a
-    quarter fewer bytes on the port.
+    quarter fewer bytes on the port.  Streams are ``'out-data'`` (stdout)
+    and ``'err-data'`` (stderr).
 
-    It is the bulk of what the agent sends, so the line is put together
-    from bytes: the request's part is encoded once, and the base64 text
-    (which needs no escaping) never passes through the JSON encoder.
-
-    :returns: ``encode(stream, data)`` -> the pieces to send in a row, for
-        stream ``'out-data'`` or ``'err-data'``.
+    Events are the bulk of what the agent sends, so their lines are put
+    together from bytes: the request's part is encoded once, and the base64
+    text (which needs no escaping) never passes through the JSON encoder.
     """
-    id_member = b''
-    if request_id is not NO_ID:
-        id_member = b'"id":' + encode_message(request_id)[:-1] + b','
-    starts = {}
-    for stream in ('out-data', 'err-data'):
-        member = RAW_MEMBERS[stream] if raw else stream
-        starts[stream] = (b'{"event":"negotiator-output","data":{' +
-                          id_member + b'"' + member.encode('ascii') + b'":')
 
-    def encode(stream, data):
+    def __init__(self, request_id, raw=False):
+        self.raw = raw
+        id_member = b''
+        if request_id is not NO_ID:
+            id_member = b'"id":' + encode_message(request_id)[:-1] + b','
+        self._starts = {}
+        for stream in ('out-data', 'err-data'):
+            member = RAW_MEMBERS[stream] if raw else stream
+            self._starts[stream] = (
+                b'{"event":"negotiator-output","data":{' + id_member + b'"' +
+                member.encode('ascii') + b'":')
+
+    def pieces(self, stream, data):
+        """What to send, in a row, for a chunk of output."""
+        if self.raw:
+            return self.header(stream, len(data)), data
+        return (self._line(stream, b'"' + base64_line(data) + b'"'),)
+
+    def header(self, stream, size):
+        """The line that announces ``size`` raw bytes of output."""
+        return self._line(stream, str(size).encode('ascii'))
+
+    def _line(self, stream, value):
         now = time.time()
-        end = EVENT_END % (int(now), int(now % 1 * 1e6))
-        if raw:
-            return (b''.join([starts[stream], str(len(data)).encode('ascii'),
-                              end]), data)
-        return (b''.join([starts[stream], b'"', base64_line(data), b'"',
-                          end]),)
-    return encode
+        return b''.join([self._starts[stream], value, EVENT_END % (
+            int(now), int(now % 1 * 1e6))])
 
 
 #: Markers LineReader.feed() returns besides complete lines.
@@ -1730,12 +1737,11 @@ class Server(object):
         if arguments.get('input-data') is not None:
             stdin_data = decode_bytes(arguments['input-data'], 'input-data')
         kind, target = self.commands.resolve(name)
-        encode = output_event_encoder(request_id,
-                                      arguments.get('raw-output', False))
+        events = OutputEvents(request_id, arguments.get('raw-output', False))
         if kind == 'builtin':
             output, status = target(args)
             if output:
-                self._send_output(encode('out-data', output))
+                self._send_output(events.pieces('out-data', output))
             return {'exitcode': status}
         env = dict(self.env)
         env['NEGOTIATOR_COMMAND'] = name
@@ -1746,7 +1752,8 @@ class Server(object):
             self.process = Process(
                 self.loop, self.children, [target] + argv, env, stdin_data,
                 arguments.get('timeout', 0),
-                lambda stream, data: self._send_output(encode(stream, data)),
+                lambda stream, data: self._send_output(
+                    events.pieces(stream, data)),
                 lambda result: self._finish_execute(request_id, result))
         except OSError as e:
             raise RequestError(
