@@ -37,7 +37,6 @@ import socket
 import stat
 import struct
 import sys
-import termios
 import time
 
 
@@ -561,53 +560,6 @@ def write_fd(fd, data):
             raise
 
 
-#: splice(2), which moves bytes out of a pipe without copying them through
-#: Python (Linux; Python names it from 3.10 on).
-SPLICE = getattr(os, 'splice', None)
-SPLICE_FLAGS = (getattr(os, 'SPLICE_F_NONBLOCK', 0) |
-                getattr(os, 'SPLICE_F_MOVE', 0))
-
-
-def splice_fd(pipe, fd, size):
-    """Move up to ``size`` bytes from ``pipe`` to ``fd`` without blocking.
-
-    :returns: the number of bytes moved, 0 when ``fd`` takes nothing yet,
-        None when ``fd`` cannot take spliced bytes (EINVAL).
-    :raises Disconnected: when the peer has gone.
-    """
-    while True:
-        try:
-            return SPLICE(pipe, fd, size, None, None, SPLICE_FLAGS)
-        except OSError as e:
-            if e.errno == errno.EINTR:
-                continue
-            if e.errno in WOULD_BLOCK:
-                return 0
-            if e.errno in DISCONNECT_ERRORS:
-                raise Disconnected(os.strerror(e.errno))
-            if e.errno == errno.EINVAL:
-                return None
-            raise
-
-
-def bytes_waiting(fd):
-    """How many bytes wait to be read from pipe ``fd`` (FIONREAD)."""
-    return struct.unpack('i', fcntl.ioctl(fd, termios.FIONREAD,
-                                          b'\0\0\0\0'))[0]
-
-
-def read_exactly(fd, size):
-    """``size`` bytes that bytes_waiting() said are in pipe ``fd``."""
-    chunks = []
-    while size:
-        data = read_fd(fd, size)
-        if not data:
-            raise IOError(errno.EIO, 'a pipe held fewer bytes than it said')
-        chunks.append(data)
-        size -= len(data)
-    return b''.join(chunks)
-
-
 def set_nonblocking(fd):
     """Make ``fd`` non-blocking and close-on-exec."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -866,8 +818,6 @@ class Channel(object):
         self._out = []
         self.backlog = 0
         self.connected = True
-        #: Whether send_from_pipe() may try splice(2) on this descriptor.
-        self.can_splice = SPLICE is not None
         loop.add_reader(fd, self._on_readable)
 
     def send(self, message):
@@ -880,29 +830,6 @@ class Channel(object):
             self._out.append(data)
             self.backlog += len(data)
             self._flush()
-
-    def send_from_pipe(self, header, pipe, size):
-        """Queue ``header``, then ``size`` bytes that wait in ``pipe``.
-
-        While nothing else waits to be sent, the bytes are spliced straight
-        from the pipe to the descriptor, never copied through Python; what
-        the descriptor does not take at once is read and queued.
-        """
-        self.send_raw(header)
-        while size and self.connected and self.can_splice and not self._out:
-            try:
-                moved = splice_fd(pipe, self.fd, size)
-            except Disconnected as e:
-                self.disconnect(str(e))
-                return
-            if moved is None:
-                self.can_splice = False
-            elif not moved:
-                break
-            else:
-                size -= moved
-        if size and self.connected:
-            self.send_raw(read_exactly(pipe, size))
 
     def _flush(self):
         try:
@@ -1081,19 +1008,15 @@ class Process(object):
     :param children: the Children registry that reaps it.
     :param on_output: called with ``('out-data'|'err-data', bytes)``.
     :param on_exit: called once with the reply's ``return`` dict.
-    :param on_pipe: if given, called instead of on_output as
-        ``on_pipe(stream, fd, size)`` when ``size`` bytes wait in an
-        output pipe: it takes them from the pipe ``fd`` itself (splice).
     """
 
     def __init__(self, loop, children, argv, env, stdin_data, timeout,
-                 on_output, on_exit, on_pipe=None):
+                 on_output, on_exit):
         import subprocess  # only the serving side needs it: lean start-up
         self.loop = loop
         self.children = children
         self.on_output = on_output
         self.on_exit = on_exit
-        self.on_pipe = on_pipe
         self.timed_out = False
         self.killed = False
         self._stdin_data = stdin_data
@@ -1164,25 +1087,15 @@ class Process(object):
     def _read_pipe(self, fd):
         # Passing output on may end the conversation, and kill() then
         # closes the pipes: a pipe listed a moment ago may be gone.
-        if not self.killed and fd in self._pipes:
-            self._pass_output(fd)
-
-    def _pass_output(self, fd):
-        """Pass on what waits in output pipe ``fd``, closing it at end of
-        file; returns how many bytes were passed on."""
-        stream = self._pipes[fd][0]
-        if self.on_pipe is not None:
-            size = bytes_waiting(fd)
-            if size:
-                self.on_pipe(stream, fd, size)
-                return size
+        if self.killed or fd not in self._pipes:
+            return
         data = self._read_output(fd)
-        if data:
-            self.on_output(stream, data)
-            return len(data)
-        if data is not None:
+        if data is None:
+            return
+        if not data:
             self._close_pipe(fd)
-        return 0
+        else:
+            self.on_output(self._pipes[fd][0], data)
 
     def _read_output(self, fd):
         """read_fd() of an output pipe, with reads that grow while they
@@ -1222,12 +1135,13 @@ class Process(object):
         if self.popen.poll() is None:
             return
         for fd in list(self._pipes):
-            left = 2 * PIPE_SIZE  # what a pipe holds, and some more
-            while left > 0 and not self.killed and fd in self._pipes:
-                passed = self._pass_output(fd)
-                if not passed:
+            for _ in range(64):
+                if self.killed or fd not in self._pipes:
                     break
-                left -= passed
+                data = self._read_output(fd)
+                if not data:
+                    break
+                self.on_output(self._pipes[fd][0], data)
             if fd in self._pipes:
                 self._close_pipe(fd)
         self._finish()
@@ -1834,18 +1748,13 @@ class Server(object):
         env['NEGOTIATOR_VERSION'] = __version__
         log.info('%s: running %s with %d argument(s)', self.channel.name,
                  target, len(argv))
-        on_pipe = None
-        if events.raw and self.channel.can_splice:
-            on_pipe = lambda stream, fd, size: self._send_from_pipe(
-                events.header(stream, size), fd, size)
         try:
             self.process = Process(
                 self.loop, self.children, [target] + argv, env, stdin_data,
                 arguments.get('timeout', 0),
                 lambda stream, data: self._send_output(
                     events.pieces(stream, data)),
-                lambda result: self._finish_execute(request_id, result),
-                on_pipe)
+                lambda result: self._finish_execute(request_id, result))
         except OSError as e:
             raise RequestError(
                 "Command '{0}' could not start: {1}".format(name, e.strerror),
@@ -1856,14 +1765,6 @@ class Server(object):
         for piece in pieces:
             self.channel.send_raw(piece)
         if self.process and self.channel.backlog > HIGH_WATER:
-            self.process.pause()
-
-    def _send_from_pipe(self, header, fd, size):
-        """Raw output spliced from the pipe.  Reading stops while any of it
-        waits to be sent, so that the pipe is the buffer and the next
-        chunk can be spliced too."""
-        self.channel.send_from_pipe(header, fd, size)
-        if self.process and self.channel.backlog:
             self.process.pause()
 
     def _finish_execute(self, request_id, result):

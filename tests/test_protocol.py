@@ -1,12 +1,10 @@
 """The wire protocol: framing, encoding, resync, and the agent's answers."""
 
 import base64
-import errno
 import hashlib
 import json
 import os
 import re
-import signal
 import socket
 import sys
 import threading
@@ -14,7 +12,7 @@ import threading
 import pytest
 
 import negotiator
-from helpers import HANG, Agent, Workdir, b, make_command, wait_for
+from helpers import Agent, Workdir, b, make_command, wait_for
 
 
 # ---------------------------------------------------------------------------
@@ -181,82 +179,6 @@ def test_client_times_out_when_nothing_answers():
 # ---------------------------------------------------------------------------
 # The agent's answers, over a socket standing in for the port
 # ---------------------------------------------------------------------------
-
-def splice_stand_in(kind, calls):
-    """What negotiator.SPLICE is for each case of the test below."""
-    real = negotiator.SPLICE
-
-    def counting(pipe, fd, size, *rest):
-        calls.append(size)
-        return real(pipe, fd, size, *rest)
-
-    def unsupported(pipe, fd, size, *rest):
-        calls.append(size)
-        raise OSError(errno.EINVAL, 'Invalid argument')
-
-    def busy_every_other_time(pipe, fd, size, *rest):
-        calls.append(size)
-        if len(calls) % 2 == 0:
-            raise OSError(errno.EAGAIN, 'Resource temporarily unavailable')
-        return os.write(fd, os.read(pipe, min(size, 1000)))
-    return {'real': counting, 'unsupported': unsupported,
-            'busy': busy_every_other_time, 'none': None}[kind]
-
-
-@pytest.mark.parametrize('kind', ['real', 'unsupported', 'busy', 'none'])
-def test_raw_output_spliced_or_read_arrives_exactly(workdir, monkeypatch,
-                                                      kind):
-    """Raw output moves by splice(2) where it can, is read where it cannot
-    (no os.splice, a descriptor that refuses it, one that is busy)."""
-    if kind == 'real' and negotiator.SPLICE is None:
-        pytest.skip('os.splice comes with Python 3.10')
-    calls = []
-    monkeypatch.setattr(negotiator, 'SPLICE', splice_stand_in(kind, calls))
-    data = os.urandom(3 * 1024 * 1024 + 123)
-    with open(workdir.join('data'), 'wb') as f:
-        f.write(data)
-    make_command(workdir.commands, 'emit', '#!/bin/sh\nexec cat "$1"\n')
-    ours, theirs = socket.socketpair()
-    loop = negotiator.Loop()
-    children = negotiator.Children()
-    loop.on_signal(signal.SIGCHLD, children.check)
-    negotiator.set_nonblocking(ours.fileno())
-    negotiator.set_nonblocking(theirs.fileno())
-    negotiator.Server(loop, ours.fileno(), 'test', negotiator.CommandSet(
-        workdir.commands, {}), children)
-    client = negotiator.Client(theirs.fileno(), negotiator.monotonic() + 60,
-                               'test')
-    received, outcome = [], []
-
-    def call():
-        try:
-            outcome.append(client.call(
-                'negotiator-execute', {'command': 'emit', 'raw-output': True,
-                                       'args': [workdir.join('data')]},
-                lambda stream, chunk: received.append((stream, chunk))))
-        except Exception as e:
-            outcome.append(e)
-    thread = threading.Thread(target=call)
-    thread.start()
-    try:
-        while thread.is_alive():
-            loop.run_once()
-            loop.call_later(0.05, lambda: None)  # look at the thread again
-    finally:
-        thread.join(HANG)
-        loop.close()
-        ours.close()
-        theirs.close()
-    assert outcome == [{'exitcode': 0}]
-    assert set(stream for stream, _ in received) == set(['out-data'])
-    assert b''.join(chunk for _, chunk in received) == data
-    if kind == 'real':
-        assert calls  # spliced, not read
-    elif kind == 'unsupported':
-        assert len(calls) == 1  # then never tried again on that descriptor
-    elif kind == 'busy':
-        assert len(calls) > 2
-
 
 @pytest.fixture(scope='module')
 def agent():
