@@ -682,8 +682,8 @@ class Loop(object):
         self._watch(fd)
 
     def remove_reader(self, fd):
-        self._readers.pop(fd, None)
-        self._watch(fd)
+        if self._readers.pop(fd, None) is not None:
+            self._watch(fd)
 
     def add_writer(self, fd, callback):
         """Call ``callback()`` whenever ``fd`` is writable."""
@@ -691,8 +691,8 @@ class Loop(object):
         self._watch(fd)
 
     def remove_writer(self, fd):
-        self._writers.pop(fd, None)
-        self._watch(fd)
+        if self._writers.pop(fd, None) is not None:
+            self._watch(fd)
 
     def _watch(self, fd):
         """Bring the poll object up to date for ``fd``."""
@@ -1135,12 +1135,12 @@ class Process(object):
         if self.popen.poll() is None:
             return
         for fd in list(self._pipes):
-            for _ in range(64):
-                if self.killed or fd not in self._pipes:
-                    break
+            left = 2 * PIPE_SIZE  # what a pipe holds, and some more
+            while left > 0 and not self.killed and fd in self._pipes:
                 data = self._read_output(fd)
                 if not data:
                     break
+                left -= len(data)
                 self.on_output(self._pipes[fd][0], data)
             if fd in self._pipes:
                 self._close_pipe(fd)
