@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import negotiator
-from helpers import Agent, Workdir, b, make_command, wait_for
+from helpers import HANG, Agent, Workdir, b, make_command, wait_for
 
 
 # ---------------------------------------------------------------------------
@@ -174,6 +174,46 @@ def test_client_times_out_when_nothing_answers():
         client.sync()
     ours.close()
     theirs.close()
+
+
+@pytest.mark.parametrize('announced', [1000, -1, 2 ** 40, '10', None])
+def test_client_refuses_raw_output_cut_short_or_announced_wrongly(
+        announced):
+    """Raw bytes that never all arrive, or a size that is no size, end
+    the call with a one-line error instead of a hang or garbage."""
+    ours, theirs = socket.socketpair()
+
+    def agent_that_goes_away():
+        stream = theirs.makefile('rb')
+        sync = json.loads(stream.readline()[1:].decode('ascii'))
+        theirs.sendall(b'\xff' + json.dumps(
+            {'return': sync['arguments']['id']}).encode('ascii') + b'\n')
+        request = json.loads(stream.readline().decode('ascii'))
+        theirs.sendall(json.dumps({'event': 'negotiator-output', 'data': {
+            'id': request['id'], 'out-bytes': announced}}).encode(
+                'ascii') + b'\nonly ten b')
+        stream.close()
+        theirs.close()
+    thread = threading.Thread(target=agent_that_goes_away)
+    thread.daemon = True
+    thread.start()
+    negotiator.set_nonblocking(ours.fileno())
+    client = negotiator.Client(ours.fileno(), negotiator.monotonic() + 30,
+                               'test')
+    client.sync()
+    if announced == 1000:
+        expected, message = negotiator.ConnectError, (
+            'test: the connection closed before the other side answered')
+    else:
+        expected, message = negotiator.ProtocolError, (
+            'the other side announced {0!r} bytes of output'.format(
+                json.loads(json.dumps(announced))))  # u'10' on Python 2
+    with pytest.raises(expected) as caught:
+        client.call('negotiator-execute', {'command': 'x'},
+                    lambda stream, chunk: None)
+    assert str(caught.value) == message
+    ours.close()
+    thread.join(HANG)
 
 
 # ---------------------------------------------------------------------------
