@@ -317,6 +317,8 @@ ERROR_STATUSES = {
 #: Compact, ASCII-only JSON; made once, as json.dumps() with separators
 #: would make one per message.
 JSON_ENCODER = json.JSONEncoder(separators=(',', ':'))
+#: The decoder json.loads() would use, without its checks of the argument.
+JSON_DECODER = json.JSONDecoder()
 
 
 def encode_message(message):
@@ -333,7 +335,7 @@ def decode_message(line):
     :raises RequestError: for anything but a UTF-8 JSON object.
     """
     try:
-        message = json.loads(line.decode('utf-8'))
+        message = JSON_DECODER.decode(line.decode('utf-8'))
     except UnicodeDecodeError:
         raise RequestError('Invalid JSON syntax: the line is not valid UTF-8')
     except ValueError as e:
@@ -762,15 +764,19 @@ class Loop(object):
 
     def run_once(self):
         """Wait for the next events and run their callbacks."""
-        ready = poll_fds(self._readers, self._writers, self._next_timeout(),
-                         self._poller)
+        timeout = None
+        if self._timers:
+            timeout = self._next_timeout()
+        ready = poll_fds(self._readers, self._writers, timeout, self._poller)
         for fd, readable, writable, hung_up in ready:
             if (readable or hung_up) and fd in self._readers:
                 self._readers[fd](hung_up)
             if writable and fd in self._writers:
                 self._writers[fd]()
-        self._run_signal_callbacks()
-        self._run_due_timers()
+        if self._signals_seen:
+            self._run_signal_callbacks()
+        if self._timers:
+            self._run_due_timers()
 
     def _run_signal_callbacks(self):
         while self._signals_seen:
@@ -778,8 +784,6 @@ class Loop(object):
             self._signal_callbacks[signum]()
 
     def _run_due_timers(self):
-        if not self._timers:
-            return
         now = monotonic()
         for timer in list(self._timers):
             if timer.deadline <= now and not timer.cancelled:
