@@ -27,7 +27,6 @@ import codecs
 import errno
 import fcntl
 import json
-import logging
 import optparse
 import os
 import re
@@ -246,7 +245,64 @@ SKIPPED_FILESYSTEMS = frozenset([
     'tracefs', '9p',
 ])
 
-log = logging.getLogger('negotiator')
+#: Log levels, numbered as the logging module numbers them.
+DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
+
+
+class Log(object):
+    """negotiator's log: the logging module's 'negotiator' logger, with the
+    module imported when the first message is to be written.
+
+    The logging module, and the traceback module it imports, take 7-16 ms
+    of a short call's start-up; a host call that logs nothing never needs
+    them.  Until setup() gives a level (negotiator imported as a module),
+    the logger's own level decides.
+    """
+
+    def __init__(self):
+        self.level = None
+        self._to_set_up = None
+
+    def setup(self, level, use_syslog, now):
+        """Log at ``level`` and up; add the handler ``now``, or with the
+        first message."""
+        self.level = level
+        self._to_set_up = (level, use_syslog)
+        if now:
+            self.logger()
+
+    def logger(self):
+        import logging
+        logger = logging.getLogger('negotiator')
+        if self._to_set_up:
+            level, use_syslog = self._to_set_up
+            self._to_set_up = None
+            add_log_handler(logger, level, use_syslog)
+        return logger
+
+    def isEnabledFor(self, level):
+        if self.level is None:
+            return self.logger().isEnabledFor(level)
+        return level >= self.level
+
+    def log(self, level, message, *args, **kwargs):
+        if self.isEnabledFor(level):
+            self.logger().log(level, message, *args, **kwargs)
+
+    def debug(self, message, *args, **kwargs):
+        self.log(DEBUG, message, *args, **kwargs)
+
+    def info(self, message, *args, **kwargs):
+        self.log(INFO, message, *args, **kwargs)
+
+    def warning(self, message, *args, **kwargs):
+        self.log(WARNING, message, *args, **kwargs)
+
+    def error(self, message, *args, **kwargs):
+        self.log(ERROR, message, *args, **kwargs)
+
+
+log = Log()
 
 
 # ============================================================================
@@ -1549,7 +1605,7 @@ class Server(object):
     )
 
     #: Level of the log line for each error reply.
-    ERROR_LOG_LEVEL = logging.INFO
+    ERROR_LOG_LEVEL = INFO
 
     def __init__(self, loop, fd, name, commands, children, env=None,
                  on_disconnect=None):
@@ -1641,7 +1697,7 @@ class Server(object):
         except Exception as e:
             log.error('%s: internal error: %s', self.channel.name,
                       printable(str(e)),
-                      exc_info=log.isEnabledFor(logging.DEBUG))
+                      exc_info=log.isEnabledFor(DEBUG))
             self._send_error(request_id, RequestError(
                 'Internal error in negotiator: {0}'.format(e)))
             return
@@ -2924,7 +2980,7 @@ class DaemonServer(Server):
     REQUESTS = tuple(request for request in Server.REQUESTS if request[0] in (
         'guest-sync-delimited', 'guest-sync', 'guest-ping', 'guest-info',
         'negotiator-list-commands', 'negotiator-execute'))
-    ERROR_LOG_LEVEL = logging.DEBUG
+    ERROR_LOG_LEVEL = DEBUG
 
     def __init__(self, loop, fd, name, commands, children, env, on_disconnect,
                  on_abuse):
@@ -3534,26 +3590,34 @@ def host_parser():
     return parser
 
 
-def setup_logging(verbosity, use_syslog=False):
+def setup_logging(verbosity, use_syslog=False, now=True):
+    """Log at the level of -q/-v; ``now=False`` (a short call) leaves the
+    logging module to the first message."""
+    log.setup((WARNING, INFO, DEBUG)[verbosity], use_syslog, now)
+
+
+def add_log_handler(logger, level, use_syslog):
     """Log to stderr, or to syslog where the guest has a syslog socket.
 
     A logging failure (syslog restarted, stderr closed) must never print a
     traceback or stop the agent, so the logging module's are switched off.
     """
+    import logging
     logging.raiseExceptions = False
-    log.setLevel((logging.WARNING, logging.INFO, logging.DEBUG)[verbosity])
+    logger.setLevel(level)
     if use_syslog and os.path.exists(SYSLOG_SOCKET):
-        from logging.handlers import SysLogHandler  # costs start-up time
+        from logging.handlers import SysLogHandler
         handler = SysLogHandler(address=SYSLOG_SOCKET)
         handler.setFormatter(logging.Formatter(
             'negotiator[%(process)d]: %(message)s'))
-        log.addHandler(handler)
+        logger.addHandler(handler)
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter('negotiator: %(message)s'))
-    log.addHandler(handler)
+    logger.addHandler(handler)
     if use_syslog:
-        log.warning('no syslog socket %s: logging to stderr', SYSLOG_SOCKET)
+        logger.warning('no syslog socket %s: logging to stderr',
+                       SYSLOG_SOCKET)
 
 
 def check_timeout(parser, options):
@@ -3572,7 +3636,7 @@ def parse_guest_mode(args):
         parser.error('unexpected arguments: {0} (to run a command on the '
                      'host: --call COMMAND)'.format(' '.join(extra)))
     check_timeout(parser, options)
-    setup_logging(options.verbosity, options.syslog)
+    setup_logging(options.verbosity, options.syslog, now=not calling)
     if calling:
         return options, lambda: run_guest_call(options, extra)
     return options, lambda: run_guest(options)
@@ -3604,7 +3668,7 @@ def parse_host_mode(args):
         parser.error('GUEST (or SOCKET) is missing')
     if len(extra) < 2 and not (options.list or options.ping):
         parser.error('COMMAND is missing (or use --list or --ping)')
-    setup_logging(options.verbosity)
+    setup_logging(options.verbosity, now=False)
     return options, lambda: run_host(options, extra[0], extra[1:])
 
 
@@ -3627,7 +3691,7 @@ def main(argv=None):
     try:
         return action()
     except NegotiatorError as e:
-        log.error('%s', e, exc_info=log.isEnabledFor(logging.DEBUG))
+        log.error('%s', e, exc_info=log.isEnabledFor(DEBUG))
         if getattr(options, 'json', False):
             print_json({'error': {'class': getattr(e, 'error_class',
                                                    type(e).__name__),
