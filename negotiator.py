@@ -20,7 +20,7 @@ The wire protocol is qemu-ga's: one JSON object per line, ``execute`` requests,
 README.txt documents it in full.
 """
 
-__version__ = '1.0.0'
+__version__ = '1.1.0'
 
 import binascii
 import codecs
@@ -183,7 +183,8 @@ PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, 'F_SETPIPE_SZ', 1031)
 #: One read() on a virtio-serial port returns at most this many bytes.
 PORT_READ = 4096
-#: A command's output is not read while more than this waits to be sent ...
+#: A command's output is not read while more than this waits to be sent
+#: (passed by at most one read of each pipe) ...
 HIGH_WATER = 1024 * 1024
 #: ... and is read again once the backlog is below this.
 LOW_WATER = 256 * 1024
@@ -885,7 +886,8 @@ class Channel(object):
         self.send_raw(encode_message(message))
 
     def send_raw(self, data):
-        """Queue bytes already encoded, or the 0xFF of guest-sync-delimited."""
+        """Queue bytes as they are: an encoded line, the 0xFF of
+        guest-sync-delimited, or a chunk of raw output after its line."""
         if self.connected:
             self._out.append(data)
             self.backlog += len(data)
@@ -1160,11 +1162,14 @@ class Process(object):
     def _read_output(self, fd):
         """read_fd() of an output pipe, with reads that grow while they
         come back full (up to PIPE_SIZE) so that a flood of output costs
-        few reads, and stay small for a command that says little."""
+        few reads, and shrink again when they come back less than half
+        full: a big read costs its size in memory however little it gets."""
         pipe = self._pipes[fd]
         data = read_fd(fd, pipe[1])
         if data and len(data) == pipe[1] and pipe[1] < PIPE_SIZE:
             pipe[1] *= 2
+        elif data and len(data) < pipe[1] // 2 and pipe[1] > READ_SIZE:
+            pipe[1] //= 2
         return data
 
     def _close_pipe(self, fd):
@@ -1618,6 +1623,10 @@ class Server(object):
         self._on_disconnect = on_disconnect
         self.pending = []
         self.process = None
+        #: True while _serve_pending() runs: a reply that drains the channel
+        #: at once must not start the next request in the middle of this
+        #: one's replies.
+        self._serving = False
         self.methods = {}
         for request, method, parameters in self.REQUESTS:
             self.methods[request] = (getattr(self, method), parameters)
@@ -1675,9 +1684,16 @@ class Server(object):
     # -- answering ---------------------------------------------------------
 
     def _serve_pending(self):
-        while (self.pending and not self.process and self.channel.connected
-               and self.channel.backlog < HIGH_WATER):
-            self._handle(self.pending.pop(0))
+        if self._serving:
+            return
+        self._serving = True
+        try:
+            while (self.pending and not self.process and
+                   self.channel.connected and
+                   self.channel.backlog < HIGH_WATER):
+                self._handle(self.pending.pop(0))
+        finally:
+            self._serving = False
 
     def _handle(self, line):
         request_id = NO_ID
@@ -2335,7 +2351,6 @@ class Client(object):
                                     .format(item[:200]))
             return message['return']
 
-
     def _take_event(self, message, request_id, on_output):
         """Pass on an event's output; read the raw bytes it announces even
         when it is not ours, as they are not lines."""
@@ -2343,6 +2358,7 @@ class Client(object):
         if message['event'] != 'negotiator-output' or not isinstance(data,
                                                                    dict):
             return
+        ours = on_output is not None and data.get('id') == request_id
         for stream, raw_member in RAW_MEMBERS.items():
             if raw_member in data:
                 size = data[raw_member]
@@ -2350,11 +2366,11 @@ class Client(object):
                     raise ProtocolError('the other side announced {0!r} '
                                         'bytes of output'.format(size))
                 chunk = self.receive_bytes(size)
-            elif stream in data:
+            elif stream in data and ours:
                 chunk = decode_output(data[stream])
             else:
                 continue
-            if on_output and data.get('id') == request_id:
+            if ours:
                 on_output(stream, chunk)
 
 
@@ -2466,9 +2482,10 @@ class OutputWriter(object):
             self._write(STREAM_FDS[stream], chunk)
 
     def _write(self, fd, chunk):
-        while chunk and fd not in self._closed:
+        done = 0
+        while done < len(chunk) and fd not in self._closed:
             try:
-                chunk = chunk[os.write(fd, chunk):]
+                done += os.write(fd, bytes_from(chunk, done))
             except (OSError, IOError) as e:
                 if e.args[0] == errno.EINTR:
                     continue
@@ -2617,7 +2634,14 @@ def run_remote(client, command, options, where, stdin_data):
         client.deadline += 2.0
     writer = OutputWriter(collect=options.json)
     try:
-        result = client.call('negotiator-execute', arguments, writer)
+        try:
+            result = client.call('negotiator-execute', arguments, writer)
+        except RemoteError as e:
+            if e.desc != "Parameter 'raw-output' is unexpected":
+                raise
+            # negotiator 1.0 on the other side: base64 events, then.
+            del arguments['raw-output']
+            result = client.call('negotiator-execute', arguments, writer)
     except CallTimeout:
         raise CallTimeout("'{0}' timed out after {1:g} s".format(
             command[0], timeout))

@@ -541,7 +541,7 @@ def test_ping(port):
                re.escape(negotiator.__version__) +
                r', round trip [0-9]+\.[0-9]{2} ms\n\Z')
     assert re.match(pattern, out.decode('ascii')), out
-    assert negotiator.__version__ == '1.0.0'
+    assert negotiator.__version__ == '1.1.0'
 
 
 def test_ping_json(port):

@@ -16,6 +16,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -860,3 +861,54 @@ def test_zz_agent_still_serves(agent):
     status, out, err = host(agent, options=['--ping'])
     assert (status, err) == (0, b'')
     assert out.startswith(b(agent.socket + ': agent '))
+
+
+def serve_like_negotiator_1_0(listener, requests):
+    """One connection of an agent that predates raw output: it refuses the
+    argument as qemu-ga's checks do, and sends output as base64 events."""
+    conn = listener.accept()[0]
+    stream = conn.makefile('rb')
+    try:
+        for line in iter(stream.readline, b''):
+            request = json.loads(line.lstrip(b'\xff').decode('ascii'))
+            requests.append(request)
+            arguments = request.get('arguments', {})
+            if request['execute'] == 'guest-sync-delimited':
+                reply = [b'\xff', {'return': arguments['id']}]
+            elif 'raw-output' in arguments:
+                reply = [{'error': {'class': 'GenericError', 'desc':
+                                    "Parameter 'raw-output' is unexpected"},
+                          'id': request['id']}]
+            else:
+                reply = [{'event': 'negotiator-output', 'data': {
+                    'id': request['id'], 'out-data': 'b2xkCg=='}},
+                    {'return': {'exitcode': 3}, 'id': request['id']}]
+            conn.sendall(b''.join(
+                part if isinstance(part, bytes) else
+                json.dumps(part).encode('ascii') + b'\n' for part in reply))
+    finally:
+        stream.close()
+        conn.close()
+
+
+def test_an_agent_without_raw_output_gets_the_call_in_base64(workdir):
+    path = workdir.join('old.sock')
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    requests = []
+    thread = threading.Thread(target=serve_like_negotiator_1_0,
+                              args=(listener, requests))
+    thread.daemon = True
+    thread.start()
+    try:
+        assert cli(['host', '-n', path, 'x', 'a']) == (3, b'old\n', b'')
+    finally:
+        thread.join(HANG)
+        listener.close()
+    executes = [r['arguments'] for r in requests
+                if r['execute'] == 'negotiator-execute']
+    assert [sorted(a) for a in executes] == [
+        ['args', 'command', 'raw-output', 'timeout'],
+        ['args', 'command', 'timeout']]
+

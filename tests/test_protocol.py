@@ -518,6 +518,35 @@ def test_fifty_megabytes_of_raw_output_arrive_intact_in_big_chunks(agent):
     client.close()
 
 
+@pytest.mark.parametrize('raw', [False, True])
+def test_replies_keep_the_order_of_requests_sent_at_once(agent, raw):
+    """A built-in's output and reply come whole, before the answer to the
+    request sent after it, even when writing them drains the channel."""
+    client = agent.client()
+    client.send(b''.join(json.dumps(m).encode('ascii') + b'\n' for m in (
+        {'execute': 'negotiator-execute', 'id': 1,
+         'arguments': {'command': 'echo-args', 'args': ['x']}},
+        {'execute': 'negotiator-execute', 'id': 2,
+         'arguments': {'command': 'hostname', 'raw-output': raw}},
+        {'execute': 'guest-ping', 'id': 3})))
+    hostname = b(socket.gethostname() + '\n')
+    seen = []
+    while not seen or seen[-1] != ('return', 3):
+        message = client.read_message()
+        if 'event' not in message:
+            seen.append(('return', message['id']))
+        elif 'out-bytes' in message['data']:
+            seen.append(('raw', message['data']['id'], client.read_bytes(
+                message['data']['out-bytes'])))
+        else:
+            seen.append(('base64', message['data']['id'], base64.b64decode(
+                message['data']['out-data'])))
+    assert seen == [('base64', 1, b'[x]\n'), ('return', 1),
+                    ('raw' if raw else 'base64', 2, hostname), ('return', 2),
+                    ('return', 3)]
+    client.close()
+
+
 def test_command_stdout_is_a_one_megabyte_pipe(agent):
     client = agent.client()
     events, reply = execute(client, 'pipe-size')
