@@ -246,6 +246,11 @@ SKIPPED_FILESYSTEMS = frozenset([
     'tracefs', '9p',
 ])
 
+
+# ============================================================================
+# Log: the logging module, imported when there is something to write
+# ============================================================================
+
 #: Log levels, numbered as the logging module numbers them.
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 
