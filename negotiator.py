@@ -2230,9 +2230,10 @@ class Client(object):
         self.name = name
         self.reader = LineReader()
         self._items = []
-        #: Bytes read but not yet cut into lines: raw output may follow a
-        #: line, so lines are taken one at a time.
+        #: The last bytes read, taken from ``_taken`` on: raw output may
+        #: follow a line, so lines are cut from them one at a time.
         self._unread = b''
+        self._taken = 0
         self._next_id = random_id()
         #: Watches fd for reading, made once for the many waits of a call.
         self._poller = None
@@ -2269,23 +2270,27 @@ class Client(object):
     def receive(self):
         """The next received item (line, RESYNC or OVERSIZED); waits for it."""
         while not self._items:
-            if not self._unread:
-                self._unread = self._read_some()
-            end = self._unread.find(b'\n') + 1 or len(self._unread)
-            self._items.extend(self.reader.feed(self._unread[:end]))
-            self._unread = self._unread[end:]
+            start = self._next_unread()
+            end = self._unread.find(b'\n', start) + 1 or len(self._unread)
+            self._items.extend(self.reader.feed(self._unread[start:end]))
+            self._taken = end
         return self._items.pop(0)
 
     def receive_bytes(self, size):
         """The next ``size`` bytes as they are (raw output); waits for them."""
         chunks = []
         while size:
-            if not self._unread:
-                self._unread = self._read_some()
-            chunks.append(self._unread[:size])
-            self._unread = self._unread[size:]
+            start = self._next_unread()
+            chunks.append(self._unread[start:start + size])
+            self._taken = start + len(chunks[-1])
             size -= len(chunks[-1])
         return b''.join(chunks)
+
+    def _next_unread(self):
+        """Where the bytes not taken yet start; reads more when none are."""
+        if self._taken == len(self._unread):
+            self._unread, self._taken = self._read_some(), 0
+        return self._taken
 
     def _read_some(self):
         while True:
