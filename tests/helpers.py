@@ -180,6 +180,26 @@ def connectable(path):
         probe.close()
 
 
+def fill_backlog(path):
+    """A listening socket at ``path`` whose queue of clients is full: the
+    listener and the queued clients (never accepted), to close."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(0)
+    held = [server]
+    for _ in range(8):
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.setblocking(False)
+        held.append(client)
+        try:
+            client.connect(path)
+        except socket.error:
+            break   # the queue is full (EAGAIN)
+    else:
+        raise AssertionError('the queue of {0} never filled'.format(path))
+    return held
+
+
 def wait_for(condition, timeout=HANG, interval=0.01):
     deadline = time.time() + timeout
     while not condition():

@@ -401,6 +401,27 @@ def assert_served(end, name, request_id=99):
     assert call.reply == {'return': {'exitcode': 0}, 'id': request_id}
 
 
+def assert_cut_off_while_running(farm, end, name, flood, reason):
+    """Guest ``name`` sends ``flood`` while a command of its own runs: it is
+    cut off, saying ``reason``, and the command is killed."""
+    gate = Gate(farm.workdir.join('gate-{0}-2'.format(name)))
+    pid_file = farm.workdir.join('{0}-2.pid'.format(name))
+    try:
+        end.start('gated', [gate.path, pid_file], 'run')
+        pid = wait_pids(pid_file)[0]
+        end.send(flood)
+        assert end.read_to_eof() == b''
+        wait_for(lambda: not running(pid))
+    finally:
+        gate.release()
+    farm.daemon.wait_log('guest {0}: cut off'.format(name))
+    lines = farm.daemon.lines()
+    assert 'negotiator: guest {0}: cut off for 30 s: {1}'.format(
+        name, reason) in lines
+    assert ('negotiator: guest {0}: killing command pid {1}: its client '
+            'has gone'.format(name, pid)) in lines
+
+
 def close_all(stand_ins, ends):
     for end in ends.values():
         end.close()
@@ -579,22 +600,8 @@ def test_more_than_64_requests_waiting_cut_the_guest_off(farm):
     assert [end.read_message() for _ in range(64)] == [
         {'return': {}, 'id': i} for i in range(1, 65)]
     # The 65th waiting request cuts the guest off, and its command dies.
-    gate = Gate(farm.workdir.join('gate-flood-2'))
-    try:
-        end.start('gated', [gate.path, farm.workdir.join('flood-2.pid')],
-                  'run')
-        pid = wait_pids(farm.workdir.join('flood-2.pid'))[0]
-        end.send(pings)
-        assert end.read_to_eof() == b''
-        wait_for(lambda: not running(pid))
-    finally:
-        gate.release()
-    farm.daemon.wait_log('guest flood: cut off')
-    lines = farm.daemon.lines()
-    assert ('negotiator: guest flood: cut off for 30 s: 64 requests already '
-            'waiting') in lines
-    assert ('negotiator: guest flood: killing command pid {0}: its client '
-            'has gone'.format(pid)) in lines
+    assert_cut_off_while_running(farm, end, 'flood', pings,
+                                 '64 requests already waiting')
     assert_served(farm.ends['g002'], 'g002')
 
 
@@ -1094,22 +1101,9 @@ def test_requests_waiting_may_total_at_most_16_mib(farm):
     assert call.reply == {'return': {'exitcode': 0}, 'id': 'run'}
     assert end.read_message() == {'error': unexpected, 'id': 1}
     # Two of them (18 MiB) cut the guest off, and its command dies.
-    gate = Gate(farm.workdir.join('gate-budget-2'))
-    try:
-        end.start('gated', [gate.path, farm.workdir.join('budget-2.pid')],
-                  'run')
-        pid = wait_pids(farm.workdir.join('budget-2.pid'))[0]
-        end.send(padded_ping(2, 9 << 20) + padded_ping(3, 9 << 20))
-        assert end.read_to_eof() == b''
-        wait_for(lambda: not running(pid))
-    finally:
-        gate.release()
-    farm.daemon.wait_log('guest budget: cut off')
-    lines = farm.daemon.lines()
-    assert ('negotiator: guest budget: cut off for 30 s: more than 16777216 '
-            'bytes of requests waiting') in lines
-    assert ('negotiator: guest budget: killing command pid {0}: its client '
-            'has gone'.format(pid)) in lines
+    assert_cut_off_while_running(
+        farm, end, 'budget', padded_ping(2, 9 << 20) + padded_ping(3, 9 << 20),
+        'more than 16777216 bytes of requests waiting')
     assert_served(farm.ends['g003'], 'g003')
 
 

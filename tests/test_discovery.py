@@ -28,7 +28,7 @@ import pytest
 
 import negotiator
 from helpers import (GuestProcess, Workdir, b, cli, connectable,
-                     make_command, wait_for)
+                     fill_backlog, make_command, wait_for)
 
 VIRSH = '/usr/bin/virsh'
 needs_virsh = pytest.mark.skipif(
@@ -857,22 +857,8 @@ def test_cli_list_guests_busy_socket_answers_within_the_probe_limit(workdir):
     # accepted): the probe gives up after PROBE_TIMEOUT, not never.
     directory = workdir.join('channels')
     os.mkdir(directory)
-    path = os.path.join(directory, 'busy.' + HTG)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    held = [server]
+    held = fill_backlog(os.path.join(directory, 'busy.' + HTG))
     try:
-        server.bind(path)
-        server.listen(0)
-        for _ in range(8):
-            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            client.setblocking(False)
-            held.append(client)
-            try:
-                client.connect(path)
-            except socket.error:
-                break   # the queue is full
-        else:
-            raise AssertionError('the queue never filled')
         env = env_without_virsh(workdir.path)
         started = time.time()
         table = cli(['host', '--channel-dir', directory, '--list-guests'],

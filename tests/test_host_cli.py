@@ -23,7 +23,8 @@ import pytest
 
 import negotiator
 from helpers import (HANG, NEGOTIATOR, Agent, Workdir, b, cli, communicate,
-                     make_command, process_state, run_cli, wait_for)
+                     fill_backlog, make_command, process_state, run_cli,
+                     wait_for)
 
 BUILTINS = ('disk-usage', 'hostname', 'ip-addresses', 'os-info', 'uptime')
 
@@ -744,26 +745,6 @@ def test_nobody_answers(workdir):
 # ---------------------------------------------------------------------------
 # Connecting: a full client queue, a path too long for AF_UNIX
 # ---------------------------------------------------------------------------
-
-def fill_backlog(path):
-    """A listening socket at ``path`` whose queue of clients is full: the
-    listener and the queued clients (never accepted), to close."""
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(0)
-    held = [server]
-    for _ in range(8):
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.setblocking(False)
-        held.append(client)
-        try:
-            client.connect(path)
-        except socket.error:
-            break   # the queue is full (EAGAIN)
-    else:
-        raise AssertionError('the queue of {0} never filled'.format(path))
-    return held
-
 
 def test_full_client_queue_is_waited_for_until_the_timeout(workdir):
     path = workdir.join('busy.sock')

@@ -116,10 +116,22 @@ def scripted_agent(sock, script):
         sock.close()
 
 
+def synced_client(play):
+    """A Client on one end of a socketpair, synchronised with ``play(the
+    other end)`` answering in a thread; ``(client, our socket, thread)``."""
+    ours, theirs = socket.socketpair()
+    thread = threading.Thread(target=play, args=(theirs,))
+    thread.daemon = True
+    thread.start()
+    negotiator.set_nonblocking(ours.fileno())
+    client = negotiator.Client(ours.fileno(), negotiator.monotonic() + 30,
+                               'test')
+    client.sync()
+    return client, ours, thread
+
+
 def test_client_never_takes_a_stale_reply_for_its_own():
     """Replies left by an earlier client, before and after 0xFF, are skipped."""
-    ours, theirs = socket.socketpair()
-
     def script(request):
         if request['execute'] == 'guest-sync-delimited':
             sync_id = request['arguments']['id']
@@ -149,13 +161,8 @@ def test_client_never_takes_a_stale_reply_for_its_own():
             b'\n', b'\x00\n\xff']
         return b''.join(lines[:3] + raw + lines[3:])
 
-    thread = threading.Thread(target=scripted_agent, args=(theirs, script))
-    thread.daemon = True
-    thread.start()
-    negotiator.set_nonblocking(ours.fileno())
-    client = negotiator.Client(ours.fileno(), negotiator.monotonic() + 30,
-                               'test')
-    client.sync()
+    client, ours, thread = synced_client(
+        lambda theirs: scripted_agent(theirs, script))
     events = []
     result = client.call('negotiator-execute', {'command': 'x'},
                          lambda stream, data: events.append((stream, data)))
@@ -181,9 +188,7 @@ def test_client_refuses_raw_output_cut_short_or_announced_wrongly(
         announced):
     """Raw bytes that never all arrive, or a size that is no size, end
     the call with a one-line error instead of a hang or garbage."""
-    ours, theirs = socket.socketpair()
-
-    def agent_that_goes_away():
+    def agent_that_goes_away(theirs):
         stream = theirs.makefile('rb')
         sync = json.loads(stream.readline()[1:].decode('ascii'))
         theirs.sendall(b'\xff' + json.dumps(
@@ -194,13 +199,7 @@ def test_client_refuses_raw_output_cut_short_or_announced_wrongly(
                 'ascii') + b'\nonly ten b')
         stream.close()
         theirs.close()
-    thread = threading.Thread(target=agent_that_goes_away)
-    thread.daemon = True
-    thread.start()
-    negotiator.set_nonblocking(ours.fileno())
-    client = negotiator.Client(ours.fileno(), negotiator.monotonic() + 30,
-                               'test')
-    client.sync()
+    client, ours, thread = synced_client(agent_that_goes_away)
     if announced == 1000:
         expected, message = negotiator.ConnectError, (
             'test: the connection closed before the other side answered')
