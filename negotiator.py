@@ -93,25 +93,13 @@ if PY3:
         takes at most 32 KiB of a line that may hold megabytes)."""
         return memoryview(data)[start:]  # novm
 else:
-    def _start_child():
-        """Python 2's close_fds=True closes every number up to the limit of
-        open files (milliseconds per command where the limit is high): close
-        only the open descriptors not marked close-on-exec, as Python 3 does.
-        """
-        os.setsid()
-        try:
-            numbers = [int(name) for name in os.listdir('/proc/self/fd')]
-        except OSError:
-            numbers = range(3, os.sysconf('SC_OPEN_MAX'))
-        for fd in numbers:
-            try:
-                if fd > 2 and not (fcntl.fcntl(fd, fcntl.F_GETFD) &
-                                   fcntl.FD_CLOEXEC):
-                    os.close(fd)
-            except (OSError, IOError):
-                pass
-
-    CHILD_OPTIONS = {'close_fds': False, 'preexec_fn': _start_child}
+    #: Python 2's close_fds=True closes every number up to the limit of
+    #: open files (milliseconds per command where the limit is high), and
+    #: closing only the open ones in the forked child, in Python, cost an
+    #: execute about 9 ms in an emulated guest.  So Process marks them all
+    #: close-on-exec beforehand (cloexec_all()) and the child only starts
+    #: its session.
+    CHILD_OPTIONS = {'close_fds': False, 'preexec_fn': os.setsid}
 
     def _escape_undecodable(error):
         undecodable = error.object[error.start:error.end]
@@ -479,15 +467,10 @@ class OutputEvents(object):
 
     def __init__(self, request_id, raw=False):
         self.raw = raw
-        id_member = b''
-        if request_id is not NO_ID:
-            id_member = b'"id":' + encode_message(request_id)[:-1] + b','
+        self.request_id = request_id
+        #: Each stream's line up to its value, made with its first chunk:
+        #: many commands print nothing on one stream or both.
         self._starts = {}
-        for stream in ('out-data', 'err-data'):
-            member = RAW_MEMBERS[stream] if raw else stream
-            self._starts[stream] = (
-                b'{"event":"negotiator-output","data":{' + id_member + b'"' +
-                member.encode('ascii') + b'":')
 
     def pieces(self, stream, data):
         """What to send, in a row, for a chunk of output."""
@@ -500,9 +483,21 @@ class OutputEvents(object):
         return self._line(stream, str(size).encode('ascii'))
 
     def _line(self, stream, value):
+        start = self._starts.get(stream)
+        if start is None:
+            start = self._starts[stream] = self._start(stream)
         now = time.time()
-        return b''.join([self._starts[stream], value, EVENT_END % (
+        return b''.join([start, value, EVENT_END % (
             int(now), int(now % 1 * 1e6))])
+
+    def _start(self, stream):
+        id_member = b''
+        if self.request_id is not NO_ID:
+            id_member = (b'"id":' + encode_message(self.request_id)[:-1] +
+                         b',')
+        member = RAW_MEMBERS[stream] if self.raw else stream
+        return (b'{"event":"negotiator-output","data":{' + id_member + b'"' +
+                member.encode('ascii') + b'":')
 
 
 #: Markers LineReader.feed() returns besides complete lines.
@@ -625,11 +620,37 @@ def write_fd(fd, data):
 
 
 def set_nonblocking(fd):
-    """Make ``fd`` non-blocking and close-on-exec."""
+    """Make ``fd`` non-blocking and close-on-exec.
+
+    Python 3 opens every descriptor close-on-exec already (PEP 446): only
+    Python 2 needs one call more, which counts where system calls are slow,
+    as in an emulated guest (each command's pipes pass through here).
+    """
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-    flags = fcntl.fcntl(fd, fcntl.F_GETFD)
-    fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+    if not PY3:
+        set_cloexec(fd)
+
+
+def set_cloexec(fd):
+    """Keep ``fd`` from the programs that children execute."""
+    fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)  # the only such flag
+
+
+def cloexec_all():
+    """Mark every open descriptor above 2 close-on-exec (for Python 2,
+    before a command starts): those the agent inherited, and those it or a
+    library opened without the flag, such as a syslog handler's socket."""
+    try:
+        numbers = [int(name) for name in os.listdir('/proc/self/fd')]
+    except OSError:
+        numbers = range(3, os.sysconf('SC_OPEN_MAX'))
+    for fd in numbers:
+        if fd > 2:
+            try:
+                set_cloexec(fd)
+            except (OSError, IOError):
+                pass  # the listing's own descriptor, closed by now
 
 
 def poll_fds(fds, want_write, timeout, poller=None):
@@ -726,8 +747,7 @@ class Loop(object):
         self._poller = None
         if EPOLL is not None:
             self._poller = EPOLL()
-            fcntl.fcntl(self._poller.fileno(), fcntl.F_SETFD,
-                        fcntl.FD_CLOEXEC)
+            set_cloexec(self._poller.fileno())
         elif hasattr(select, 'poll'):
             self._poller = select.poll()
         self._masks = {}
@@ -815,8 +835,10 @@ class Loop(object):
         self._signals_seen.append(signum)
 
     def _drain_wakeups(self, hung_up):
-        while read_fd(self._wake_read):
-            pass
+        # A read less than full has emptied the pipe: no read for EAGAIN.
+        data = read_fd(self._wake_read)
+        while data and len(data) == READ_SIZE:
+            data = read_fd(self._wake_read)
 
     def _next_timeout(self):
         self._timers = [t for t in self._timers if not t.cancelled]
@@ -1014,33 +1036,65 @@ class CommandSet(object):
     def resolve(self, name):
         """Find what runs for ``name``.
 
+        A file of the name wins over a built-in, so a built-in's name costs
+        a look into the directory; any other name is taken to be a file
+        without looking (a stat() and an access() less per command, slow
+        calls in an emulated guest): when it cannot start, start_failure()
+        finds out why.
+
         :returns: ``('user', path)`` or ``('builtin', function)``.
-        :raises RequestError: NegotiatorCommandNotFound when nothing has
-            that name, NegotiatorCommandNotExecutable when the file exists
-            but cannot run.
+        :raises RequestError: NegotiatorCommandNotExecutable when a file
+            of a built-in's name cannot run.
         """
         check_command_name(name)
+        if name not in self.builtins:
+            return 'user', os.path.join(self.directory, name)
+        path = self._file(name)
+        if path is not None:
+            return 'user', path
+        return 'builtin', self.builtins[name]
+
+    def start_failure(self, name, error):
+        """The RequestError to answer when the file ``name`` did not start.
+
+        NegotiatorCommandNotFound when there is no such file;
+        NegotiatorCommandNotExecutable when it is not an executable regular
+        file, or when exec refused it all the same (``error``: an
+        interpreter named by its ``#!`` line is missing, say).
+        """
+        try:
+            path = self._file(name)
+        except RequestError as e:
+            return e
+        if path is None:
+            return RequestError(
+                "Command '{0}' not found in {1}; available: {2}".format(
+                    name, self.label or self.directory,
+                    ', '.join(n for n, _ in self.names()) or 'none'),
+                'NegotiatorCommandNotFound')
+        return RequestError(
+            "Command '{0}' could not start: {1}".format(name, error.strerror),
+            'NegotiatorCommandNotExecutable')
+
+    def _file(self, name):
+        """The path of the command file ``name``, None if there is none.
+
+        :raises RequestError: NegotiatorCommandNotExecutable when it is not
+            an executable regular file.
+        """
         path = os.path.join(self.directory, name)
         try:
             info = os.stat(path)
         except OSError:
-            info = None
-        if info is not None:
-            if stat.S_ISREG(info.st_mode) and os.access(path, os.X_OK):
-                return 'user', path
-            if self.label:
-                path = '{0} in {1}'.format(name, self.label)
-            raise RequestError(
-                "Command '{0}' is not executable: {1} is not a regular file "
-                'with execute permission (chmod +x it)'.format(name, path),
-                'NegotiatorCommandNotExecutable')
-        if name in self.builtins:
-            return 'builtin', self.builtins[name]
+            return None
+        if stat.S_ISREG(info.st_mode) and os.access(path, os.X_OK):
+            return path
+        if self.label:
+            path = '{0} in {1}'.format(name, self.label)
         raise RequestError(
-            "Command '{0}' not found in {1}; available: {2}".format(
-                name, self.label or self.directory,
-                ', '.join(n for n, _ in self.names()) or 'none'),
-            'NegotiatorCommandNotFound')
+            "Command '{0}' is not executable: {1} is not a regular file "
+            'with execute permission (chmod +x it)'.format(name, path),
+            'NegotiatorCommandNotExecutable')
 
 
 class Children(object):
@@ -1056,6 +1110,21 @@ class Children(object):
     def kill_all(self):
         for process in list(self.running):
             process.kill()
+
+
+#: /dev/null, opened once: stdin for the commands given no input.
+_null_input = None
+
+
+def null_input():
+    """A close-on-exec descriptor of /dev/null, the same for every command
+    (an open() per command costs a path lookup, slow in an emulated guest).
+    """
+    global _null_input
+    if _null_input is None:
+        _null_input = os.open(os.devnull, os.O_RDONLY)
+        set_cloexec(_null_input)
+    return _null_input
 
 
 def make_pipe(opened):
@@ -1097,14 +1166,15 @@ class Process(object):
             if stdin_data:
                 stdin, self._stdin_fd = make_pipe(opened)
             else:
-                stdin = os.open(os.devnull, os.O_RDONLY)
-                opened.append(stdin)
+                stdin = null_input()
             out_fd, stdout = make_pipe(opened)
             err_fd, stderr = make_pipe(opened)
             try:
                 fcntl.fcntl(out_fd, F_SETPIPE_SZ, PIPE_SIZE)
             except (IOError, OSError):
                 pass  # an older kernel, or the user's pipe quota used up
+            if not PY3:
+                cloexec_all()
             self.popen = subprocess.Popen(
                 argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd='/',
                 env=env, **CHILD_OPTIONS)
@@ -1112,8 +1182,10 @@ class Process(object):
             for fd in opened:
                 os.close(fd)
             raise
-        for fd in (stdin, stdout, stderr):  # the child's ends
+        for fd in (stdout, stderr):  # the child's ends
             os.close(fd)
+        if stdin_data:
+            os.close(stdin)
         self.pid = self.popen.pid
         children.running.add(self)
         #: Open output pipes: descriptor -> [stream name, read size].
@@ -1149,7 +1221,8 @@ class Process(object):
     def _on_readable(self, hung_up):
         for fd in list(self._pipes):
             self._read_pipe(fd)
-        self.check_exit()
+        if not self._pipes:  # the end of all output: most likely an exit
+            self.check_exit()
 
     def _read_pipe(self, fd):
         # Passing output on may end the conversation, and kill() then
@@ -1196,7 +1269,8 @@ class Process(object):
                 self.loop.add_reader(fd, self._on_readable)
 
     def check_exit(self):
-        """Finish once the child has exited (called on SIGCHLD and on EOF).
+        """Finish once the child has exited (called on SIGCHLD, and at the
+        end of the output in case no signal comes).
 
         Output already in the pipes is read first; the pipes are not waited
         on after that, as a background process the command started may hold
@@ -1827,8 +1901,6 @@ class Server(object):
         env = dict(self.env)
         env['NEGOTIATOR_COMMAND'] = name
         env['NEGOTIATOR_VERSION'] = __version__
-        log.info('%s: running %s with %d argument(s)', self.channel.name,
-                 target, len(argv))
         try:
             self.process = Process(
                 self.loop, self.children, [target] + argv, env, stdin_data,
@@ -1837,9 +1909,9 @@ class Server(object):
                     events.pieces(stream, data)),
                 lambda result: self._finish_execute(request_id, result))
         except OSError as e:
-            raise RequestError(
-                "Command '{0}' could not start: {1}".format(name, e.strerror),
-                'NegotiatorCommandNotExecutable')
+            raise self.commands.start_failure(name, e)
+        log.info('%s: running %s with %d argument(s) as pid %d',
+                 self.channel.name, target, len(argv), self.process.pid)
         return None
 
     def _send_output(self, pieces):
