@@ -284,7 +284,9 @@ class Log(object):
             self.logger().log(level, message, *args, **kwargs)
 
     def debug(self, message, *args, **kwargs):
-        self.log(DEBUG, message, *args, **kwargs)
+        # Called for every request: the level is looked at here, at once.
+        if self.level is None or self.level <= DEBUG:
+            self.log(DEBUG, message, *args, **kwargs)
 
     def info(self, message, *args, **kwargs):
         self.log(INFO, message, *args, **kwargs)
@@ -1782,7 +1784,8 @@ class Server(object):
             name, arguments = self._parse_request(request)
             log.debug('%s: request %s', self.channel.name, name)
             method, parameters = self.methods[name]
-            check_arguments(arguments, parameters)
+            if arguments or parameters:  # guest-ping has nothing to check
+                check_arguments(arguments, parameters)
             result = method(arguments, request_id)
         except RequestError as e:
             log.log(self.ERROR_LOG_LEVEL, '%s: error reply: %s',
