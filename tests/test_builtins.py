@@ -695,6 +695,17 @@ def test_cli_user_command_wins_over_builtin(agent):
         {'name': 'uptime', 'kind': 'builtin'}]}
 
 
+def test_cli_unrunnable_file_of_a_builtins_name_is_refused(agent):
+    """The file wins over the built-in even when it cannot run: the host
+    learns why rather than getting a built-in it did not expect."""
+    make_command(agent.workdir.commands, 'uptime', '#!/bin/sh\necho no\n',
+                 mode=0o644)
+    assert agent.host('uptime') == (126, b'', (
+        "negotiator: Command 'uptime' is not executable: {0} is not a "
+        'regular file with execute permission (chmod +x it)\n'.format(
+            os.path.join(agent.workdir.commands, 'uptime'))).encode('utf-8'))
+
+
 def test_cli_list_builtins_only(agent):
     assert agent.host(options=['-n', '--list']) == (0, (
         b'disk-usage  (built-in)\n'
