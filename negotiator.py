@@ -463,7 +463,7 @@ class OutputEvents(object):
     and ``'err-data'`` (stderr).
 
     Events are the bulk of what the agent sends, so their lines are put
-    together from bytes: the request's part is encoded once, and the base64
+    together from bytes: each stream's start is made once, and the base64
     text (which needs no escaping) never passes through the JSON encoder.
     """
 
@@ -622,7 +622,8 @@ def write_fd(fd, data):
 
 
 def set_nonblocking(fd):
-    """Make ``fd`` non-blocking and close-on-exec.
+    """Make ``fd``, a descriptor this process opened, non-blocking and
+    close-on-exec.
 
     Python 3 opens every descriptor close-on-exec already (PEP 446): only
     Python 2 needs one call more, which counts where system calls are slow,
@@ -1042,7 +1043,8 @@ class CommandSet(object):
         a look into the directory; any other name is taken to be a file
         without looking (a stat() and an access() less per command, slow
         calls in an emulated guest): when it cannot start, start_failure()
-        finds out why.
+        finds out why.  So a name that is nowhere costs a failed start
+        (its pipes and a fork) before it is refused.
 
         :returns: ``('user', path)`` or ``('builtin', function)``.
         :raises RequestError: NegotiatorCommandNotExecutable when a file
@@ -1061,8 +1063,9 @@ class CommandSet(object):
 
         NegotiatorCommandNotFound when there is no such file;
         NegotiatorCommandNotExecutable when it is not an executable regular
-        file, or when exec refused it all the same (``error``: an
-        interpreter named by its ``#!`` line is missing, say).
+        file, or when it could not start all the same, for the reason in
+        ``error``: exec refused it (an interpreter named by its ``#!`` line
+        is missing, say), or the system had no pipe or process to spare.
         """
         try:
             path = self._file(name)
