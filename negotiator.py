@@ -97,8 +97,8 @@ else:
     #: open files (milliseconds per command where the limit is high), and
     #: closing only the open ones in the forked child, in Python, cost an
     #: execute about 9 ms in an emulated guest.  So Process marks them all
-    #: close-on-exec beforehand (cloexec_all()) and the child only starts
-    #: its session.
+    #: close-on-exec beforehand (cloexec_all(), the one place Python 2's
+    #: descriptors get the flag) and the child only starts its session.
     CHILD_OPTIONS = {'close_fds': False, 'preexec_fn': os.setsid}
 
     def _escape_undecodable(error):
@@ -255,24 +255,28 @@ class Log(object):
 
     def __init__(self):
         self.level = None
-        self._to_set_up = None
+        self._logger = None
+        self._use_syslog = False
+        #: True from setup() until the handler is added.
+        self._handler_pending = False
 
     def setup(self, level, use_syslog, now):
         """Log at ``level`` and up; add the handler ``now``, or with the
         first message."""
         self.level = level
-        self._to_set_up = (level, use_syslog)
+        self._use_syslog = use_syslog
+        self._handler_pending = True
         if now:
             self.logger()
 
     def logger(self):
-        import logging
-        logger = logging.getLogger('negotiator')
-        if self._to_set_up:
-            level, use_syslog = self._to_set_up
-            self._to_set_up = None
-            add_log_handler(logger, level, use_syslog)
-        return logger
+        if self._logger is None:
+            import logging
+            self._logger = logging.getLogger('negotiator')
+        if self._handler_pending:
+            self._handler_pending = False
+            add_log_handler(self._logger, self.level, self._use_syslog)
+        return self._logger
 
     def isEnabledFor(self, level):
         if self.level is None:
@@ -286,7 +290,7 @@ class Log(object):
     def debug(self, message, *args, **kwargs):
         # Called for every request: the level is looked at here, at once.
         if self.level is None or self.level <= DEBUG:
-            self.log(DEBUG, message, *args, **kwargs)
+            self.logger().log(DEBUG, message, *args, **kwargs)
 
     def info(self, message, *args, **kwargs):
         self.log(INFO, message, *args, **kwargs)
@@ -622,22 +626,14 @@ def write_fd(fd, data):
 
 
 def set_nonblocking(fd):
-    """Make ``fd``, a descriptor this process opened, non-blocking and
-    close-on-exec.
+    """Make ``fd`` non-blocking.
 
-    Python 3 opens every descriptor close-on-exec already (PEP 446): only
-    Python 2 needs one call more, which counts where system calls are slow,
-    as in an emulated guest (each command's pipes pass through here).
+    Close-on-exec needs no call here: Python 3 opens every descriptor so
+    (PEP 446), and on Python 2 cloexec_all() marks them before a command
+    starts.
     """
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-    if not PY3:
-        set_cloexec(fd)
-
-
-def set_cloexec(fd):
-    """Keep ``fd`` from the programs that children execute."""
-    fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)  # the only such flag
 
 
 def cloexec_all():
@@ -648,10 +644,10 @@ def cloexec_all():
         numbers = [int(name) for name in os.listdir('/proc/self/fd')]
     except OSError:
         numbers = range(3, os.sysconf('SC_OPEN_MAX'))
-    for fd in numbers:
+    for fd in numbers:  # FD_CLOEXEC is the only descriptor flag: just set
         if fd > 2:
             try:
-                set_cloexec(fd)
+                fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
             except (OSError, IOError):
                 pass  # the listing's own descriptor, closed by now
 
@@ -750,7 +746,6 @@ class Loop(object):
         self._poller = None
         if EPOLL is not None:
             self._poller = EPOLL()
-            set_cloexec(self._poller.fileno())
         elif hasattr(select, 'poll'):
             self._poller = select.poll()
         self._masks = {}
@@ -896,8 +891,9 @@ class Channel(object):
 
     The handler receives whole lines and events and never touches the
     descriptor: ``on_line(line)``, ``on_resync()``, ``on_oversized()``,
-    ``on_drained()`` (the output backlog fell below LOW_WATER) and
-    ``on_disconnect()``.
+    ``on_drained()`` (output that had to wait for the peer is all written
+    now) and ``on_disconnect()``.  on_drained() comes from the loop, never
+    from inside a send: a handler may send in the middle of its own work.
     """
 
     def __init__(self, loop, fd, handler, name):
@@ -917,20 +913,28 @@ class Channel(object):
 
     def send_raw(self, data):
         """Queue bytes as they are: an encoded line, the 0xFF of
-        guest-sync-delimited, or a chunk of raw output after its line."""
+        guest-sync-delimited, or a chunk of raw output after its line.
+
+        They are written at once unless earlier bytes wait for the peer.
+        """
         if self.connected:
             self._out.append(data)
             self.backlog += len(data)
-            self._flush()
+            if len(self._out) == 1:
+                self._write_out()
 
-    def _flush(self):
+    def _write_out(self):
+        """Write what the peer takes; wait for it (_on_writable) if not all.
+
+        :returns: True when everything queued is written.
+        """
         try:
             while self._out:
                 chunk = self._out[0]
                 written = write_fd(self.fd, chunk)
                 if not written:
-                    self.loop.add_writer(self.fd, self._flush)
-                    return
+                    self.loop.add_writer(self.fd, self._on_writable)
+                    return False
                 self.backlog -= written
                 if written < len(chunk):
                     self._out[0] = bytes_from(chunk, written)
@@ -938,9 +942,13 @@ class Channel(object):
                     self._out.pop(0)
         except Disconnected as e:
             self.disconnect(str(e))
-            return
-        self.loop.remove_writer(self.fd)
-        self.handler.on_drained()
+            return False
+        return True
+
+    def _on_writable(self):
+        if self._write_out():
+            self.loop.remove_writer(self.fd)
+            self.handler.on_drained()
 
     def _on_readable(self, hung_up):
         for _ in range(16):
@@ -1029,12 +1037,10 @@ class CommandSet(object):
         return sorted(found.items())
 
     def _executable(self, name):
-        path = os.path.join(self.directory, name)
         try:
-            info = os.stat(path)
-        except OSError:
+            return self._file(name) is not None
+        except RequestError:
             return False
-        return stat.S_ISREG(info.st_mode) and os.access(path, os.X_OK)
 
     def resolve(self, name):
         """Find what runs for ``name``.
@@ -1122,13 +1128,12 @@ _null_input = None
 
 
 def null_input():
-    """A close-on-exec descriptor of /dev/null, the same for every command
-    (an open() per command costs a path lookup, slow in an emulated guest).
+    """A descriptor of /dev/null, the same for every command (an open() per
+    command costs a path lookup, slow in an emulated guest).
     """
     global _null_input
     if _null_input is None:
         _null_input = os.open(os.devnull, os.O_RDONLY)
-        set_cloexec(_null_input)
     return _null_input
 
 
@@ -1707,10 +1712,6 @@ class Server(object):
         self._on_disconnect = on_disconnect
         self.pending = []
         self.process = None
-        #: True while _serve_pending() runs: a reply that drains the channel
-        #: at once must not start the next request in the middle of this
-        #: one's replies.
-        self._serving = False
         self.methods = {}
         for request, method, parameters in self.REQUESTS:
             self.methods[request] = (getattr(self, method), parameters)
@@ -1768,16 +1769,9 @@ class Server(object):
     # -- answering ---------------------------------------------------------
 
     def _serve_pending(self):
-        if self._serving:
-            return
-        self._serving = True
-        try:
-            while (self.pending and not self.process and
-                   self.channel.connected and
-                   self.channel.backlog < HIGH_WATER):
-                self._handle(self.pending.pop(0))
-        finally:
-            self._serving = False
+        while (self.pending and not self.process and
+               self.channel.connected and self.channel.backlog < HIGH_WATER):
+            self._handle(self.pending.pop(0))
 
     def _handle(self, line):
         request_id = NO_ID
@@ -3580,9 +3574,10 @@ Run COMMAND with its ARGs in a guest: GUEST is the name of a running
 libvirt guest (found with virsh, or in libvirt's channel directory),
 SOCKET the UNIX socket of its negotiator-host-to-guest.0 port (a path
 holding a slash, or a socket in the current directory).  Options go before
-GUEST; everything after COMMAND is passed on verbatim.  The command's stdout and stderr arrive here as they
-are produced; its exit status becomes this program's.  Standard input is
-forwarded when it is not a terminal.
+GUEST; everything after COMMAND is passed on verbatim.  The command's
+stdout and stderr arrive here as they are produced; its exit status
+becomes this program's.  Standard input is forwarded when it is not a
+terminal.
 
 Exit statuses: the command's own (128+N when killed by signal N);
 124 timed out; 126 not executable; 127 command not found;
