@@ -274,3 +274,22 @@ class RawClient(object):
     def close(self):
         self.sock.close()
 
+
+def scripted_agent(sock, script):
+    """Play the agent on ``sock``: for each request received, send
+    script(request) (bytes); 0xFF bytes are skipped."""
+    import negotiator
+    reader = negotiator.LineReader()
+    buffered = []
+    try:
+        while True:
+            while not buffered:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                buffered.extend(item for item in reader.feed(data)
+                                if item not in (negotiator.RESYNC,))
+            request = json.loads(buffered.pop(0).decode('ascii'))
+            sock.sendall(script(request))
+    finally:
+        sock.close()

@@ -24,7 +24,7 @@ import pytest
 import negotiator
 from helpers import (HANG, NEGOTIATOR, Agent, Workdir, b, cli, communicate,
                      fill_backlog, make_command, process_state, run_cli,
-                     wait_for)
+                     scripted_agent, wait_for)
 
 BUILTINS = ('disk-usage', 'hostname', 'ip-addresses', 'os-info', 'uptime')
 
@@ -847,29 +847,23 @@ def test_zz_agent_still_serves(agent):
 def serve_like_negotiator_1_0(listener, requests):
     """One connection of an agent that predates raw output: it refuses the
     argument as qemu-ga's checks do, and sends output as base64 events."""
-    conn = listener.accept()[0]
-    stream = conn.makefile('rb')
-    try:
-        for line in iter(stream.readline, b''):
-            request = json.loads(line.lstrip(b'\xff').decode('ascii'))
-            requests.append(request)
-            arguments = request.get('arguments', {})
-            if request['execute'] == 'guest-sync-delimited':
-                reply = [b'\xff', {'return': arguments['id']}]
-            elif 'raw-output' in arguments:
-                reply = [{'error': {'class': 'GenericError', 'desc':
-                                    "Parameter 'raw-output' is unexpected"},
-                          'id': request['id']}]
-            else:
-                reply = [{'event': 'negotiator-output', 'data': {
-                    'id': request['id'], 'out-data': 'b2xkCg=='}},
-                    {'return': {'exitcode': 3}, 'id': request['id']}]
-            conn.sendall(b''.join(
-                part if isinstance(part, bytes) else
-                json.dumps(part).encode('ascii') + b'\n' for part in reply))
-    finally:
-        stream.close()
-        conn.close()
+    def script(request):
+        requests.append(request)
+        arguments = request.get('arguments', {})
+        if request['execute'] == 'guest-sync-delimited':
+            reply = [b'\xff', {'return': arguments['id']}]
+        elif 'raw-output' in arguments:
+            reply = [{'error': {'class': 'GenericError', 'desc':
+                                "Parameter 'raw-output' is unexpected"},
+                      'id': request['id']}]
+        else:
+            reply = [{'event': 'negotiator-output', 'data': {
+                'id': request['id'], 'out-data': 'b2xkCg=='}},
+                {'return': {'exitcode': 3}, 'id': request['id']}]
+        return b''.join(part if isinstance(part, bytes) else
+                        json.dumps(part).encode('ascii') + b'\n'
+                        for part in reply)
+    scripted_agent(listener.accept()[0], script)
 
 
 def test_an_agent_without_raw_output_gets_the_call_in_base64(workdir):

@@ -12,7 +12,8 @@ import threading
 import pytest
 
 import negotiator
-from helpers import HANG, Agent, Workdir, b, make_command, wait_for
+from helpers import (HANG, Agent, Workdir, b, make_command, scripted_agent,
+                     wait_for)
 
 
 # ---------------------------------------------------------------------------
@@ -97,24 +98,6 @@ def test_exit_status_of_a_result(result, status):
 # ---------------------------------------------------------------------------
 # The host client's resynchronisation against a scripted agent
 # ---------------------------------------------------------------------------
-
-def scripted_agent(sock, script):
-    """Play the agent: for each request received, send script(request)."""
-    reader = negotiator.LineReader()
-    buffered = []
-    try:
-        while True:
-            while not buffered:
-                data = sock.recv(65536)
-                if not data:
-                    return
-                buffered.extend(item for item in reader.feed(data)
-                                if item not in (negotiator.RESYNC,))
-            request = json.loads(buffered.pop(0).decode('ascii'))
-            sock.sendall(script(request))
-    finally:
-        sock.close()
-
 
 def synced_client(play):
     """A Client on one end of a socketpair, synchronised with ``play(the
