@@ -223,10 +223,11 @@ class Guest(object):
                              'console:\n%s' % (self.proc.returncode,
                                                qlog.strip(), self.console()))
 
-    def wait_console(self, marker, t0=None):
-        """Wait until MARKER appears on the console (GuestError on timeout)."""
+    def wait_console(self, marker, t0=None, count=1):
+        """Wait until MARKER appears on the console, COUNT times (GuestError
+        on timeout)."""
         deadline = (t0 or time.time()) + self.timeout
-        while marker not in self.console():
+        while self.console().count(marker) < count:
             self._check_alive()
             if time.time() > deadline:
                 raise GuestError('no %r on the console within %g s:\n%s' % (
