@@ -17,8 +17,8 @@ import tty
 import pytest
 
 import negotiator
-from helpers import (HANG, GuestProcess, Workdir, make_command, run_cli,
-                     wait_for)
+from helpers import (HANG, GuestProcess, Workdir, make_command, process_state,
+                     run_cli, wait_for)
 
 
 class PtyPort(object):
@@ -156,14 +156,16 @@ def test_background_process_of_a_command_neither_delays_nor_holds_the_port(
     assert messages[-1] == {'return': {'exitcode': 0}, 'id': 1}
     background = int(open(pid_file).read())
     try:
-        # Until sleep is exec'd, the forked shell still has its script open
-        # (and exec closes it a moment after the command line changes).
+        # Until sleep is exec'd, the forked shell still has its script open,
+        # and after exec the dynamic loader opens and closes its libraries:
+        # only a sleep that sleeps (state S) holds its last descriptors.
         wait_for(lambda: open('/proc/{0}/cmdline'.format(background), 'rb')
                  .read().startswith(b'sleep\0') and
-                 sorted(os.listdir('/proc/{0}/fd'.format(background))) ==
-                 ['0', '1', '2'])
+                 process_state(background) == 'S')
+        fds = sorted(os.listdir('/proc/{0}/fd'.format(background)))
+        assert fds == ['0', '1', '2']
         held = [os.readlink('/proc/{0}/fd/{1}'.format(background, fd))
-                for fd in os.listdir('/proc/{0}/fd'.format(background))]
+                for fd in fds]
         assert port.path not in held
         assert all(not target.startswith('/dev/pts/') for target in held), held
     finally:
