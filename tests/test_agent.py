@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import os
+import re
 import select
 import signal
 import time
@@ -171,6 +172,29 @@ def test_background_process_of_a_command_neither_delays_nor_holds_the_port(
     finally:
         os.kill(background, signal.SIGKILL)
     agent.stop()
+
+
+def test_each_command_is_logged_once_with_its_outcome(workdir):
+    make_command(workdir.commands, 'fail', '#!/bin/sh\nexit 3\n')
+    make_command(workdir.commands, 'slow', '#!/bin/sh\nexec sleep 60\n')
+    port, agent = serve_pty(workdir)
+    calls = [('fail', ['a', 'b'], 0, {'exitcode': 3}),
+             ('slow', [], 0.2, {'signal': 9, 'timed-out': True})]
+    for request_id, (name, args, timeout, result) in enumerate(calls):
+        assert port.call({'execute': 'negotiator-execute', 'id': request_id,
+                          'arguments': {'command': name, 'args': args,
+                                        'timeout': timeout}}) == {
+            'return': result, 'id': request_id}
+    agent.wait_log('timed out, killed')
+    lines = [line for line in agent.stop().splitlines()
+             if 'argument(s), pid' in line]
+    assert len(lines) == 2, lines
+    start = re.escape('negotiator: {0}: {1}/'.format(port.path,
+                                                      workdir.commands))
+    assert re.match(start + r'fail with 2 argument\(s\), pid \d+, exit '
+                    r'status 3 after \d+\.\d ms$', lines[0]), lines
+    assert re.match(start + r'slow with 0 argument\(s\), pid \d+, timed '
+                    r'out, killed by signal 9 after \d+\.\d ms$', lines[1]), lines
 
 
 def test_sigterm_kills_the_running_command_and_exits_zero(workdir):

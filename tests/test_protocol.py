@@ -212,8 +212,14 @@ def agent():
                  '#!/bin/sh\nprintf out; printf err >&2; exit 5\n')
     make_command(workdir.commands, 'big',
                  '#!/bin/sh\nexec head -c "$1" /dev/zero | tr "\\0" x\n')
-    make_command(workdir.commands, 'pipe-size', '#!{0}\nimport fcntl\n'
-                 'print(fcntl.fcntl(1, 1032))\n'.format(sys.executable))
+    # $1 bytes on stdout, then the sizes of its stdout and stderr pipes
+    # (F_GETPIPE_SZ): a write of more than a pipe holds returns once the
+    # agent has read a full pipe at least once.
+    make_command(workdir.commands, 'pipe-size', '#!{0}\nimport fcntl, os, sys\n'
+                 "data = b'x' * int(sys.argv[1])\n"
+                 'while data:\n    data = data[os.write(1, data):]\n'
+                 "os.write(1, ('%d %d\\n' % (fcntl.fcntl(1, 1032), "
+                 'fcntl.fcntl(2, 1032))).encode())\n'.format(sys.executable))
     make_command(workdir.commands, 'touch-marker',
                  '#!/bin/sh\ntouch "$1"\n')
     make_command(workdir.commands, 'sleep-pid',
@@ -529,11 +535,14 @@ def test_replies_keep_the_order_of_requests_sent_at_once(agent, raw):
     client.close()
 
 
-def test_command_stdout_is_a_one_megabyte_pipe(agent):
+@pytest.mark.parametrize('size,sizes', [(262144, b'1048576 65536\n'),
+                                        (1000, b'65536 65536\n')])
+def test_a_command_pipe_is_enlarged_to_one_megabyte_once_it_fills_up(
+        agent, size, sizes):
     client = agent.client()
-    events, reply = execute(client, 'pipe-size')
+    events, reply = execute(client, 'pipe-size', [str(size)])
     assert reply['return'] == {'exitcode': 0}
-    assert output_of(events) == b'1048576\n'
+    assert output_of(events) == b'x' * size + sizes
     client.close()
 
 
