@@ -189,12 +189,13 @@ def test_each_command_is_logged_once_with_its_outcome(workdir):
     lines = [line for line in agent.stop().splitlines()
              if 'argument(s), pid' in line]
     assert len(lines) == 2, lines
-    start = re.escape('negotiator: {0}: {1}/'.format(port.path,
-                                                      workdir.commands))
+    start = re.escape('negotiator: {0}: {1}/'.format(
+        port.path, workdir.commands))
     assert re.match(start + r'fail with 2 argument\(s\), pid \d+, exit '
                     r'status 3 after \d+\.\d ms$', lines[0]), lines
     assert re.match(start + r'slow with 0 argument\(s\), pid \d+, timed '
-                    r'out, killed by signal 9 after \d+\.\d ms$', lines[1]), lines
+                    r'out, killed by signal 9 after \d+\.\d ms$',
+                    lines[1]), lines
 
 
 def test_sigterm_kills_the_running_command_and_exits_zero(workdir):

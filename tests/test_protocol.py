@@ -215,7 +215,8 @@ def agent():
     # $1 bytes on stdout, then the sizes of its stdout and stderr pipes
     # (F_GETPIPE_SZ): a write of more than a pipe holds returns once the
     # agent has read a full pipe at least once.
-    make_command(workdir.commands, 'pipe-size', '#!{0}\nimport fcntl, os, sys\n'
+    make_command(workdir.commands, 'pipe-size',
+                 '#!{0}\nimport fcntl, os, sys\n'
                  "data = b'x' * int(sys.argv[1])\n"
                  'while data:\n    data = data[os.write(1, data):]\n'
                  "os.write(1, ('%d %d\\n' % (fcntl.fcntl(1, 1032), "
