@@ -866,7 +866,6 @@ class Loop(object):
         if self._timers:
             self._run_due_timers()
 
-
     def _run_due_timers(self):
         now = monotonic()
         for timer in list(self._timers):
