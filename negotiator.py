@@ -2095,7 +2095,6 @@ def take_lock(path):
     return fd
 
 
-
 class PortService(object):
     """Serves a virtio-serial port, through every host connect and hang-up.
 
