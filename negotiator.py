@@ -1185,6 +1185,8 @@ class Process(object):
         self._stdin_sent = 0
         self._stdin_fd = None
         self._paused = False
+        #: monotonic() at the start, for the log line at the end.
+        self.started = monotonic()
         # The pipes are made here rather than by Popen: plain descriptors,
         # without the file objects Popen would wrap them in.
         opened = []  # closed again if the command cannot start
@@ -1210,8 +1212,6 @@ class Process(object):
             os.close(stdin)
         self.pid = self.popen.pid
         self.argv = argv
-        #: monotonic() at the start, for the log line at the end.
-        self.started = monotonic()
         children.running.add(self)
         #: Open output pipes: descriptor -> [stream name, read size,
         #: the loop's callback].
@@ -1266,8 +1266,9 @@ class Process(object):
         come back full (up to PIPE_SIZE) so that a flood of output costs
         few reads, and shrink again when they come back less than half
         full: a big read costs its size in memory however little it gets.
-        A first read that comes back full found the pipe full (a pipe
-        holds READ_SIZE bytes at first): the pipe is enlarged then."""
+        A read of READ_SIZE bytes (what a new pipe holds) that comes back
+        full enlarges the pipe: only a command that fills it pays the
+        call (again after a quiet spell, when it changes nothing)."""
         pipe = self._pipes[fd]
         data = read_fd(fd, pipe[1])
         if data and len(data) == pipe[1] and pipe[1] < PIPE_SIZE:

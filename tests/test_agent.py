@@ -250,6 +250,34 @@ def test_busy_port_is_retried_with_one_log_line(workdir, monkeypatch, caplog):
         os.close(port.master)
 
 
+def test_a_signal_that_arrives_during_a_turn_is_handled_in_that_turn():
+    """Its callback runs before run_once() returns, and its byte in the
+    wakeup pipe is read then too: no turn of its own comes after it."""
+    loop = negotiator.Loop()
+    seen = []
+    read_end, write_end = os.pipe()
+
+    def on_readable(hung_up):
+        os.read(read_end, 1)
+        seen.append('read')
+        os.kill(os.getpid(), signal.SIGUSR1)
+    try:
+        loop.on_signal(signal.SIGUSR1, lambda: seen.append('signal'))
+        loop.add_reader(read_end, on_readable)
+        os.write(write_end, b'x')
+        loop.run_once()
+        assert seen == ['read', 'signal']
+        loop.remove_reader(read_end)
+        loop.call_later(0.2, lambda: seen.append('timer'))
+        started = time.time()
+        loop.run_once()  # nothing is left to wake it before the timer
+        assert time.time() - started > 0.15
+    finally:
+        loop.close()
+        os.close(read_end)
+        os.close(write_end)
+
+
 def test_find_port_by_name_then_fallback(workdir):
     sys_ports = workdir.join('sys')
     dev = workdir.join('dev')
