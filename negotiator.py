@@ -1213,12 +1213,11 @@ class Process(object):
         self.pid = self.popen.pid
         self.argv = argv
         children.running.add(self)
-        #: Open output pipes: descriptor -> [stream name, read size,
-        #: the loop's callback].
-        self._pipes = {out_fd: ['out-data', READ_SIZE, self._reader(out_fd)],
-                       err_fd: ['err-data', READ_SIZE, self._reader(err_fd)]}
-        for fd, pipe in self._pipes.items():
-            loop.add_reader(fd, pipe[2])
+        #: Open output pipes: descriptor -> [stream name, read size].
+        self._pipes = {out_fd: ['out-data', READ_SIZE],
+                       err_fd: ['err-data', READ_SIZE]}
+        for fd in self._pipes:
+            loop.add_reader(fd, self._reader(fd))
         if stdin_data:
             loop.add_writer(self._stdin_fd, self._feed_stdin)
         self._timer = None
@@ -1294,8 +1293,8 @@ class Process(object):
     def resume(self):
         if self._paused:
             self._paused = False
-            for fd, pipe in self._pipes.items():
-                self.loop.add_reader(fd, pipe[2])
+            for fd in self._pipes:
+                self.loop.add_reader(fd, self._reader(fd))
 
     def check_exit(self):
         """Finish once the child has exited (called on SIGCHLD, and at the
