@@ -37,6 +37,7 @@ import stat
 import struct
 import sys
 import time
+from collections import deque
 
 
 # ============================================================================
@@ -52,14 +53,23 @@ if six is not None:
     PY3 = six.PY3
     string_types = six.string_types
     integer_types = six.integer_types
+    u = six.u
 elif sys.version_info[0] >= 3:
     PY3 = True
     string_types = (str,)
     integer_types = (int,)
+
+    def u(text):
+        """A text literal: a message that embeds a peer's text must be
+        text on Python 2 too, or formatting it fails on non-ASCII."""
+        return text
 else:
     PY3 = False
     string_types = (basestring,)  # novm (Python 2 only)
     integer_types = (int, long)  # novm (Python 2 only)
+
+    def u(text):
+        return text.decode('ascii')
 
 #: A clock that never jumps, where the interpreter has one (3.3+).
 monotonic = getattr(time, 'monotonic', time.time)
@@ -92,14 +102,34 @@ if PY3:
         what is left to write after a partial write (one write() on a port
         takes at most 32 KiB of a line that may hold megabytes)."""
         return memoryview(data)[start:]  # novm
+
+    def decode_utf8(data):
+        """Strict UTF-8: a surrogate's bytes (ED A0..ED BF) are refused."""
+        return data.decode('utf-8')
+
+    def local_bytes(path):
+        """A path of this machine (an option's value) as bytes."""
+        return os.fsencode(path)  # novm
+
+    def base64_line(data):
+        """Base64 of ``data``, without the newline (nor a copy to drop it)."""
+        return binascii.b2a_base64(data, newline=False)  # novm
 else:
+    def _start_child():
+        """In a command's child, before exec: a session of its own, and
+        SIGPIPE and SIGXFSZ back to their defaults from Python's SIG_IGN,
+        which exec would keep (Python 3's Popen restores them itself)."""
+        os.setsid()
+        for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(signum, signal.SIG_DFL)
+
     #: Python 2's close_fds=True closes every number up to the limit of
     #: open files (milliseconds per command where the limit is high), and
     #: closing only the open ones in the forked child, in Python, cost an
     #: execute about 9 ms in an emulated guest.  So Process marks them all
     #: close-on-exec beforehand (cloexec_all(), the one place Python 2's
     #: descriptors get the flag) and the child only starts its session.
-    CHILD_OPTIONS = {'close_fds': False, 'preexec_fn': os.setsid}
+    CHILD_OPTIONS = {'close_fds': False, 'preexec_fn': _start_child}
 
     def _escape_undecodable(error):
         undecodable = error.object[error.start:error.end]
@@ -109,6 +139,10 @@ else:
 
     #: A lone surrogate U+DC80..U+DCFF as Python 2's UTF-8 encoder writes it.
     _ESCAPED_BYTE = re.compile(b'\xed[\xb2\xb3][\x80-\xbf]')
+    #: Any other surrogate, which Python 3's encoder refuses.
+    _OTHER_SURROGATE = re.compile(b'\xed[\xa0-\xb1\xb4-\xbf]')
+    #: Python 2's UTF-8 decoder takes a surrogate's bytes; Python 3's not.
+    _SURROGATE = re.compile(b'\xed[\xa0-\xbf]')
 
     def _unescape_byte(match):
         low, high = ord(match.group()[1]), ord(match.group()[2])
@@ -120,12 +154,25 @@ else:
     def wire_bytes(text):
         if isinstance(text, bytes):
             return text
-        return _ESCAPED_BYTE.sub(_unescape_byte, text.encode('utf-8'))
+        data = text.encode('utf-8')
+        if b'\xed' not in data:
+            return data
+        if _OTHER_SURROGATE.search(data):
+            raise UnicodeEncodeError('utf-8', text, 0, 1, 'a surrogate')
+        return _ESCAPED_BYTE.sub(_unescape_byte, data)
 
-    native_str = wire_bytes
+    native_str = local_bytes = wire_bytes
 
     def bytes_from(data, start):
         return buffer(data, start)  # novm
+
+    def decode_utf8(data):
+        if b'\xed' in data and _SURROGATE.search(data):
+            raise UnicodeDecodeError('utf-8', data, 0, 1, 'a surrogate')
+        return data.decode('utf-8')
+
+    def base64_line(data):
+        return binascii.b2a_base64(data)[:-1]
 
 
 # ============================================================================
@@ -159,8 +206,17 @@ MAX_POLL_WAIT = 3600.0
 MAX_LINE = 16 * 1024 * 1024
 #: Largest standard input the host client forwards.
 MAX_STDIN = MAX_LINE // 4 * 3 - 64 * 1024
-#: Requests queued behind a running command before further ones are refused.
-MAX_PENDING = 64
+#: Requests read and waiting behind a running command beyond which no
+#: more are read from that peer until they are answered (and no more than
+#: MAX_LINE bytes of them).
+MAX_WAITING = 64
+#: Longest number a message may hold, in characters: Python's int() of a
+#: digit string takes time that grows with the square of its length.
+MAX_NUMBER = 100
+#: Deepest nesting, and longest JSON text, of a request's ``id``, which
+#: every reply to it repeats.
+MAX_ID_DEPTH = 16
+MAX_ID_SIZE = 1024
 #: Bytes read from a pipe or a socket at once.
 READ_SIZE = 65536
 #: A command's output pipe that fills up is enlarged to this (Linux's limit
@@ -172,16 +228,17 @@ PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, 'F_SETPIPE_SZ', 1031)
 #: One read() on a virtio-serial port returns at most this many bytes.
 PORT_READ = 4096
-#: A command's output is not read while more than this waits to be sent
-#: (passed by at most one read of each pipe) ...
+#: While more than this waits to be sent to a peer, neither its requests
+#: nor its command's output are read (passed by at most one read of each),
+#: until it has read all.
 HIGH_WATER = 1024 * 1024
-#: ... and is read again once the backlog is below this.
-LOW_WATER = 256 * 1024
 #: Seconds between checks whether a host connected to an idle port, in case
 #: the kernel sends no SIGIO; SIGIO normally wakes the agent at once.
 RECONNECT_CHECK = 1.0
 #: Seconds between attempts to open a port that is missing or busy.
 OPEN_RETRY = 1.0
+#: Seconds a --listen agent out of descriptors leaves new clients waiting.
+ACCEPT_PAUSE = 1.0
 #: Seconds between repeated log lines about a port that stays unavailable.
 OPEN_LOG_EVERY = 60.0
 #: Seconds between tries for a port, lock or socket that others hold.
@@ -211,6 +268,10 @@ EXIT_USAGE = 2
 EXIT_TIMEOUT = 124
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
+#: The reader of our output went away (what SIGPIPE's death would give).
+EXIT_READER_GONE = 128 + signal.SIGPIPE
+#: The output could not be written here (a full disk, an I/O error).
+EXIT_OUTPUT = 253
 EXIT_PROTOCOL = 254
 EXIT_CONNECT = 255
 
@@ -226,14 +287,15 @@ DEBIAN_CODENAMES = {
 }
 
 #: Filesystem types the disk-usage command skips: pseudo filesystems, and
-#: network filesystems whose statvfs() can hang the agent on a dead server.
-SKIPPED_FILESYSTEMS = frozenset([
-    'autofs', 'binfmt_misc', 'bpf', 'cgroup', 'cgroup2', 'cifs', 'configfs',
-    'debugfs', 'devpts', 'devtmpfs', 'efivarfs', 'fuse.sshfs', 'fusectl',
-    'hugetlbfs', 'mqueue', 'nfs', 'nfs4', 'nsfs', 'proc', 'pstore',
-    'rpc_pipefs', 'securityfs', 'selinuxfs', 'smb3', 'smbfs', 'sysfs',
-    'tracefs', '9p',
-])
+#: network and cluster filesystems, whose statvfs() can hang on a dead
+#: server (so can a FUSE daemon's: types starting "fuse" are skipped too).
+SKIPPED_FILESYSTEMS = frozenset(name.encode('ascii') for name in [
+    'afs', 'autofs', 'beegfs', 'binfmt_misc', 'bpf', 'ceph', 'cgroup',
+    'cgroup2', 'cifs', 'coda', 'configfs', 'davfs', 'debugfs', 'devpts',
+    'devtmpfs', 'efivarfs', 'gfs2', 'glusterfs', 'gpfs', 'hugetlbfs',
+    'lustre', 'mqueue', 'ncpfs', 'nfs', 'nfs4', 'nsfs', 'ocfs2', 'proc',
+    'pstore', 'rpc_pipefs', 'securityfs', 'selinuxfs', 'smb3', 'smbfs',
+    'sysfs', 'tracefs', 'virtiofs', '9p'])
 
 
 # ============================================================================
@@ -318,6 +380,11 @@ class NegotiatorError(Exception):
     status = 1
 
 
+class UsageError(NegotiatorError):
+    """The command line asks for something that cannot be done."""
+    status = EXIT_USAGE
+
+
 class ConnectError(NegotiatorError):
     """The other side cannot be reached."""
     status = EXIT_CONNECT
@@ -326,6 +393,17 @@ class ConnectError(NegotiatorError):
 class ProtocolError(NegotiatorError):
     """The other side said something this side cannot accept."""
     status = EXIT_PROTOCOL
+
+
+class OutputError(NegotiatorError):
+    """This side's stdout or stderr does not take the output."""
+    status = EXIT_OUTPUT
+
+
+class ReaderGone(OutputError):
+    """The reader of this side's output has gone (EPIPE: ``| head``): the
+    call ends, quietly, as a command that SIGPIPE killed."""
+    status = EXIT_READER_GONE
 
 
 class CallTimeout(NegotiatorError):
@@ -372,10 +450,38 @@ ERROR_STATUSES = {
 # ============================================================================
 
 #: Compact, ASCII-only JSON; made once, as json.dumps() with separators
-#: would make one per message.
-JSON_ENCODER = json.JSONEncoder(separators=(',', ':'))
-#: The decoder json.loads() would use, without its checks of the argument.
-JSON_DECODER = json.JSONDecoder()
+#: would make one per message.  NaN and infinities are not JSON: never
+#: sent (and never received, see below).
+JSON_ENCODER = json.JSONEncoder(separators=(',', ':'), allow_nan=False)
+
+
+#: What float() makes of a JSON number too big for it (1e309).
+INFINITY = float('inf')
+
+
+def parse_number(text, kind=int):
+    """A JSON number: MAX_NUMBER characters at most (Python's int() of a
+    digit string takes time that grows with the square of its length),
+    and finite."""
+    if len(text) > MAX_NUMBER:
+        raise ValueError('a number longer than {0} characters'.format(
+            MAX_NUMBER))
+    value = kind(text)
+    if value in (INFINITY, -INFINITY):
+        raise ValueError('a number out of range')
+    return value
+
+
+def refuse_constant(name):
+    """NaN and Infinity, which Python's json takes, are not JSON."""
+    raise ValueError('{0} is not JSON'.format(name))
+
+
+#: The decoder json.loads() would use, without its checks of the argument,
+#: and with bounded numbers.
+JSON_DECODER = json.JSONDecoder(
+    parse_int=parse_number, parse_float=lambda text: parse_number(text, float),
+    parse_constant=refuse_constant)
 
 
 def encode_message(message):
@@ -389,23 +495,64 @@ def encode_message(message):
 def decode_message(line):
     """Parse one received line into a dict.
 
-    :raises RequestError: for anything but a UTF-8 JSON object.
+    :raises RequestError: for anything but a UTF-8 JSON object; nested
+        deeper than Python's recursion limit (about 990) counts as not
+        JSON too.
     """
     try:
-        message = JSON_DECODER.decode(line.decode('utf-8'))
+        message = JSON_DECODER.decode(decode_utf8(line))
     except UnicodeDecodeError:
         raise RequestError('Invalid JSON syntax: the line is not valid UTF-8')
     except ValueError as e:
         raise RequestError('Invalid JSON syntax: {0}'.format(e))
+    except RuntimeError:  # RecursionError
+        raise RequestError('Invalid JSON syntax: nested too deeply')
     if not isinstance(message, dict):
         raise RequestError('QMP input must be a JSON object')
     return message
 
 
+def check_id(request_id):
+    """Refuse an id that a reply could not repeat at little cost.
+
+    :raises RequestError: for an id nested deeper than MAX_ID_DEPTH or
+        longer than MAX_ID_SIZE as JSON (a reply to it carries no id).
+    """
+    if isinstance(request_id, (list, dict)):
+        if nesting_depth(request_id) > MAX_ID_DEPTH:
+            raise RequestError("The member 'id' is nested more than {0} "
+                               'levels deep'.format(MAX_ID_DEPTH))
+    elif (not isinstance(request_id, string_types) or
+          len(request_id) * 6 + 2 <= MAX_ID_SIZE):  # "\\uXXXX" at most
+        return
+    if len(JSON_ENCODER.encode(request_id)) > MAX_ID_SIZE:
+        raise RequestError("The member 'id' is longer than {0} bytes as "
+                           'JSON'.format(MAX_ID_SIZE))
+
+
+def nesting_depth(value):
+    """How deep lists and objects nest in ``value``, found without
+    recursion (a level at a time) and without looking deeper than
+    MAX_ID_DEPTH + 1."""
+    depth = 0
+    level = [value]
+    while level and depth <= MAX_ID_DEPTH:
+        depth += 1
+        inner = []
+        for container in level:
+            if isinstance(container, dict):
+                container = container.values()
+            inner.extend(item for item in container
+                         if isinstance(item, (list, dict)))
+        level = inner
+    return depth
+
+
 def printable(text):
     """``text`` for a log line: a peer's control characters (a newline
     would start a forged log line) shown escaped."""
-    return CONTROL_CHARACTERS.sub(lambda m: repr(m.group())[1:-1], text)
+    return CONTROL_CHARACTERS.sub(lambda m: repr(str(m.group()))[1:-1],
+                                  text)
 
 
 CONTROL_CHARACTERS = re.compile('[\x00-\x1f\x7f]')
@@ -414,15 +561,6 @@ CONTROL_CHARACTERS = re.compile('[\x00-\x1f\x7f]')
 def encode_bytes(data):
     """Bytes as the base64 text qemu-ga uses for ``input-data``/``out-data``."""
     return base64_line(data).decode('ascii')
-
-
-if sys.version_info >= (3, 6):
-    def base64_line(data):
-        """Base64 of ``data``, without the newline (nor a copy to drop it)."""
-        return binascii.b2a_base64(data, newline=False)  # novm
-else:
-    def base64_line(data):
-        return binascii.b2a_base64(data)[:-1]
 
 
 def decode_bytes(text, name):
@@ -508,8 +646,8 @@ class OutputEvents(object):
 
 
 #: Markers LineReader.feed() returns besides complete lines.
-RESYNC = 'resync'
-OVERSIZED = 'oversized'
+RESYNC = object()
+OVERSIZED = object()
 
 
 class LineReader(object):
@@ -574,7 +712,7 @@ class LineReader(object):
 
 
 # ============================================================================
-# Event loop: one epoll (or poll, or select) loop for every descriptor
+# Event loop: one epoll loop for every descriptor
 # ============================================================================
 
 #: errno values that mean the other end of a descriptor has gone.
@@ -582,6 +720,12 @@ DISCONNECT_ERRORS = (errno.EPIPE, errno.ECONNRESET, errno.EIO, errno.ENOTCONN,
                      errno.ESHUTDOWN, errno.ENXIO)
 #: errno values that mean "nothing to do right now".
 WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
+#: errno values of accept() that mean no descriptor or memory to spare.
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: poll()'s (and epoll's, the same numbers) events: readable, writable, and
+#: the bits that mean hung up or failed, which are reported unasked.
+POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
+HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
 class Disconnected(Exception):
@@ -637,15 +781,20 @@ def set_nonblocking(fd):
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
 
 
+def open_fds():
+    """The numbers of this process's open descriptors (and of the
+    listing's own, closed by the time it is returned)."""
+    try:
+        return [int(name) for name in os.listdir('/proc/self/fd')]
+    except OSError:
+        return range(os.sysconf('SC_OPEN_MAX'))
+
+
 def cloexec_all():
     """Mark every open descriptor above 2 close-on-exec (for Python 2,
     before a command starts): those the agent inherited, and those it or a
     library opened without the flag, such as a syslog handler's socket."""
-    try:
-        numbers = [int(name) for name in os.listdir('/proc/self/fd')]
-    except OSError:
-        numbers = range(3, os.sysconf('SC_OPEN_MAX'))
-    for fd in numbers:  # FD_CLOEXEC is the only descriptor flag: just set
+    for fd in open_fds():  # FD_CLOEXEC is the only descriptor flag: set it
         if fd > 2:
             try:
                 fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
@@ -653,82 +802,66 @@ def cloexec_all():
                 pass  # the listing's own descriptor, closed by now
 
 
-def poll_fds(fds, want_write, timeout, poller=None):
-    """Wait until descriptors are ready; poll() where it exists, else select().
+def wait_ready(poller, timeout):
+    """Wait on a poll or epoll object.
 
-    :param fds: descriptors to watch for reading.
-    :param want_write: descriptors to watch for writing.
     :param timeout: seconds, or None to wait forever.
-    :param poller: a poll or epoll object that already watches exactly
-        these.
-    :returns: ``(fd, readable, writable, hung_up)`` tuples; an empty list
-        also when a signal interrupted the wait.
+    :returns: ``(fd, readable, writable, hung_up)`` tuples; none also when
+        a signal interrupted the wait.
     """
+    if timeout is not None:
+        timeout = min(max(timeout, 0), MAX_POLL_WAIT)
     try:
-        if poller is None and hasattr(select, 'poll'):
-            poller = select.poll()
-            masks = {}
-            for fd in fds:
-                masks[fd] = select.POLLIN
-            for fd in want_write:
-                masks[fd] = masks.get(fd, 0) | select.POLLOUT
-            for fd, mask in masks.items():
-                poller.register(fd, mask)
-        if poller is not None:
-            return _poll(poller, timeout)
-        return _select(fds, want_write, timeout)
+        if isinstance(poller, select.epoll):
+            events = poller.poll(-1 if timeout is None else timeout)
+        else:
+            events = poller.poll(
+                None if timeout is None else int(timeout * 1000 + 0.999))
     except (select.error, OSError, IOError) as e:
         if e.args[0] == errno.EINTR:
             return []
         raise
+    return [(fd, bool(event & POLLIN), bool(event & POLLOUT),
+             bool(event & HANGUP)) for fd, event in events]
 
 
-def _poll(poller, timeout):
-    if timeout is not None:
-        timeout = min(max(timeout, 0), MAX_POLL_WAIT)
-    if EPOLL is not None and isinstance(poller, EPOLL):
-        events = poller.poll(-1 if timeout is None else timeout)
-    else:
-        if timeout is not None:
-            timeout = int(timeout * 1000 + 0.999)
-        events = poller.poll(timeout)
-    ready = []
-    for fd, event in events:
-        hung_up = bool(event & (select.POLLHUP | select.POLLERR |
-                                select.POLLNVAL))
-        ready.append((fd, bool(event & select.POLLIN),
-                      bool(event & select.POLLOUT), hung_up))
-    return ready
+def poll_fd(fd, events, timeout):
+    """Wait until ``fd`` is ready for ``events`` (POLLIN, POLLOUT) or hung
+    up: ``(readable, writable, hung_up)``, all False at the timeout."""
+    poller = select.poll()
+    poller.register(fd, events)
+    for _, readable, writable, hung_up in wait_ready(poller, timeout):
+        return readable, writable, hung_up
+    return False, False, False
 
 
-def _select(fds, want_write, timeout):
-    if timeout is not None:
-        timeout = min(max(timeout, 0), MAX_POLL_WAIT)
-    readable, writable, _ = select.select(list(fds), list(want_write), [],
-                                          timeout)
-    ready = {}
-    for fd in readable:
-        ready[fd] = (fd, True, False, False)
-    for fd in writable:
-        ready[fd] = (fd, fd in ready, True, False)
-    return list(ready.values())
+def error_text(error):
+    """An exception in one line of a log: its type and message."""
+    try:
+        text = str(error)
+    except Exception:  # Python 2: a message that is not ASCII
+        text = repr(error.args)
+    return printable('{0}: {1}'.format(type(error).__name__, text))
+
+
+def log_failure(name, consequence, error):
+    """Log an exception in one line: whose, what follows from it, what it
+    is (and its traceback with -v)."""
+    log.error('%s: internal error, %s: %s', name, consequence,
+              error_text(error), exc_info=log.isEnabledFor(DEBUG))
 
 
 class Timer(object):
     """A callback the loop runs once at ``deadline`` unless cancelled."""
 
-    def __init__(self, deadline, callback):
+    def __init__(self, deadline, callback, on_error):
         self.deadline = deadline
         self.callback = callback
+        self.on_error = on_error
         self.cancelled = False
 
     def cancel(self):
         self.cancelled = True
-
-
-#: Linux's epoll, whose wait costs nothing per idle descriptor (the host
-#: daemon watches one socket per guest); poll() is used where it is missing.
-EPOLL = getattr(select, 'epoll', None)
 
 
 class Loop(object):
@@ -736,19 +869,25 @@ class Loop(object):
 
     Signals wake the loop through a pipe (``signal.set_wakeup_fd``); their
     handlers run as ordinary callbacks from the loop, never in the middle
-    of other work.  One epoll (else poll) object lives as long as the loop
-    and follows every change of what is watched; select() is the last
-    resort.
+    of other work.  One epoll object lives as long as the loop and follows
+    every change of what is watched: its wait costs nothing per idle
+    descriptor (the host daemon watches one socket per guest).
+
+    Containment: every callback is given with an ``on_error(error)``, the
+    end of the conversation it serves (a client's, a guest's), which an
+    exception in it calls; without one, the exception is logged.  Either
+    way the loop and every other conversation go on.  KeyboardInterrupt
+    and SystemExit are not Exceptions: they end the loop.
     """
 
     def __init__(self):
+        #: fd -> (callback, on_error, events): POLLIN, or 0 to be told of
+        #: a hang-up only.
         self._readers = {}
+        #: fd -> (callback, on_error).
         self._writers = {}
-        self._poller = None
-        if EPOLL is not None:
-            self._poller = EPOLL()
-        elif hasattr(select, 'poll'):
-            self._poller = select.poll()
+        self._poller = select.epoll()
+        #: What the epoll object watches: fd -> events.
         self._masks = {}
         self._timers = []
         self._signal_callbacks = {}
@@ -759,18 +898,20 @@ class Loop(object):
         set_nonblocking(self._wake_write)
         self.add_reader(self._wake_read, self._on_wakeup)
 
-    def add_reader(self, fd, callback):
-        """Call ``callback(hung_up)`` whenever ``fd`` is readable or hung up."""
-        self._readers[fd] = callback
+    def add_reader(self, fd, callback, on_error=None, hangup_only=False):
+        """Call ``callback(hung_up)`` whenever ``fd`` is readable or hung
+        up; with ``hangup_only``, when it is hung up (a reader that waits
+        until it may read again must still see its peer go)."""
+        self._readers[fd] = (callback, on_error, 0 if hangup_only else POLLIN)
         self._watch(fd)
 
     def remove_reader(self, fd):
         if self._readers.pop(fd, None) is not None:
             self._watch(fd)
 
-    def add_writer(self, fd, callback):
-        """Call ``callback()`` whenever ``fd`` is writable."""
-        self._writers[fd] = callback
+    def add_writer(self, fd, callback, on_error=None):
+        """Call ``callback(hung_up)`` whenever ``fd`` is writable or hung up."""
+        self._writers[fd] = (callback, on_error)
         self._watch(fd)
 
     def remove_writer(self, fd):
@@ -778,37 +919,35 @@ class Loop(object):
             self._watch(fd)
 
     def _watch(self, fd):
-        """Bring the poll object up to date for ``fd``."""
-        if self._poller is None:
+        """Bring the epoll object up to date for ``fd``."""
+        old = self._masks.get(fd)
+        if fd not in self._readers and fd not in self._writers:
+            if old is not None:
+                del self._masks[fd]
+                try:
+                    self._poller.unregister(fd)
+                except (IOError, OSError):
+                    pass  # closed already: epoll forgot it then
             return
-        mask = 0
-        if fd in self._readers:
-            mask |= select.POLLIN
+        mask = self._readers[fd][2] if fd in self._readers else 0
         if fd in self._writers:
-            mask |= select.POLLOUT
-        if mask == self._masks.get(fd, 0):
+            mask |= POLLOUT
+        if mask == old:
             return
-        if not mask:
-            del self._masks[fd]
-            try:
-                self._poller.unregister(fd)
-            except (IOError, OSError):
-                pass  # closed already: epoll forgot it then
-        elif fd in self._masks:
-            self._masks[fd] = mask
-            try:
-                self._poller.modify(fd, mask)
-            except (IOError, OSError) as e:
-                if e.args[0] != errno.ENOENT:
-                    raise
-                self._poller.register(fd, mask)  # closed, number reused
-        else:
-            self._masks[fd] = mask
+        self._masks[fd] = mask
+        if old is None:
             self._poller.register(fd, mask)
+            return
+        try:
+            self._poller.modify(fd, mask)
+        except (IOError, OSError) as e:
+            if e.args[0] != errno.ENOENT:
+                raise
+            self._poller.register(fd, mask)  # closed, number reused
 
-    def call_later(self, delay, callback):
+    def call_later(self, delay, callback, on_error=None):
         """Run ``callback()`` after ``delay`` seconds; returns a Timer."""
-        timer = Timer(monotonic() + delay, callback)
+        timer = Timer(monotonic() + delay, callback, on_error)
         self._timers.append(timer)
         return timer
 
@@ -819,6 +958,22 @@ class Loop(object):
         signal.siginterrupt(signum, False)
         signal.set_wakeup_fd(self._wake_write)
 
+    def call(self, on_error, callback, *args):
+        """Run ``callback(*args)``; an exception is contained (see above)."""
+        try:
+            callback(*args)
+        except Exception as error:
+            self._contain(error, on_error)
+
+    def _contain(self, error, on_error):
+        if on_error is None:
+            log_failure('loop', 'carrying on', error)
+            return
+        try:
+            on_error(error)
+        except Exception as second:
+            log_failure('loop', 'while ending a conversation', second)
+
     def close(self):
         """Release the wakeup pipe and restore the signals' defaults."""
         for signum in self._signal_callbacks:
@@ -827,8 +982,7 @@ class Loop(object):
             signal.set_wakeup_fd(-1)
         os.close(self._wake_read)
         os.close(self._wake_write)
-        if EPOLL is not None:
-            self._poller.close()
+        self._poller.close()
 
     def _note_signal(self, signum, frame):
         self._signals_seen.append(signum)
@@ -841,8 +995,7 @@ class Loop(object):
         while data and len(data) == READ_SIZE:
             data = read_fd(self._wake_read)
         while self._signals_seen:
-            signum = self._signals_seen.pop(0)
-            self._signal_callbacks[signum]()
+            self.call(None, self._signal_callbacks[self._signals_seen.pop(0)])
 
     def _next_timeout(self):
         self._timers = [t for t in self._timers if not t.cancelled]
@@ -855,12 +1008,18 @@ class Loop(object):
         timeout = None
         if self._timers:
             timeout = self._next_timeout()
-        ready = poll_fds(self._readers, self._writers, timeout, self._poller)
-        for fd, readable, writable, hung_up in ready:
-            if (readable or hung_up) and fd in self._readers:
-                self._readers[fd](hung_up)
-            if writable and fd in self._writers:
-                self._writers[fd]()
+        for fd, readable, writable, hung_up in wait_ready(self._poller,
+                                                          timeout):
+            entry = None
+            try:
+                if (readable or hung_up) and fd in self._readers:
+                    entry = self._readers[fd]
+                    entry[0](hung_up)
+                if (writable or hung_up) and fd in self._writers:
+                    entry = self._writers[fd]
+                    entry[0](hung_up)
+            except Exception as error:
+                self._contain(error, entry[1])
         if self._signals_seen:  # arrived during this turn's callbacks:
             self._on_wakeup(False)  # not a turn of their own for them
         if self._timers:
@@ -871,7 +1030,7 @@ class Loop(object):
         for timer in list(self._timers):
             if timer.deadline <= now and not timer.cancelled:
                 timer.cancelled = True
-                timer.callback()
+                self.call(timer.on_error, timer.callback)
 
     def run(self):
         """Run until ``running`` is set to False."""
@@ -893,8 +1052,18 @@ class Channel(object):
     The handler receives whole lines and events and never touches the
     descriptor: ``on_line(line)``, ``on_resync()``, ``on_oversized()``,
     ``on_drained()`` (output that had to wait for the peer is all written
-    now) and ``on_disconnect()``.  on_drained() comes from the loop, never
-    from inside a send: a handler may send in the middle of its own work.
+    now), ``on_disconnect()`` and ``on_failure(error)`` (a callback of this
+    conversation raised).  on_drained() comes from the loop, never from
+    inside a send: a handler may send in the middle of its own work.
+
+    Backpressure: a line is handed over only while the handler is
+    ``ready()`` and less than HIGH_WATER bytes wait for the peer; until
+    then it waits here.  While MAX_WAITING lines or MAX_LINE bytes wait, or
+    HIGH_WATER bytes of replies, the descriptor is not read, only watched
+    for a hang-up.  So a peer that sends faster than it is answered, or
+    never reads, makes this side hold that much and one read more, and
+    nothing it sent is refused or lost.  A 0xFF byte drops what waits
+    before it (``on_resync(dropped)``).
     """
 
     def __init__(self, loop, fd, handler, name):
@@ -905,8 +1074,17 @@ class Channel(object):
         self.reader = LineReader()
         self._out = []
         self.backlog = 0
+        #: What was read and not handed over yet: lines and OVERSIZED, and
+        #: their bytes.
+        self._items = deque()
+        self._waiting = 0
+        self._paused = False
         self.connected = True
-        loop.add_reader(fd, self._on_readable)
+        self._watch()
+
+    def _watch(self):
+        self.loop.add_reader(self.fd, self._on_readable,
+                             self.handler.on_failure, self._paused)
 
     def send(self, message):
         """Queue one message; dropped silently once the peer has gone."""
@@ -934,7 +1112,8 @@ class Channel(object):
                 chunk = self._out[0]
                 written = write_fd(self.fd, chunk)
                 if not written:
-                    self.loop.add_writer(self.fd, self._on_writable)
+                    self.loop.add_writer(self.fd, self._on_writable,
+                                         self.handler.on_failure)
                     return False
                 self.backlog -= written
                 if written < len(chunk):
@@ -946,12 +1125,18 @@ class Channel(object):
             return False
         return True
 
-    def _on_writable(self):
+    def _on_writable(self, hung_up):
         if self._write_out():
             self.loop.remove_writer(self.fd)
             self.handler.on_drained()
+            self.deliver()
+        elif hung_up:  # a port without a host takes nothing, with no error
+            self.disconnect('hung up')
 
     def _on_readable(self, hung_up):
+        if self._paused:
+            self.disconnect('hung up')  # only a hang-up is watched for
+            return
         for _ in range(16):
             data = read_fd(self.fd)
             if data is None:
@@ -959,20 +1144,45 @@ class Channel(object):
             if not data:
                 self.disconnect('end of file')
                 return
-            for item in self.reader.feed(data):
-                if item is RESYNC:
-                    self.handler.on_resync()
-                elif item is OVERSIZED:
-                    self.handler.on_oversized()
-                else:
-                    self.handler.on_line(item)
-                if not self.connected:
-                    return
-            if len(data) < PORT_READ:
-                return  # emptied: another read would only say EAGAIN
+            self._take(self.reader.feed(data))
+            if not self.connected or self._paused or len(data) < PORT_READ:
+                return  # (emptied: another read would only say EAGAIN)
+
+    def _take(self, items):
+        if RESYNC in items:
+            last = len(items) - items[::-1].index(RESYNC)
+            dropped = len(self._items) + len(
+                [item for item in items[:last] if item is not RESYNC])
+            self._items.clear()
+            self._waiting = 0
+            del items[:last]
+            self.handler.on_resync(dropped)
+        for item in items:
+            if item is not OVERSIZED:
+                self._waiting += len(item)
+        self._items.extend(items)
+        self.deliver()
+
+    def deliver(self):
+        """Hand over what waits, while the handler takes it; read on while
+        little waits (see above)."""
+        items = self._items
+        while (items and self.connected and self.backlog < HIGH_WATER and
+               self.handler.ready()):
+            item = items.popleft()
+            if item is OVERSIZED:
+                self.handler.on_oversized()
+            else:
+                self._waiting -= len(item)
+                self.handler.on_line(item)
+        paused = (len(items) >= MAX_WAITING or self._waiting >= MAX_LINE or
+                  self.backlog >= HIGH_WATER)
+        if self.connected and paused != self._paused:
+            self._paused = paused
+            self._watch()
 
     def disconnect(self, why):
-        """Stop reading and writing; drop what was not sent."""
+        """Stop reading and writing; drop what was not sent or handed over."""
         if not self.connected:
             return
         log.debug('%s: disconnected (%s)', self.name, why)
@@ -981,13 +1191,16 @@ class Channel(object):
         self.loop.remove_writer(self.fd)
         self._out = []
         self.backlog = 0
+        self._items.clear()
+        self._waiting = 0
+        self._paused = False
         self.reader.reset()
         self.handler.on_disconnect()
 
     def reconnect(self):
         """Serve the descriptor again after a disconnect (virtio ports)."""
         self.connected = True
-        self.loop.add_reader(self.fd, self._on_readable)
+        self._watch()
 
 
 # ============================================================================
@@ -997,20 +1210,42 @@ class Channel(object):
 def check_command_name(name):
     """Refuse names that could reach outside the commands directory.
 
+    :returns: the name's bytes.
     :raises RequestError: for an empty name or one with ``/``, a leading
-        dot (so also ``..``) or a NUL byte.
+        dot (so also ``..``) or a NUL byte, or one that is not UTF-8 text.
     """
     if not isinstance(name, string_types):
         raise RequestError(
             "Invalid parameter type for 'command', expected: string")
     if not name or '/' in name or name.startswith('.') or '\0' in name:
-        raise RequestError(
+        raise RequestError(u(
             "Invalid command name '{0}': a name is a file directly inside "
-            'the commands directory'.format(name))
+            'the commands directory').format(name))
+    return text_argument(name, 'command')
+
+
+def text_argument(text, what):
+    """The bytes of a command's name or argument: wire text with no NUL.
+
+    :raises RequestError: naming ``what`` otherwise.
+    """
+    try:
+        data = wire_bytes(text)
+    except UnicodeError:
+        raise RequestError("Parameter '{0}' holds a lone surrogate that "
+                           'stands for no byte (only U+DC80..U+DCFF '
+                           'do)'.format(what))
+    if b'\0' in data:
+        raise RequestError("Parameter '{0}' holds a NUL character, which a "
+                           'command line cannot carry'.format(what))
+    return data
 
 
 class CommandSet(object):
     """The commands one side offers: a directory's executables and built-ins.
+
+    Names and paths are bytes to the system, as they are on disk, and wire
+    text on the wire, whatever the locale and Python.
 
     :param directory: the commands directory (it need not exist).
     :param builtins: name -> function returning ``(output_bytes, status)``.
@@ -1019,7 +1254,7 @@ class CommandSet(object):
     """
 
     def __init__(self, directory, builtins, label=None):
-        self.directory = directory
+        self.directory = local_bytes(directory)
         self.builtins = builtins
         self.label = label
 
@@ -1033,8 +1268,8 @@ class CommandSet(object):
         except OSError:
             entries = []
         for name in entries:
-            if not name.startswith('.') and self._executable(name):
-                found[name] = 'user'
+            if not name.startswith(b'.') and self._executable(name):
+                found[wire_text(name)] = 'user'
         return sorted(found.items())
 
     def _executable(self, name):
@@ -1044,7 +1279,7 @@ class CommandSet(object):
             return False
 
     def resolve(self, name):
-        """Find what runs for ``name``.
+        """Find what runs for ``name`` (wire text).
 
         A file of the name wins over a built-in, so a built-in's name costs
         a look into the directory; any other name is taken to be a file
@@ -1053,17 +1288,15 @@ class CommandSet(object):
         finds out why.  So a name that is nowhere costs a failed start
         (its pipes and a fork) before it is refused.
 
-        :returns: ``('user', path)`` or ``('builtin', function)``.
-        :raises RequestError: NegotiatorCommandNotExecutable when a file
-            of a built-in's name cannot run.
+        :returns: a command file's path (bytes) or a built-in's function.
+        :raises RequestError: for a name check_command_name() refuses, and
+            NegotiatorCommandNotExecutable when a file of a built-in's
+            name cannot run.
         """
-        check_command_name(name)
+        data = check_command_name(name)
         if name not in self.builtins:
-            return 'user', os.path.join(self.directory, name)
-        path = self._file(name)
-        if path is not None:
-            return 'user', path
-        return 'builtin', self.builtins[name]
+            return os.path.join(self.directory, data)
+        return self._file(data) or self.builtins[name]
 
     def start_failure(self, name, error):
         """The RequestError to answer when the file ``name`` did not start.
@@ -1075,21 +1308,22 @@ class CommandSet(object):
         is missing, say), or the system had no pipe or process to spare.
         """
         try:
-            path = self._file(name)
+            path = self._file(wire_bytes(name))
         except RequestError as e:
             return e
         if path is None:
             return RequestError(
-                "Command '{0}' not found in {1}; available: {2}".format(
-                    name, self.label or self.directory,
-                    ', '.join(n for n, _ in self.names()) or 'none'),
+                u("Command '{0}' not found in {1}; available: {2}").format(
+                    name, self.label or wire_text(self.directory),
+                    u(', ').join(n for n, _ in self.names()) or 'none'),
                 'NegotiatorCommandNotFound')
         return RequestError(
-            "Command '{0}' could not start: {1}".format(name, error.strerror),
-            'NegotiatorCommandNotExecutable')
+            u("Command '{0}' could not start: {1}").format(
+                name, error.strerror), 'NegotiatorCommandNotExecutable')
 
     def _file(self, name):
-        """The path of the command file ``name``, None if there is none.
+        """The path of the command file ``name`` (bytes), None if there is
+        none.
 
         :raises RequestError: NegotiatorCommandNotExecutable when it is not
             an executable regular file.
@@ -1101,41 +1335,40 @@ class CommandSet(object):
             return None
         if stat.S_ISREG(info.st_mode) and os.access(path, os.X_OK):
             return path
+        where = wire_text(path)
         if self.label:
-            path = '{0} in {1}'.format(name, self.label)
+            where = u('{0} in {1}').format(wire_text(name), self.label)
         raise RequestError(
-            "Command '{0}' is not executable: {1} is not a regular file "
-            'with execute permission (chmod +x it)'.format(name, path),
+            u("Command '{0}' is not executable: {1} is not a regular file "
+              'with execute permission (chmod +x it)').format(
+                  wire_text(name), where),
             'NegotiatorCommandNotExecutable')
 
 
 class Children(object):
-    """The child processes not reaped yet; checked whenever SIGCHLD arrives."""
+    """The child processes not reaped yet; checked whenever SIGCHLD arrives.
+
+    Also holds /dev/null, opened once: the stdin of every command given no
+    input (an open() per command costs a path lookup, slow in an emulated
+    guest).
+    """
 
     def __init__(self):
         self.running = set()
+        self._null = None
 
     def check(self):
         for process in list(self.running):
-            process.check_exit()
+            process.loop.call(process.on_failure, process.check_exit)
 
     def kill_all(self):
         for process in list(self.running):
             process.kill()
 
-
-#: /dev/null, opened once: stdin for the commands given no input.
-_null_input = None
-
-
-def null_input():
-    """A descriptor of /dev/null, the same for every command (an open() per
-    command costs a path lookup, slow in an emulated guest).
-    """
-    global _null_input
-    if _null_input is None:
-        _null_input = os.open(os.devnull, os.O_RDONLY)
-    return _null_input
+    def null_input(self):
+        if self._null is None:
+            self._null = os.open(os.devnull, os.O_RDONLY)
+        return self._null
 
 
 def make_pipe(opened, ours):
@@ -1160,6 +1393,57 @@ def enlarge_pipe(fd):
         pass
 
 
+#: The signals a forked built-in puts back to their defaults: those the
+#: loop handles, and those Python ignores.
+CHILD_SIGNALS = ('SIGTERM', 'SIGINT', 'SIGHUP', 'SIGCHLD', 'SIGIO',
+                 'SIGPIPE', 'SIGXFSZ')
+
+
+class Builtin(object):
+    """A built-in command run in a forked child, as Popen runs a program.
+
+    A built-in that blocks (a statvfs() on a dead network filesystem, a
+    read of /etc on a hung NFS root) then holds up only itself, and it has
+    the timeout, kill and log line of any command.  Offers what Process
+    uses of a Popen object: ``pid``, ``poll()``, ``returncode``.
+    """
+
+    def __init__(self, function, args, stdin, stdout, stderr):
+        self.returncode = None
+        self.pid = os.fork()
+        if not self.pid:
+            self._run(function, args, (stdin, stdout, stderr))
+
+    @staticmethod
+    def _run(function, args, streams):
+        """The child: the command's streams as 0, 1 and 2 and nothing else
+        open (it must not hold the port), then the function."""
+        status = 1
+        try:
+            os.setsid()
+            for signum in CHILD_SIGNALS:
+                signal.signal(getattr(signal, signum), signal.SIG_DFL)
+            for target, fd in enumerate(streams):
+                os.dup2(fd, target)
+            os.closerange(3, max(open_fds()) + 1)
+            output, status = function(args)
+            while output:
+                output = output[os.write(1, output):]
+        except Exception as e:
+            os.write(2, error_text(e).encode('utf-8') + b'\n')
+        finally:
+            os._exit(status)
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.WEXITSTATUS(status)
+                if os.WIFSIGNALED(status):
+                    self.returncode = -os.WTERMSIG(status)
+        return self.returncode
+
+
 class Process(object):
     """A command running as a child whose pipes join the loop.
 
@@ -1167,18 +1451,22 @@ class Process(object):
     closed, so that a background process it leaves behind never holds the
     agent's port, and so that ``kill()`` reaches its whole process tree.
 
+    :param argv: the command file's path and arguments (bytes), or a
+        built-in's function and arguments.
     :param children: the Children registry that reaps it.
     :param on_output: called with ``('out-data'|'err-data', bytes)``.
     :param on_exit: called once with the reply's ``return`` dict.
+    :param on_failure: the end of the conversation it runs for, should
+        one of its callbacks raise.
     """
 
     def __init__(self, loop, children, argv, env, stdin_data, timeout,
-                 on_output, on_exit):
-        import subprocess  # only the serving side needs it: lean start-up
+                 on_output, on_exit, on_failure):
         self.loop = loop
         self.children = children
         self.on_output = on_output
         self.on_exit = on_exit
+        self.on_failure = on_failure
         self.timed_out = False
         self.killed = False
         self._stdin_data = stdin_data
@@ -1194,14 +1482,18 @@ class Process(object):
             if stdin_data:
                 stdin, self._stdin_fd = make_pipe(opened, 1)
             else:
-                stdin = null_input()
+                stdin = children.null_input()
             out_fd, stdout = make_pipe(opened, 0)
             err_fd, stderr = make_pipe(opened, 0)
-            if not PY3:
-                cloexec_all()
-            self.popen = subprocess.Popen(
-                argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd='/',
-                env=env, **CHILD_OPTIONS)
+            if callable(argv[0]):
+                self.popen = Builtin(argv[0], argv[1:], stdin, stdout, stderr)
+            else:
+                import subprocess  # only the serving side needs it
+                if not PY3:
+                    cloexec_all()
+                self.popen = subprocess.Popen(
+                    argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd='/',
+                    env=env, **CHILD_OPTIONS)
         except BaseException:
             for fd in opened:
                 os.close(fd)
@@ -1211,20 +1503,20 @@ class Process(object):
         if stdin_data:
             os.close(stdin)
         self.pid = self.popen.pid
-        self.argv = argv
         children.running.add(self)
         #: Open output pipes: descriptor -> [stream name, read size].
         self._pipes = {out_fd: ['out-data', READ_SIZE],
                        err_fd: ['err-data', READ_SIZE]}
         for fd in self._pipes:
-            loop.add_reader(fd, self._reader(fd))
+            loop.add_reader(fd, self._reader(fd), on_failure)
         if stdin_data:
-            loop.add_writer(self._stdin_fd, self._feed_stdin)
+            loop.add_writer(self._stdin_fd, self._feed_stdin, on_failure)
         self._timer = None
         if timeout:
-            self._timer = loop.call_later(timeout, self._on_timeout)
+            self._timer = loop.call_later(timeout, self._on_timeout,
+                                          on_failure)
 
-    def _feed_stdin(self):
+    def _feed_stdin(self, hung_up):
         start = self._stdin_sent
         try:
             self._stdin_sent += write_fd(
@@ -1294,7 +1586,7 @@ class Process(object):
         if self._paused:
             self._paused = False
             for fd in self._pipes:
-                self.loop.add_reader(fd, self._reader(fd))
+                self.loop.add_reader(fd, self._reader(fd), self.on_failure)
 
     def check_exit(self):
         """Finish once the child has exited (called on SIGCHLD, and at the
@@ -1362,16 +1654,23 @@ class Process(object):
 # Built-in commands: read-only facts about this machine, in plain text
 # ---------------------------------------------------------------------------
 
-def read_text(path):
-    """A small file's text, or None when it cannot be read."""
+def read_bytes(path):
+    """A small file's bytes, or None when it cannot be read."""
     try:
-        handle = open(path)
+        handle = open(path, 'rb')
         try:
             return handle.read()
         finally:
             handle.close()
     except (IOError, OSError):
         return None
+
+
+def read_text(path):
+    """A small file's text (UTF-8, whatever the locale; a byte that is
+    not UTF-8 read as U+FFFD), or None when it cannot be read."""
+    data = read_bytes(path)
+    return None if data is None else data.decode('utf-8', 'replace')
 
 
 #: A backslash escape inside double quotes, as os-release(5) allows them.
@@ -1438,7 +1737,7 @@ def os_identity(root='/'):
     elif debian:
         info.update({
             'id': 'debian', 'name': 'Debian GNU/Linux', 'release': debian,
-            'pretty-name': 'Debian GNU/Linux {0}'.format(debian)})
+            'pretty-name': u('Debian GNU/Linux {0}').format(debian)})
     if not info['codename']:
         info['codename'] = (
             lsb.get('DISTRIB_CODENAME') or
@@ -1478,7 +1777,7 @@ def text_lines(lines):
 
 
 def builtin_hostname(args):
-    return (socket.gethostname() + '\n').encode('utf-8'), 0
+    return local_bytes(socket.gethostname()) + b'\n', 0
 
 
 def builtin_os_info(args):
@@ -1486,7 +1785,7 @@ def builtin_os_info(args):
     uname = os.uname()
     info['kernel'] = uname[2]
     info['machine'] = uname[4]
-    return text_lines(['{0}={1}'.format(key, info[key]) for key in
+    return text_lines([u('{0}={1}').format(key, info[key]) for key in
                        ('id', 'name', 'release', 'codename', 'pretty-name',
                         'kernel', 'machine')]), 0
 
@@ -1503,18 +1802,22 @@ def builtin_ip_addresses(args):
 
 
 def builtin_disk_usage(args):
-    lines = ['{0:<24} {1:<10} {2:>12} {3:>12} {4:>12} {5:>4} {6}'.format(
-        'Filesystem', 'Type', '1K-blocks', 'Used', 'Available', 'Use%',
-        'Mounted on')]
+    lines = [b'Filesystem               Type          1K-blocks         Used'
+             b'    Available Use% Mounted on\n']
     for device, mountpoint, fstype, size, used, available in disk_usage():
-        percent = '-'
+        percent = b'-'
         if used + available:
-            percent = '{0}%'.format(
-                (used * 100 + used + available - 1) // (used + available))
-        lines.append('{0:<24} {1:<10} {2:>12} {3:>12} {4:>12} {5:>4} {6}'.format(
-            device, fstype, size // 1024, used // 1024, available // 1024,
+            percent = ascii_number(
+                (used * 100 + used + available - 1) // (used + available)) + b'%'
+        lines.append(b'%-24s %-10s %12s %12s %12s %4s %s\n' % (
+            device, fstype, ascii_number(size // 1024),
+            ascii_number(used // 1024), ascii_number(available // 1024),
             percent, mountpoint))
-    return text_lines(lines), 0
+    return b''.join(lines), 0
+
+
+def ascii_number(number):
+    return str(number).encode('ascii')
 
 
 def builtin_uptime(args):
@@ -1536,21 +1839,24 @@ BUILTINS = {
 
 
 #: An octal escape in /proc/mounts (space, tab, newline, backslash).
-MOUNT_ESCAPE = re.compile(r'\\([0-7]{3})')
+MOUNT_ESCAPE = re.compile(b'\\\\([0-7]{3})')
 
 
 def disk_usage(mounts_path='/proc/mounts'):
-    """Sizes of mounted local filesystems, like df.
+    """Sizes of mounted local filesystems, like df; devices, mount points
+    and types as bytes, as the kernel gives them.
 
     :returns: ``(device, mountpoint, type, size, used, available)`` tuples,
         sizes in bytes, one per mount point.
     """
     mounts = {}
     order = []
-    for line in (read_text(mounts_path) or '').splitlines():
-        fields = [MOUNT_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-                  for field in line.split()[:3]]
-        if len(fields) == 3 and fields[2] not in SKIPPED_FILESYSTEMS:
+    for line in (read_bytes(mounts_path) or b'').splitlines():
+        fields = [MOUNT_ESCAPE.sub(
+            lambda m: struct.pack('B', int(m.group(1), 8)), field)
+            for field in line.split()[:3]]
+        if (len(fields) == 3 and fields[2] not in SKIPPED_FILESYSTEMS and
+                not fields[2].startswith(b'fuse')):
             if fields[1] not in mounts:
                 order.append(fields[1])
             mounts[fields[1]] = fields  # the last mount on a path is visible
@@ -1728,7 +2034,6 @@ class Server(object):
         self.env = dict(os.environ)
         self.env.update(env or {})
         self._on_disconnect = on_disconnect
-        self.pending = []
         self.process = None
         self.methods = {}
         for request, method, parameters in self.REQUESTS:
@@ -1737,22 +2042,20 @@ class Server(object):
 
     # -- what the channel reports ------------------------------------------
 
-    def on_line(self, line):
-        if not line.strip():
-            return
-        if len(self.pending) >= MAX_PENDING:
-            log.warning('%s: %d requests already waiting; refusing one',
-                        self.channel.name, MAX_PENDING)
-            self._send_error(NO_ID, RequestError(
-                'Too many requests waiting; send one at a time'))
-            return
-        self.pending.append(line)
-        self._serve_pending()
+    def ready(self):
+        """Whether a request may be handled now: requests are answered one
+        at a time, in order; those sent behind a running command wait in
+        the channel (and then in the peer's own buffers)."""
+        return self.process is None
 
-    def on_resync(self):
-        if self.pending or self.process:
+    def on_line(self, line):
+        if line.strip():
+            self._handle(line)
+
+    def on_resync(self, dropped):
+        if dropped or self.process:
             log.info('%s: 0xFF received: dropping %d waiting request(s)%s',
-                     self.channel.name, len(self.pending),
+                     self.channel.name, dropped,
                      ' and the running command' if self.process else '')
         self._abandon()
 
@@ -1763,21 +2066,25 @@ class Server(object):
             'Request line longer than {0} bytes; dropped'.format(MAX_LINE)))
 
     def on_drained(self):
-        if self.process and self.channel.backlog < LOW_WATER:
+        if self.process:
             self.process.resume()
-        self._serve_pending()
 
     def on_disconnect(self):
         self._abandon()
         if self._on_disconnect:
             self._on_disconnect()
 
+    def on_failure(self, error):
+        """A callback of this conversation raised: end it (the loop and
+        every other conversation go on)."""
+        log_failure(self.channel.name, 'ending the conversation', error)
+        self.channel.disconnect('internal error')
+
     def close(self):
         """Stop serving: kill what runs, release the channel's callbacks."""
         self.channel.disconnect('closing')
 
     def _abandon(self):
-        self.pending = []
         if self.process:
             log.info('%s: killing command pid %d: its client has gone',
                      self.channel.name, self.process.pid)
@@ -1786,16 +2093,16 @@ class Server(object):
 
     # -- answering ---------------------------------------------------------
 
-    def _serve_pending(self):
-        while (self.pending and not self.process and
-               self.channel.connected and self.channel.backlog < HIGH_WATER):
-            self._handle(self.pending.pop(0))
-
     def _handle(self, line):
+        """Answer one request line.  A RequestError is the peer's mistake
+        and gets an error reply; any other exception is a fault of ours
+        and ends the conversation (Loop's containment)."""
         request_id = NO_ID
         try:
             request = decode_message(line)
-            request_id = request.get('id', NO_ID)
+            if 'id' in request:
+                check_id(request['id'])
+                request_id = request['id']
             name, arguments = self._parse_request(request)
             log.debug('%s: request %s', self.channel.name, name)
             method, parameters = self.methods[name]
@@ -1806,13 +2113,6 @@ class Server(object):
             log.log(self.ERROR_LOG_LEVEL, '%s: error reply: %s',
                     self.channel.name, printable(e.desc))
             self._send_error(request_id, e)
-            return
-        except Exception as e:
-            log.error('%s: internal error: %s', self.channel.name,
-                      printable(str(e)),
-                      exc_info=log.isEnabledFor(DEBUG))
-            self._send_error(request_id, RequestError(
-                'Internal error in negotiator: {0}'.format(e)))
             return
         if result is not None:
             self._send_return(request_id, result)
@@ -1829,12 +2129,12 @@ class Server(object):
         for key in request:
             if key not in ('execute', 'arguments', 'id'):
                 raise RequestError(
-                    "QMP input member '{0}' is unexpected".format(key))
+                    u("QMP input member '{0}' is unexpected").format(key))
         if name is None:
             raise RequestError("QMP input lacks member 'execute'")
         if name not in self.methods:
             raise RequestError(
-                'The command {0} has not been found'.format(name),
+                u('The command {0} has not been found').format(name),
                 'CommandNotFound')
         return name, arguments
 
@@ -1898,26 +2198,16 @@ class Server(object):
 
     def rpc_execute(self, arguments, request_id):
         """Run a command, streaming its output as events, then reply."""
-        args = arguments.get('args', [])
-        try:
-            name = native_str(arguments['command'])
-            wire_bytes(arguments['command'])
-            argv = [wire_bytes(arg) for arg in args]
-        except UnicodeError:
-            raise RequestError("Parameters 'command' and 'args' must be "
-                               "UTF-8 text")
+        name = arguments['command']
+        target = self.commands.resolve(name)
+        argv = [text_argument(arg, 'args') for arg in arguments.get('args',
+                                                                     ())]
         stdin_data = b''
         if arguments.get('input-data') is not None:
             stdin_data = decode_bytes(arguments['input-data'], 'input-data')
-        kind, target = self.commands.resolve(name)
         events = OutputEvents(request_id, arguments.get('raw-output', False))
-        if kind == 'builtin':
-            output, status = target(args)
-            if output:
-                self._send_output(events.pieces('out-data', output))
-            return {'exitcode': status}
         env = dict(self.env)
-        env['NEGOTIATOR_COMMAND'] = name
+        env['NEGOTIATOR_COMMAND'] = wire_bytes(name)
         env['NEGOTIATOR_VERSION'] = __version__
         try:
             self.process = Process(
@@ -1925,11 +2215,16 @@ class Server(object):
                 arguments.get('timeout', 0),
                 lambda stream, data: self._send_output(
                     events.pieces(stream, data)),
-                lambda result: self._finish_execute(request_id, result))
+                lambda result: self._finish_execute(request_id, result),
+                self.on_failure)
         except OSError as e:
             raise self.commands.start_failure(name, e)
-        log.debug('%s: running %s with %d argument(s) as pid %d',
-                  self.channel.name, target, len(argv), self.process.pid)
+        #: The command, for its log lines.
+        self._command = u('{0} with {1} argument(s)').format(
+            printable(wire_text(target) if isinstance(target, bytes) else
+                      u('built-in {0}').format(name)), len(argv))
+        log.debug('%s: running %s as pid %d', self.channel.name,
+                  self._command, self.process.pid)
         return None
 
     def _send_output(self, pieces):
@@ -1943,11 +2238,11 @@ class Server(object):
         self._send_return(request_id, result)
         # Logged once the reply is on its way: the line costs the caller
         # nothing (under emulation a log line takes about 0.4 ms).
-        log.info('%s: %s with %d argument(s), pid %d, %s after %.1f ms',
-                 self.channel.name, process.argv[0], len(process.argv) - 1,
+        log.info('%s: %s, pid %d, %s after %.1f ms',
+                 self.channel.name, self._command,
                  process.pid, describe_result(result),
                  (monotonic() - process.started) * 1e3)
-        self._serve_pending()
+        self.channel.deliver()
 
 
 def describe_result(result):
@@ -2006,7 +2301,8 @@ def check_arguments(arguments, parameters):
     known = [name for name, _, _ in parameters]
     for name in arguments:
         if name not in known:
-            raise RequestError("Parameter '{0}' is unexpected".format(name))
+            raise RequestError(
+                u("Parameter '{0}' is unexpected").format(name))
 
 
 # ============================================================================
@@ -2204,10 +2500,7 @@ def set_async(fd, enabled):
 
 def port_hung_up(fd):
     """Whether no host client holds the port right now."""
-    for _, _, _, hung_up in poll_fds([fd], [], 0):
-        if hung_up:
-            return True
-    return False
+    return poll_fd(fd, POLLIN, 0)[2]
 
 
 class ListenService(object):
@@ -2224,6 +2517,8 @@ class ListenService(object):
         self.children = children
         self.servers = {}
         self.sock = None
+        #: Running out of descriptors was logged, and not accepting since.
+        self._starved = False
 
     def start(self):
         refuse_if_served(self.path)
@@ -2238,15 +2533,33 @@ class ListenService(object):
         try:
             conn, _ = self.sock.accept()
         except socket.error as e:
-            if e.args[0] in WOULD_BLOCK or e.args[0] == errno.EINTR:
-                return
-            raise
+            if e.args[0] in OUT_OF_RESOURCES:
+                self._pause_accepting(e)
+            elif e.args[0] not in WOULD_BLOCK + (errno.EINTR,
+                                                 errno.ECONNABORTED):
+                raise
+            return
+        self._starved = False
         set_nonblocking(conn.fileno())
         name = '{0}#{1}'.format(self.path, conn.fileno())
         log.debug('%s: client connected', name)
         self.servers[conn] = Server(
             self.loop, conn.fileno(), name, self.commands, self.children,
             on_disconnect=lambda: self._forget(conn))
+
+    def _pause_accepting(self, error):
+        """Out of descriptors (or memory): leave new clients waiting in the
+        socket's queue for ACCEPT_PAUSE seconds, serving those connected;
+        logged once until a client is accepted again."""
+        if not self._starved:
+            log.warning('%s: cannot accept clients (%s); trying again every '
+                        '%g s, serving the %d connected', self.path,
+                        os.strerror(error.args[0]), ACCEPT_PAUSE,
+                        len(self.servers))
+            self._starved = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.loop.call_later(ACCEPT_PAUSE, lambda: self.loop.add_reader(
+            self.sock.fileno(), self._accept))
 
     def _forget(self, conn):
         self.servers.pop(conn, None)
@@ -2265,9 +2578,15 @@ class ListenService(object):
 
 
 def refuse_if_served(path):
-    """Remove a stale socket file; refuse to take over a live one."""
-    if not os.path.exists(path):
+    """Remove a stale socket file; refuse to take over a live one, or
+    anything that is not a socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
         return
+    if not stat.S_ISSOCK(mode):
+        raise UsageError('{0} exists and is not a socket; not replacing it '
+                         '(listen on another path)'.format(path))
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -2342,10 +2661,8 @@ class Client(object):
         self._taken = 0
         self._next_id = random_id()
         #: Watches fd for reading, made once for the many waits of a call.
-        self._poller = None
-        if hasattr(select, 'poll'):
-            self._poller = select.poll()
-            self._poller.register(fd, select.POLLIN)
+        self._poller = select.poll()
+        self._poller.register(fd, POLLIN)
 
     def send(self, data):
         sent = 0
@@ -2366,12 +2683,12 @@ class Client(object):
             if timeout <= 0:
                 raise CallTimeout('timed out')
         if writable:
-            for _, _, ready, hung_up in poll_fds([], [self.fd], timeout):
-                if hung_up and not ready:
-                    raise ConnectError('{0}: the other side went away'.format(
-                        self.name))
+            _, ready, hung_up = poll_fd(self.fd, POLLOUT, timeout)
+            if hung_up and not ready:
+                raise ConnectError('{0}: the other side went away'.format(
+                    self.name))
         else:
-            poll_fds([self.fd], [], timeout, self._poller)
+            wait_ready(self._poller, timeout)
 
     def receive(self):
         """The next received item (line, RESYNC or OVERSIZED); waits for it."""
@@ -2456,10 +2773,11 @@ class Client(object):
             if message.get('id') != request_id:
                 continue
             if 'error' in message:
-                error = message['error']
-                if not isinstance(error, dict):
-                    raise ProtocolError('malformed error reply: {0!r}'.format(
-                        item[:200]))
+                error = expect(message['error'], lambda value: isinstance(
+                    value, dict) and all(isinstance(value.get(key, ''),
+                                                    string_types)
+                                         for key in ('class', 'desc')),
+                    'error reply')
                 raise RemoteError(error.get('class', 'GenericError'),
                                   error.get('desc', ''))
             if 'return' not in message:
@@ -2579,36 +2897,54 @@ def open_client(path, timeout):
 STREAM_FDS = {'out-data': 1, 'err-data': 2}
 
 
+def write_all(fd, data):
+    """Write all of ``data`` to this side's stdout (1) or stderr (2).
+
+    :raises ReaderGone: when the reader has gone (EPIPE).
+    :raises OutputError: for any other error (ENOSPC, EIO, EBADF...).
+    """
+    done = 0
+    while done < len(data):
+        try:
+            done += os.write(fd, bytes_from(data, done))
+        except (OSError, IOError) as e:
+            if e.args[0] == errno.EINTR:
+                continue
+            if e.args[0] in WOULD_BLOCK:
+                poll_fd(fd, POLLOUT, None)
+                continue
+            if e.args[0] == errno.EPIPE:
+                raise ReaderGone('')
+            raise OutputError('cannot write to standard {0}: {1}'.format(
+                'output' if fd == 1 else 'error', os.strerror(e.args[0])))
+
+
+def print_out(text):
+    """A line of this side's own output (a listing, JSON) on stdout, as
+    UTF-8 (names as their bytes), whatever the locale."""
+    try:
+        data = wire_bytes(text)
+    except UnicodeError:  # a surrogate that stands for no byte
+        data = text.encode('utf-8', 'replace')
+    write_all(1, data + b'\n')
+
+
 class OutputWriter(object):
     """Writes streamed output to stdout/stderr exactly as it arrives.
 
-    In ``collect`` mode (for --json) it keeps the bytes instead.  A reader
-    that closed its end (``| head``) stops output, not the call.
+    In ``collect`` mode (for --json) it keeps the bytes instead.  An error
+    writing ends the call (OutputError): the other side kills the command.
     """
 
     def __init__(self, collect):
         self.collect = collect
         self.captured = {'out-data': [], 'err-data': []}
-        self._closed = set()
 
     def __call__(self, stream, chunk):
         if self.collect:
             self.captured[stream].append(chunk)
         else:
-            self._write(STREAM_FDS[stream], chunk)
-
-    def _write(self, fd, chunk):
-        done = 0
-        while done < len(chunk) and fd not in self._closed:
-            try:
-                done += os.write(fd, bytes_from(chunk, done))
-            except (OSError, IOError) as e:
-                if e.args[0] == errno.EINTR:
-                    continue
-                if e.args[0] in WOULD_BLOCK:
-                    poll_fds([], [fd], None)
-                    continue
-                self._closed.add(fd)
+            write_all(STREAM_FDS[stream], chunk)
 
     def text(self, stream):
         return b''.join(self.captured[stream]).decode('utf-8', 'replace')
@@ -2629,7 +2965,7 @@ def read_stdin(deadline):
                 raise CallTimeout(
                     'timed out reading standard input (use -n or </dev/null '
                     'when there is none)')
-        if not poll_fds([0], [], timeout):
+        if not any(poll_fd(0, POLLIN, timeout)):
             continue
         try:
             data = os.read(0, READ_SIZE)
@@ -2650,12 +2986,30 @@ def read_stdin(deadline):
 
 
 def status_of(result):
-    """The shell-style exit status of a negotiator-execute result."""
-    if result.get('timed-out'):
-        return EXIT_TIMEOUT
-    if 'signal' in result:
-        return 128 + int(result['signal'])
-    return int(result.get('exitcode', EXIT_PROTOCOL))
+    """The shell-style exit status of a negotiator-execute result.
+
+    :raises ProtocolError: for anything but such a result.
+    """
+    if isinstance(result, dict):
+        if result.get('timed-out') is True:
+            return EXIT_TIMEOUT
+        signum, code = result.get('signal'), result.get('exitcode')
+        if is_int64(signum) and 0 < signum < 128:
+            return 128 + signum
+        if is_int64(code) and 0 <= code <= 255 and signum is None:
+            return code
+    expect(result, lambda value: False, 'negotiator-execute result')
+
+
+def expect(value, check, what):
+    """``value``, when ``check(value)`` holds.
+
+    :raises ProtocolError: naming ``what`` otherwise.
+    """
+    if not check(value):
+        raise ProtocolError('the other side sent a malformed {0}: {1}'.format(
+            what, printable(repr(value)[:200])))
+    return value
 
 
 def run_host(options, target, command):
@@ -2702,7 +3056,10 @@ def ping_agent(client):
     sent = monotonic()
     client.call('guest-ping')
     round_trip = (monotonic() - sent) * 1000
-    return client.call('guest-info').get('version', '?'), round_trip
+    info = expect(client.call('guest-info'), lambda value: isinstance(
+        value, dict) and isinstance(value.get('version', ''), string_types),
+        'guest-info reply')
+    return info.get('version', '?'), round_trip
 
 
 def show_ping(client, started, as_json):
@@ -2712,7 +3069,7 @@ def show_ping(client, started, as_json):
         print_json({'version': version, 'round-trip-ms': round(round_trip, 3),
                     'connect-ms': round((connected - started) * 1000, 3)})
     else:
-        sys.stdout.write('{0}: agent {1}, round trip {2:.2f} ms\n'.format(
+        print_out(u('{0}: agent {1}, round trip {2:.2f} ms').format(
             client.name, version, round_trip))
     return 0
 
@@ -2725,11 +3082,14 @@ def show_commands(client, as_json):
             raise
         raise ProtocolError('the agent does not offer negotiator commands '
                             '(is it qemu-ga rather than negotiator?)')
+    expect(commands, lambda value: isinstance(value, list) and all(
+        isinstance(entry, dict) and isinstance(entry.get('name'), string_types)
+        for entry in value), 'list of commands')
     if as_json:
         print_json({'commands': commands})
     else:
         for entry in commands:
-            sys.stdout.write('{0}{1}\n'.format(
+            print_out(u('{0}{1}').format(
                 entry['name'],
                 '  (built-in)' if entry.get('kind') == 'builtin' else ''))
     return 0
@@ -2777,7 +3137,7 @@ def run_remote(client, command, options, where, stdin_data):
 
 
 def print_json(value):
-    sys.stdout.write(json.dumps(value, sort_keys=True) + '\n')
+    print_out(json.dumps(value, sort_keys=True))
 
 
 # ============================================================================
@@ -3064,9 +3424,9 @@ def host_list_guests(options):
         rows.append((name, state, ','.join(sorted(ports)), agent))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
-        sys.stdout.write('{0}  {1}  {2}  {3}\n'.format(
+        print_out(u('{0}  {1}  {2}  {3}').format(
             row[0].ljust(widths[0]), row[1].ljust(widths[1]),
-            row[2].ljust(widths[2]), row[3]).rstrip() + '\n')
+            row[2].ljust(widths[2]), row[3]).rstrip())
     return 0
 
 
@@ -3111,8 +3471,9 @@ class DaemonServer(Server):
 
     A guest is trusted less than the host: it gets the commands directory
     and the protocol's basics, no built-ins and no host facts but
-    negotiator's version, and a guest that floods the daemon or sends
-    garbage is cut off.  Its error replies are logged only with -v.
+    negotiator's version, and a guest that sends garbage, or whose
+    conversation raised, is cut off.  Its error replies are logged only
+    with -v.
 
     :param on_abuse: called with the reason to cut the guest off.
     """
@@ -3129,20 +3490,15 @@ class DaemonServer(Server):
         self._on_abuse = on_abuse
         self._failures = 0
 
-    def on_line(self, line):
-        """Queue a request, within a budget: MAX_PENDING lines, and no more
-        bytes than one longest line, for all of them together."""
-        if len(self.pending) >= MAX_PENDING:
-            self._on_abuse('{0} requests already waiting'.format(MAX_PENDING))
-        elif sum(len(waiting) for waiting in self.pending) + len(line) > \
-                MAX_LINE:
-            self._on_abuse('more than {0} bytes of requests waiting'.format(
-                MAX_LINE))
-        else:
-            Server.on_line(self, line)
-
     def on_oversized(self):
         self._on_abuse('a line longer than {0} bytes'.format(MAX_LINE))
+
+    def on_failure(self, error):
+        """A fault of ours while serving this guest cuts it off, as abuse
+        does: whatever caused it stops for a while, and the daemon serves
+        the others."""
+        log.debug('%s: internal error', self.channel.name, exc_info=True)
+        self._on_abuse('internal error: ' + error_text(error))
 
     def _send_error(self, request_id, error):
         """Every error reply is a strike; GARBAGE_LIMIT in a row cut the
@@ -3319,9 +3675,17 @@ class HostDaemon(object):
             self._virsh_trouble(why or 'virsh failed: {0}'.format(result))
             on_done(None)
 
+        def failed(error):
+            log_failure('virsh', 'taking it as failed', error)
+            self._scanning = False
+            processes[0].kill()
+            on_done(None)
+
+        processes = []
         try:
-            Process(self.loop, self.children, virsh_argv(self.connect, command),
-                    virsh_env(), b'', VIRSH_TIMEOUT, collect, finished)
+            processes.append(Process(
+                self.loop, self.children, virsh_argv(self.connect, command),
+                virsh_env(), b'', VIRSH_TIMEOUT, collect, finished, failed))
         except OSError as e:
             self._virsh_trouble('cannot run virsh: {0}'.format(e.strerror))
             on_done(None)
@@ -3487,7 +3851,7 @@ def run_guest_call(options, command):
                     .format(device, timeout))
             result = run_call(client, command, options, started,
                               'on the host', stdin_data)
-        except (CallTimeout, KeyboardInterrupt):
+        except (CallTimeout, OutputError, KeyboardInterrupt):
             abandon_call(fd)
             raise
         finally:
@@ -3822,6 +4186,7 @@ def main(argv=None):
     """The command-line interface; returns the exit status."""
     if argv is None:
         argv = sys.argv[1:]
+    take_standard_fds()
     main_parser = make_parser(MAIN_USAGE, mode_options=False)
     _, rest = main_parser.parse_args(argv)
     if not rest:
@@ -3837,14 +4202,28 @@ def main(argv=None):
     try:
         return action()
     except NegotiatorError as e:
-        log.error('%s', e, exc_info=log.isEnabledFor(DEBUG))
-        if getattr(options, 'json', False):
+        desc = e.args[0] if e.args else ''  # (text, on Python 2 too)
+        if desc:
+            log.error('%s', desc, exc_info=log.isEnabledFor(DEBUG))
+        if getattr(options, 'json', False) and not isinstance(e,
+                                                               OutputError):
             print_json({'error': {'class': getattr(e, 'error_class',
                                                    type(e).__name__),
-                                  'desc': str(e)}, 'status': e.status})
+                                  'desc': desc}, 'status': e.status})
         return e.status
     except KeyboardInterrupt:
         return 130
+
+
+def take_standard_fds():
+    """Open /dev/null, read-only, as each of stdin, stdout and stderr that
+    is closed: the port or a socket opened next would take its number and
+    get the output or the log.  Writes to it fail (EBADF), as they would."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDONLY)
 
 
 def main_exit():

@@ -304,8 +304,15 @@ def test_rpc_osinfo_over_fixture(fake_root, name, expected):
 # disk_usage and the disk-usage built-in
 # ---------------------------------------------------------------------------
 
+def as_bytes(text):
+    """A path or name as disk_usage() gives it: bytes, on every Python."""
+    return text if isinstance(text, bytes) else text.encode('utf-8')
+
+
 def statvfs_row(device, mountpoint, fstype):
     usage = os.statvfs(mountpoint)
+    device, mountpoint, fstype = [as_bytes(field) for field in
+                                  (device, mountpoint, fstype)]
     return (device, mountpoint, fstype, usage.f_blocks * usage.f_frsize,
             (usage.f_blocks - usage.f_bfree) * usage.f_frsize,
             usage.f_bavail * usage.f_frsize)
@@ -371,13 +378,13 @@ def test_disk_usage_decodes_mount_point_escapes(scratch, char, escape):
     assert_rows_match(rows, [statvfs_row('/dev/vdc1', directory, 'ext4')])
 
 
-DISK_HEADER = ('Filesystem               Type          1K-blocks         Used'
-               '    Available Use% Mounted on')
+DISK_HEADER = (b'Filesystem               Type          1K-blocks         Used'
+               b'    Available Use% Mounted on')
 
 
 def parse_disk_usage_output(text):
-    lines = text.split('\n')
-    assert lines[-1] == ''
+    lines = text.split(b'\n')
+    assert lines[-1] == b''
     assert lines[0] == DISK_HEADER
     rows = []
     for line in lines[1:-1]:
@@ -391,7 +398,7 @@ def parse_disk_usage_output(text):
 def test_disk_usage_builtin_lines_follow_disk_usage():
     output, status = negotiator.builtin_disk_usage([])
     assert status == 0
-    rows = parse_disk_usage_output(output.decode('utf-8'))
+    rows = parse_disk_usage_output(output)
     expected = negotiator.disk_usage()
     assert len(rows) == len(expected)
     assert [r[:3] for r in rows] == [e[:3] for e in expected]
@@ -401,12 +408,12 @@ def test_disk_usage_builtin_lines_follow_disk_usage():
         assert abs(row[5] - want[5] // 1024) <= DRIFT // 1024
         used, available = row[4], row[5]
         if used + available:
-            assert row[6].endswith('%')
+            assert row[6].endswith(b'%')
             percent = int(row[6][:-1])
             exact = used * 100.0 / (used + available)
             assert abs(percent - exact) <= 1, (row, exact)
         else:
-            assert row[6] == '-'
+            assert row[6] == b'-'
 
 
 def test_disk_usage_builtin_matches_df_for_root():
@@ -415,16 +422,15 @@ def test_disk_usage_builtin_matches_df_for_root():
                                    stdout=subprocess.PIPE)
     except OSError:
         pytest.skip('df is not installed')
-    df_out = process.communicate()[0].decode('utf-8')
+    df_out = process.communicate()[0]
     assert process.returncode == 0
     output, status = negotiator.builtin_disk_usage([])
     assert status == 0
     df_line = df_out.splitlines()[1]
     device, rest = df_line.rsplit(None, 5)[0], df_line.rsplit(None, 5)[1:]
     size, used, available, capacity, mountpoint = rest
-    assert mountpoint == '/'
-    ours = [r for r in parse_disk_usage_output(output.decode('utf-8'))
-            if r[1] == '/']
+    assert mountpoint == b'/'
+    ours = [r for r in parse_disk_usage_output(output) if r[1] == b'/']
     assert len(ours) == 1
     ours = ours[0]
     assert ours[0] == device
@@ -671,7 +677,7 @@ def test_cli_ip_addresses(agent):
 def test_cli_disk_usage_header(agent):
     status, out, err = agent.host('disk-usage')
     assert (status, err) == (0, b'')
-    rows = parse_disk_usage_output(out.decode('utf-8'))
+    rows = parse_disk_usage_output(out)
     assert [r[:3] for r in rows] == [e[:3] for e in negotiator.disk_usage()]
 
 

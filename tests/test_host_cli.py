@@ -71,6 +71,12 @@ SCRIPTS = {
     'big-output': (
         "#!/bin/sh\n"
         "head -c 4000000 /dev/zero\n"),
+    'endless': (
+        "#!/bin/sh\n"
+        "exec yes\n"),
+    'silent': (
+        "#!/bin/sh\n"
+        "exit 0\n"),
     'bad-interpreter': (
         "#!/nonexistent/interpreter\n"),
     '.hidden': (
@@ -531,10 +537,11 @@ def test_output_streams_while_the_command_runs(agent, workdir):
         process.stderr.close()
 
 
-def test_stdout_closed_early(agent):
-    # `host ... | head -c 10`: the host stops writing, not the call; it
-    # finishes with the command's status and no traceback.
-    script = ('{0} {1} host -n {2} big-output | head -c 10 | od -An -tx1; '
+def test_stdout_closed_early_ends_the_call_and_its_command(agent):
+    # `host ... | head -c 10`: the reader has gone, so the call ends
+    # quietly, with 141 as if SIGPIPE had ended it, and the agent kills
+    # the command, which would write for ever.
+    script = ('{0} {1} host -n -t 0 {2} endless | head -c 10 | od -An -tx1; '
               'echo "${{PIPESTATUS[0]}}"').format(
                   shell_quote(sys.executable), shell_quote(NEGOTIATOR),
                   shell_quote(agent.socket))
@@ -543,7 +550,38 @@ def test_stdout_closed_early(agent):
     out, err = communicate(process, b'', time.time() + HANG)
     assert process.returncode == 0
     assert err == b''
-    assert out.split() == [b'00'] * 10 + [b'0']
+    assert out.split() == [b'79', b'0a'] * 5 + [b'141']
+    agent.wait_log('killing command pid')
+
+
+@pytest.mark.parametrize('command, status, message', [
+    ('big-output', 253, b'negotiator: cannot write to standard output: No '
+                        b'space left on device\n'),
+    ('silent', 0, b''),
+], ids=['output', 'no-output'])
+def test_stdout_that_takes_nothing_is_an_error(agent, command, status,
+                                               message):
+    if not os.path.exists('/dev/full'):
+        pytest.skip('no /dev/full')
+    with open('/dev/full', 'wb') as full:
+        process = subprocess.Popen(
+            [sys.executable, NEGOTIATOR, 'host', '-n', agent.socket,
+             command], stdout=full, stderr=subprocess.PIPE)
+        err = communicate(process, None, time.time() + HANG)[1]
+    assert (process.returncode, err) == (status, message)
+
+
+def test_closed_stdout_is_an_error_and_gets_no_socket(agent):
+    """Descriptor 1 closed: the socket must not take its number (the
+    output would go to the agent); writing fails with EBADF."""
+    process = subprocess.Popen(
+        [sys.executable, NEGOTIATOR, 'host', '-n', agent.socket, 'hostname'],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: os.close(1))
+    out, err = communicate(process, None, time.time() + HANG)
+    assert (process.returncode, out, err) == (
+        253, b'', b'negotiator: cannot write to standard output: Bad file '
+                  b'descriptor\n')
 
 
 # ---------------------------------------------------------------------------
@@ -813,14 +851,13 @@ def test_control_characters_of_a_command_name_are_escaped_in_the_log(agent):
             if line.startswith('negotiator: forged')] == []
 
 
-@pytest.mark.skipif(sys.version_info[0] < 3, reason=(
-    "Python 2's UTF-8 codec encodes a lone surrogate: its bytes pass on as "
-    'they are, as any other name'))
-@pytest.mark.parametrize('arguments', [
-    b'{"command": "\\ud800"}',
-    b'{"command": "args", "args": ["ok", "\\ud800"]}',
+@pytest.mark.parametrize('arguments, member', [
+    (b'{"command": "\\ud800"}', 'command'),
+    (b'{"command": "args", "args": ["ok", "\\udbff\\udfff\\udfff"]}', 'args'),
 ], ids=['command', 'args'])
-def test_lone_surrogate_in_a_command_name_is_refused(agent, arguments):
+def test_lone_surrogate_in_a_command_name_is_refused(agent, arguments, member):
+    """Only U+DC80..U+DCFF stand for bytes; any other lone surrogate is
+    refused on every Python (Python 2's codec would encode it)."""
     client = agent.client()
     try:
         client.send(b'{"execute": "negotiator-execute", "id": 5, '
@@ -830,7 +867,8 @@ def test_lone_surrogate_in_a_command_name_is_refused(agent, arguments):
         client.close()
     assert reply == {'id': 5, 'error': {
         'class': 'GenericError',
-        'desc': "Parameters 'command' and 'args' must be UTF-8 text"}}
+        'desc': "Parameter '{0}' holds a lone surrogate that stands for no "
+                "byte (only U+DC80..U+DCFF do)".format(member)}}
     assert 'internal error' not in agent.log()
 
 
