@@ -1801,10 +1801,11 @@ def builtin_ip_addresses(args):
     return text_lines(lines), 0
 
 
-def builtin_disk_usage(args):
+def builtin_disk_usage(args, mounts_path='/proc/mounts'):
     lines = [b'Filesystem               Type          1K-blocks         Used'
              b'    Available Use% Mounted on\n']
-    for device, mountpoint, fstype, size, used, available in disk_usage():
+    for device, mountpoint, fstype, size, used, available in disk_usage(
+            mounts_path):
         percent = b'-'
         if used + available:
             percent = ascii_number(

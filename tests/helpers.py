@@ -108,15 +108,16 @@ class GuestProcess(object):
     :param args: the guest mode's arguments (--commands-dir is added).
     """
 
-    def __init__(self, workdir, args, log_name='agent'):
+    def __init__(self, workdir, args, log_name='agent', program=(NEGOTIATOR,),
+                 **popen):
         self.workdir = workdir
         self.log_path = workdir.join(log_name + '.log')
         self.log_file = open(self.log_path, 'wb')
         self.process = subprocess.Popen(
-            [sys.executable, NEGOTIATOR, 'guest', '--commands-dir',
-             workdir.commands] + list(args),
+            [sys.executable] + list(program) + [
+                'guest', '--commands-dir', workdir.commands] + list(args),
             stdin=open(os.devnull), stdout=self.log_file,
-            stderr=subprocess.STDOUT, close_fds=True)
+            stderr=subprocess.STDOUT, close_fds=True, **popen)
 
     def log(self):
         with open(self.log_path, 'rb') as handle:
@@ -147,12 +148,12 @@ class GuestProcess(object):
 class Agent(GuestProcess):
     """``negotiator.py guest --listen SOCKET`` running in the background."""
 
-    def __init__(self, workdir, extra_args=(), verbose=True):
+    def __init__(self, workdir, extra_args=(), verbose=True, **kwargs):
         self.socket = workdir.join('agent.sock')
         args = ['--listen', self.socket] + list(extra_args)
         if verbose:
             args.append('-v')
-        GuestProcess.__init__(self, workdir, args)
+        GuestProcess.__init__(self, workdir, args, **kwargs)
         wait_for(lambda: self.process.poll() is not None or
                  connectable(self.socket))
         if self.process.poll() is not None:

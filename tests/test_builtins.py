@@ -359,6 +359,33 @@ def test_disk_usage_duplicate_lines_and_skips(scratch):
                              statvfs_row('/dev/sdc1', scratch, 'xfs')])
 
 
+def test_disk_usage_skips_network_cluster_and_fuse_filesystems(scratch):
+    """Their statvfs() can hang on a dead server or FUSE daemon: they are
+    skipped by type, though the mount point exists."""
+    mounts = os.path.join(scratch, 'mounts')
+    with open(mounts, 'w') as handle:
+        for fstype in ('fuse.sshfs', 'fuse', 'fuseblk', 'fuse.glusterfs',
+                       'ceph', 'glusterfs', 'lustre', 'nfs', 'nfs4', 'cifs',
+                       'smb3', '9p', 'virtiofs', 'afs', 'gfs2', 'ocfs2'):
+            handle.write('remote {0} {1} rw 0 0\n'.format(scratch, fstype))
+    assert negotiator.disk_usage(mounts) == []
+
+
+def test_disk_usage_of_mount_points_that_are_not_utf8(scratch):
+    """Mount points are bytes end to end, on every Python and locale."""
+    directory = as_bytes(scratch) + b'/\xff\xc3\xa9'
+    os.mkdir(directory)
+    mounts = os.path.join(scratch, 'mounts')
+    with open(mounts, 'wb') as handle:
+        handle.write(b'/dev/vdc1 ' + directory + b' ext4 rw 0 0\n')
+    rows = negotiator.disk_usage(mounts)
+    assert [row[:3] for row in rows] == [(b'/dev/vdc1', directory, b'ext4')]
+    output, status = negotiator.builtin_disk_usage([], mounts)
+    assert status == 0
+    assert [row[:3] for row in parse_disk_usage_output(output)] == [
+        (b'/dev/vdc1', directory, b'ext4')]
+
+
 def test_disk_usage_of_a_missing_mounts_file(scratch):
     assert negotiator.disk_usage(os.path.join(scratch, 'none')) == []
 
