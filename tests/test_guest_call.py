@@ -54,18 +54,19 @@ SCRIPTS = {
         "cat\n"
         "printf 'hello on stderr\\n' >&2\n"
         "exit 3\n"),
-    # Writes its pid to $1, sleeps, then would print.
+    # Writes its pid to $1, sleeps an hour (longer than any wait here), then
+    # would print.
     'slow': (
         "#!/bin/sh\n"
         "echo $$ > \"$1\"\n"
-        "sleep 30\n"
+        "sleep 3600\n"
         "echo late\n"),
     # Prints at once, then again (and exits 0) once the file $1 exists.
     'early-late': (
         "#!/bin/sh\n"
         "echo early\n"
         "i=0\n"
-        "while [ ! -e \"$1\" ] && [ $i -lt 300 ]; do\n"
+        "while [ ! -e \"$1\" ] && [ $i -lt 3000 ]; do\n"
         "    sleep 0.1; i=$((i + 1))\n"
         "done\n"
         "echo late\n"),
@@ -561,16 +562,14 @@ def test_ping_json(port):
 def test_timeout_kills_the_host_command_and_the_next_caller_is_unaffected(
         port, workdir):
     pid_file = workdir.join('slow.pid')
-    started = time.time()
+    # The command would sleep an hour: the caller's end within HANG and
+    # the command's are the timeout's.
     status, out, err = call(port, ['slow', pid_file], options=['-t', '1'])
-    elapsed = time.time() - started
     assert (status, out) == (124, b'')
     assert err == (b"negotiator: 'slow' timed out after 1 s and was killed "
                    b"on the host\n")
-    assert elapsed < 20, elapsed
     pid = read_pid(pid_file)
-    # It would sleep 30 s: gone within 10 s, it was killed.
-    wait_for(lambda: gone(pid), timeout=10)
+    wait_for(lambda: gone(pid))
     status, out, err = call(port, ['hello', 'next'], stdin=b'mine')
     assert (status, out, err) == (3, hello_output(['next'], b'mine'),
                                   HELLO_ERR)
@@ -613,7 +612,7 @@ def test_caller_that_gives_up_first_says_so_and_its_late_reply_is_skipped(
         assert err == b"negotiator: 'slow' timed out after 0.5 s\n"
         # Its last word to the host: 0xFF, drop what you do for me.
         wait_for(lambda: port.bridge.transcript()[1].endswith(b'}\n\xff'))
-        wait_for(lambda: gone(read_pid(pid_file)), timeout=10)
+        wait_for(lambda: gone(read_pid(pid_file)))
         held = port.bridge.held()
         assert b'"timed-out":true' in held
     finally:
@@ -751,27 +750,25 @@ def open_port(path, deadline):
     return fd
 
 negotiator.open_port = open_port
-sys.exit(negotiator.main(['guest', '--device', device, '-t', '20', '--call',
-                          'hello', 'x']))
+sys.exit(negotiator.main(['guest', '--device', device, '-t', '3600',
+                          '--call', 'hello', 'x']))
 '''
 
 
 def test_no_host_daemon_connected_fails_at_once(workdir):
+    # Its timeout is an hour: an end within HANG (finish) is at once.
     device_file = workdir.join('device')
-    started = time.time()
     process = subprocess.Popen(
         [sys.executable, '-c', HUNG_UP_CALLER, ROOT, device_file],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, close_fds=True)
     STARTED.append(process)
     status, out, err = finish(process)
-    elapsed = time.time() - started
     device = read_text(device_file)
     assert (status, out) == (255, b'')
     assert err == b('negotiator: no host daemon is connected to {0}: is '
                     '"negotiator.py host --daemon" running on the host?\n'
                     .format(device))
-    assert elapsed < 10, elapsed  # the timeout is 20 s
 
 
 def test_nobody_answering_on_the_port(workdir):
@@ -801,7 +798,9 @@ def test_host_side_going_away_mid_call(workdir):
     tty.setraw(slave)
     device = os.ttyname(slave)
     try:
-        process = spawn(['guest', '--device', device, '-n', '-t', '20',
+        # Its timeout is an hour: an end within HANG (finish) is the
+        # host's going away.
+        process = spawn(['guest', '--device', device, '-n', '-t', '3600',
                          '--call', 'hello', 'a'])
         line = read_line(master)
         assert line.startswith(b'\xff')
@@ -815,16 +814,14 @@ def test_host_side_going_away_mid_call(workdir):
             'negotiator-execute', {'command': 'hello', 'args': ['a'],
                                    'raw-output': True,
                                    'timeout': request['arguments']['timeout']})
-        assert 0 < request['arguments']['timeout'] <= 20
+        assert 0 < request['arguments']['timeout'] <= 3600
     finally:
         remove_quietly(negotiator.lock_path_for(device))
         os.close(master)
         os.close(slave)
-    started = time.time()
     assert finish(process) == (
         255, b'', b('negotiator: {0}: the connection closed before the other side '
                     'answered\n'.format(device)))
-    assert time.time() - started < 10, 'it noticed only at its timeout'
 
 
 def read_line(fd):
@@ -946,7 +943,7 @@ def test_signal_kills_the_host_command(port, workdir, signum):
     # The caller said it left (0xFF), so the host killed its command.
     wait_for(lambda: port.bridge.transcript()[1][len(sent_before):] ==
              b'\xff')
-    wait_for(lambda: gone(pid), timeout=10)
+    wait_for(lambda: gone(pid))
     wait_for(lambda: 'guest g1: 0xFF received: dropping 0 waiting '
              'request(s) and the running command' in port.log())
     status, out, err = call(port, ['hello', 'after'], stdin=b'x')

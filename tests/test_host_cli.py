@@ -53,10 +53,11 @@ SCRIPTS = {
         "#!/bin/sh\n"
         "cat\n"
         "printf '<eof>'\n"),
+    # Sleeps an hour (longer than any wait here) in the background.
     'sleeper': (
         "#!/bin/sh\n"
         "echo $$ > \"$1\"\n"
-        "sleep 30 &\n"
+        "sleep 3600 &\n"
         "echo $! > \"$2\"\n"
         "wait\n"
         "echo survived\n"),
@@ -64,7 +65,7 @@ SCRIPTS = {
         "#!/bin/sh\n"
         "echo first\n"
         "i=0\n"
-        "while [ ! -e \"$1\" ] && [ $i -lt 200 ]; do\n"
+        "while [ ! -e \"$1\" ] && [ $i -lt 3000 ]; do\n"
         "    sleep 0.1; i=$((i + 1))\n"
         "done\n"
         "if [ -e \"$1\" ]; then echo second; else echo 'no marker'; fi\n"),
@@ -279,10 +280,9 @@ def test_command_name_tricks_are_refused(agent, name):
 def test_timeout_kills_the_command(agent, workdir, as_json):
     pid_file, child_file = workdir.join('pid'), workdir.join('child')
     options = ['-n', '--json', '--timeout=1'] if as_json else ['-n', '-t', '1']
-    started = time.time()
+    # The command would sleep an hour: an end within HANG is the timeout's.
     status, out, err = host(agent, 'sleeper', pid_file, child_file,
                             options=options)
-    assert time.time() - started < 10
     assert status == 124
     if as_json:
         result = json.loads(out.decode('ascii'))
@@ -299,8 +299,8 @@ def test_timeout_kills_the_command(agent, workdir, as_json):
     # The script is reaped by the agent; its background child is killed
     # with the group (it may linger as a zombie of an init that does not
     # reap).
-    wait_for(lambda: process_state(pid) is None, timeout=10)
-    wait_for(lambda: process_state(child) in (None, 'Z'), timeout=10)
+    wait_for(lambda: process_state(pid) is None)
+    wait_for(lambda: process_state(child) in (None, 'Z'))
 
 
 def test_stdin_never_closed_times_out(agent):
@@ -313,9 +313,7 @@ def test_stdin_never_closed_times_out(agent):
     try:
         process.stdin.write(b'partial')
         process.stdin.flush()
-        started = time.time()
-        wait_for(lambda: process.poll() is not None, timeout=10)
-        assert time.time() - started < 10
+        wait_for(lambda: process.poll() is not None)
         out, err = process.stdout.read(), process.stderr.read()
     finally:
         if process.poll() is None:
@@ -520,7 +518,7 @@ def test_output_streams_while_the_command_runs(agent, workdir):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         fd = process.stdout.fileno()
-        first = read_until(fd, lambda data: b'\n' in data, 15)
+        first = read_until(fd, lambda data: b'\n' in data, HANG)
         assert first == b'first\n'
         open(marker, 'w').close()
         rest = read_until(fd, lambda data: False, HANG)
@@ -767,12 +765,9 @@ def test_nobody_answers(workdir):
     try:
         server.bind(path)
         server.listen(1)
-        started = time.time()
         status, out, err = cli(['host', '-n', '-t', '1', path, 'uptime'])
-        elapsed = time.time() - started
     finally:
         server.close()
-    assert elapsed < 10
     assert (status, out) == (255, b'')
     assert err == b(
         'negotiator: no agent answered on {0} within 1 s: is "negotiator.py '
@@ -788,13 +783,10 @@ def test_full_client_queue_is_waited_for_until_the_timeout(workdir):
     path = workdir.join('busy.sock')
     held = fill_backlog(path)
     try:
-        started = time.time()
         status, out, err = cli(['host', '-n', '-t', '1', path, 'true'])
-        elapsed = time.time() - started
     finally:
         for sock in held:
             sock.close()
-    assert elapsed < 8
     assert (status, out) == (255, b'')
     assert err == b('negotiator: cannot connect to {0}: busy: QEMU has other '
                     'clients of this socket queued\n'.format(path))

@@ -3,16 +3,37 @@
 
 One real ``qemu-ga`` (Debian package qemu-guest-agent) and one
 ``negotiator.py guest`` serve the whole module.  Each request goes to both,
-on a fresh connection (qemu-ga's JSON parser state belongs to the process,
-so a fresh connection per request keeps one case from leaking into the
-next), and the parsed replies are compared.  See
-/work/notes/qemu-ga-replies.md for the catalogue of qemu-ga's answers.
+each time on a fresh connection, and the parsed replies are compared.
+
+What qemu-ga (7.2, bookworm's) answers, which these tests rely on:
+
+- Replies are one JSON object per line, with the request's "id" (any JSON
+  value, null too) copied; without an "id", none.  guest-ping returns {};
+  guest-sync returns its "id" argument, an integer only;
+  guest-sync-delimited sends a 0xFF byte first: 0xFF{"return": 42}.
+- Errors are {"error": {"class": ..., "desc": ...}}: CommandNotFound
+  ("The command guest-nosuch has not been found") or GenericError for
+  everything else ("Parameter 'id' is missing", "Invalid parameter type
+  for 'id', expected: integer" (also for 1.5 and 2**63), "QMP input lacks
+  member 'execute'", "QMP input member 'bogus' is unexpected", "QMP input
+  must be a JSON object", "Parameter 'x' is unexpected", ...).
+- Its JSON parser is a stream parser whose state belongs to the process,
+  not to the connection: "{bad" followed by a newline gets no reply, and
+  the object stays open for whoever connects next, until a "}" closes it;
+  a syntax error's desc is its lexer's ("JSON parse error, invalid keyword
+  'bad'").  So every request here is a whole value.
+- A 0xFF byte is not a reset for it: it answers with an error line
+  ("JSON parse error, stray '\\uFFFD'") and goes on with what follows.
+- guest-info: {"version": "7.2.22", "supported_commands": [{"name",
+  "enabled", "success-response"}, ...]}.  guest-network-get-interfaces
+  leaves "ip-addresses" and "statistics" out for an interface without
+  addresses.
 
 The host client is also run against the real qemu-ga: it opens every
 connection with a 0xFF byte, which qemu-ga answers with an error line that
 the client must skip.
 
-qemu-ga missing is a FAILURE, not a skip: CI installs it.
+qemu-ga missing is a FAILURE, not a skip: scripts/test installs it.
 
 Must stay valid on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
 """
@@ -199,7 +220,7 @@ def test_sync_delimited(qga, agent):
     data = encode(sync({'id': 42}, 'guest-sync-delimited'))
     expected = exchange(qga, data)
     actual = exchange(agent.socket, data)
-    assert expected[:1] == b'\xff'          # the catalogue's claim holds
+    assert expected[:1] == b'\xff'          # as the docstring says
     assert actual[:1] == expected[:1]
     assert parse(actual[1:]) == parse(expected[1:]) == {'return': 42}
 
