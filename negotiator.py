@@ -247,8 +247,16 @@ LOCK_RETRY = 0.02
 DEFAULT_RESCAN = 10.0
 #: Seconds the host daemon waits before connecting again to a guest whose
 #: socket closed or refused; doubled after each failure up to the maximum.
+#: A restarted QEMU listens at once, long before its guest has booted, but
+#: a guest may call the host as soon as it is up (a caller waits for the
+#: daemon only within its own timeout): the daemon must be back within a
+#: small part of that, however long QEMU was down.  A refused connect()
+#: costs microseconds, so the wait does not grow past a second.
 RECONNECT_MIN = 0.5
-RECONNECT_MAX = 8.0
+RECONNECT_MAX = 1.0
+#: Seconds between a guest caller's looks whether the host daemon has
+#: connected to the port (a port without a host says so at once, in poll()).
+DAEMON_CHECK = 0.1
 #: Seconds a guest that flooded the host daemon or sent it garbage stays
 #: cut off.
 CUT_OFF_PAUSE = 30.0
@@ -3520,9 +3528,9 @@ class GuestLink(object):
     """The host daemon's connection to one guest's guest-to-host socket.
 
     QEMU serves the socket; the daemon connects as its client, and connects
-    again, after a pause that grows while it keeps failing, whenever the
-    connection closes (the guest stopped, or QEMU was restarted with the
-    same socket path).
+    again, after a pause that grows while it keeps failing (up to
+    RECONNECT_MAX), whenever the connection closes (the guest stopped, or
+    QEMU was restarted with the same socket path).
     """
 
     def __init__(self, daemon, name, path):
@@ -3817,9 +3825,10 @@ def run_guest_call(options, command):
 
     Several processes in a guest may call at once, but a port has one
     opener at a time: callers queue on a lock file, and wait out EBUSY from
-    anything else holding the port, within the call's timeout.  A caller
-    that gives up sends 0xFF, so that the host daemon kills what it runs
-    for it (the host never sees the guest close the port).
+    anything else holding the port, and a port that no host daemon is
+    connected to yet, within the call's timeout.  A caller that gives up
+    sends 0xFF, so that the host daemon kills what it runs for it (the host
+    never sees the guest close the port).
     """
     timeout = options.timeout or None
     started = monotonic()
@@ -3840,10 +3849,7 @@ def run_guest_call(options, command):
         fd = open_port(device, deadline)
         client = Client(fd, deadline, device)
         try:
-            if port_hung_up(fd):
-                raise ConnectError(
-                    'no host daemon is connected to {0}: is "negotiator.py '
-                    'host --daemon" running on the host?'.format(device))
+            wait_for_daemon(fd, device, deadline, timeout)
             try:
                 client.sync()
             except CallTimeout:
@@ -3922,6 +3928,29 @@ def open_port(device, deadline):
         time.sleep(LOCK_RETRY)
 
 
+def wait_for_daemon(fd, device, deadline, timeout):
+    """Wait, within the call's deadline, until a host daemon is connected
+    to the open port.
+
+    A port hangs up while no host is connected to it.  That is the case
+    for a while after every start of QEMU, until the daemon's next try
+    (RECONNECT_MAX at most), and a guest's first call may well come
+    sooner: failing it at once would make every caller retry by itself.
+
+    :raises ConnectError: when the deadline passes first.
+    """
+    while port_hung_up(fd):
+        left = None
+        if deadline is not None:
+            left = deadline - monotonic()
+            if left <= 0:
+                raise ConnectError(
+                    'no host daemon connected to {0} within {1:g} s: is '
+                    '"negotiator.py host --daemon" running on the host?'
+                    .format(device, timeout))
+        time.sleep(DAEMON_CHECK if left is None else min(DAEMON_CHECK, left))
+
+
 # ============================================================================
 # Command-line interface
 # ============================================================================
@@ -3962,7 +3991,10 @@ time is up.
 With --call: run COMMAND with its ARGs on the host, through the port
 negotiator-guest-to-host.0 and the host's "negotiator.py host --daemon".
 Output and exit status are the host command's, as with "host" in the other
-direction (same exit statuses).  Callers running at once take turns."""
+direction (same exit statuses).  Callers running at once take turns.  A
+caller waits within its timeout for the host daemon to connect to the port
+(after QEMU starts, it does within a second); if none does, it fails with
+exit status 255."""
 
 HOST_USAGE = """%prog host [OPTIONS] GUEST|SOCKET COMMAND [ARG...]
        %prog host --list | --ping GUEST|SOCKET

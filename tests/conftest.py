@@ -68,6 +68,30 @@ def pytest_report_header(config):
         platform.python_version(), 'yes' if _six_available() else 'no')
 
 
+#: Lines that tests recorded with the ``figures`` fixture: counts and
+#: measures of long runs, printed at the end of the session whatever the
+#: outcome (pytest -q shows no output of a passing test).
+FIGURES = []
+
+
+@pytest.fixture
+def figures(request):
+    """``figures(text)`` records a line for the session's end, prefixed
+    with the test's name (and prints it, for ``pytest -s``)."""
+    def record(text):
+        line = '{0}: {1}'.format(request.node.name, text)
+        FIGURES.append(line)
+        sys.stdout.write(line + '\n')
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.write_sep('-', 'figures')
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope='session')
 def python_exe():
     """The interpreter running the tests, for spawning negotiator.py."""

@@ -878,6 +878,35 @@ def test_refused_reconnection_is_retried_ever_later(pairs):
     assert_served(pairs.ends['b'], 'b')
 
 
+class RecordingLoop(object):
+    """Stands in for the daemon's loop: keeps the pauses asked for."""
+
+    def __init__(self):
+        self.delays = []
+
+    def call_later(self, delay, callback):
+        self.delays.append(delay)
+        return negotiator.Timer(negotiator.monotonic() + delay, callback)
+
+
+def test_pauses_between_tries_stay_short_however_long_a_guest_is_down(
+        workdir):
+    """A restarted QEMU listens long before its guest is up, and the guest
+    may call as soon as it is: whenever QEMU comes back, the daemon must
+    be back within RECONNECT_MAX (1 s), not after a pause grown to 8 s."""
+    path = workdir.join('refused.sock')
+    refusing = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    refusing.bind(path)
+    refusing.close()  # the socket file stays: connections are refused
+    daemon = Setup()
+    daemon.loop = RecordingLoop()
+    link = negotiator.GuestLink(daemon, 'down', path)
+    for _ in range(8):
+        link.connect()  # as each timer would
+    assert daemon.loop.delays == [0.5] + [1.0] * 7
+    assert link.sock is None
+
+
 # ---------------------------------------------------------------------------
 # SIGHUP: look now (with a rescan period far away)
 # ---------------------------------------------------------------------------

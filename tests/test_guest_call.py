@@ -750,25 +750,79 @@ def open_port(path, deadline):
     return fd
 
 negotiator.open_port = open_port
-sys.exit(negotiator.main(['guest', '--device', device, '-t', '3600',
-                          '--call', 'hello', 'x']))
+looks = []
+real_port_hung_up = negotiator.port_hung_up
+
+def port_hung_up(fd):
+    looks.append(negotiator.monotonic())
+    return real_port_hung_up(fd)
+
+negotiator.port_hung_up = port_hung_up
+status = negotiator.main(['guest', '--device', device, '-t', '1', '--call',
+                          'hello', 'x'])
+with open(sys.argv[3], 'w') as handle:
+    handle.write('{0} {1}'.format(len(looks), looks[-1] - looks[0]))
+sys.exit(status)
 '''
 
 
-def test_no_host_daemon_connected_fails_at_once(workdir):
-    # Its timeout is an hour: an end within HANG (finish) is at once.
+def test_no_host_daemon_connected_fails_at_the_timeout(workdir):
+    """The caller waits for a host daemon, looking every DAEMON_CHECK
+    seconds, until its timeout (1 s here); then it says none came."""
     device_file = workdir.join('device')
+    looks_file = workdir.join('looks')
+    started = time.time()
     process = subprocess.Popen(
-        [sys.executable, '-c', HUNG_UP_CALLER, ROOT, device_file],
+        [sys.executable, '-c', HUNG_UP_CALLER, ROOT, device_file, looks_file],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, close_fds=True)
     STARTED.append(process)
     status, out, err = finish(process)
+    elapsed = time.time() - started
     device = read_text(device_file)
     assert (status, out) == (255, b'')
-    assert err == b('negotiator: no host daemon is connected to {0}: is '
-                    '"negotiator.py host --daemon" running on the host?\n'
+    assert err == b('negotiator: no host daemon connected to {0} within 1 s: '
+                    'is "negotiator.py host --daemon" running on the host?\n'
                     .format(device))
+    assert elapsed >= 1
+    # Sleeps of DAEMON_CHECK (the last one cut to the deadline), no spin.
+    looks = int(read_text(looks_file).split()[0])
+    assert 1 <= looks <= 1 / negotiator.DAEMON_CHECK + 2
+
+
+#: A caller to whom the port seems hung up (no daemon connected) for its
+#: first three looks: the daemon of the ``port`` fixture "connects late".
+LATE_DAEMON_CALLER = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import negotiator
+looks = []
+real_port_hung_up = negotiator.port_hung_up
+
+def port_hung_up(fd):
+    looks.append(negotiator.monotonic())
+    return len(looks) <= 3 or real_port_hung_up(fd)
+
+negotiator.port_hung_up = port_hung_up
+status = negotiator.main(sys.argv[3:])
+with open(sys.argv[2], 'w') as handle:
+    handle.write('{0} {1}'.format(len(looks), looks[-1] - looks[0]))
+sys.exit(status)
+'''
+
+
+def test_caller_waits_for_a_host_daemon_that_connects_late(port, workdir):
+    looks_file = workdir.join('looks')
+    process = subprocess.Popen(
+        [sys.executable, '-c', LATE_DAEMON_CALLER, ROOT, looks_file] +
+        guest_argv(port, ['hello', 'late'], ['-n', '-t', str(HANG)]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, close_fds=True)
+    STARTED.append(process)
+    assert finish(process) == (3, hello_output(['late']), HELLO_ERR)
+    looks, waited = read_text(looks_file).split()
+    assert int(looks) == 4
+    assert float(waited) >= 3 * negotiator.DAEMON_CHECK - 0.01
 
 
 def test_nobody_answering_on_the_port(workdir):

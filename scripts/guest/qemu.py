@@ -11,7 +11,9 @@ The guest image must have been built (scripts/guest/build); Guest(build=True)
 builds or refreshes it first.  Each Guest has its own temporary directory
 holding the two port sockets (g.socket = negotiator-host-to-guest.0,
 g.guest_to_host_socket) and the serial console log (g.console_log); several
-guests can run at once.  stop() kills QEMU and removes the directory.
+guests can run at once.  stop() kills QEMU and removes the directory;
+kill() only kills QEMU, and restart() boots it again in the same directory:
+the sockets keep their paths, as a libvirt guest's do across its restarts.
 
 Command line: python3 scripts/guest/qemu.py [--python 2|3] [--build]
     boots a guest, prints its socket paths and waits (Ctrl-C stops it);
@@ -96,6 +98,9 @@ class Guest(object):
     cache       the build directory (default: .cache/guest).
     build       run the (cached, incremental) build first.
     extra_args  more QEMU arguments; kernel_args more kernel parameters.
+    reboot      let a reboot inside the guest reset the machine, QEMU
+                running on with its sockets connected (default: QEMU
+                exits, -no-reboot).
     die_with_parent  SIGKILL QEMU when the starting thread dies (prctl);
                 QEMU is otherwise killed by stop(), the context manager,
                 garbage collection or at interpreter exit.
@@ -105,7 +110,7 @@ class Guest(object):
                  guest_init=None, verbose=False, wait='agent', timeout=60,
                  memory=512, cache=guestimage.DEFAULT_CACHE, build=False,
                  extra_args=(), kernel_args=(), accel=None, quiet=False,
-                 die_with_parent=False):
+                 die_with_parent=False, reboot=False):
         self.python = str(python)
         self.negotiator = negotiator
         self.commands = commands
@@ -122,9 +127,15 @@ class Guest(object):
         self.accel = accel or choose_accel()
         self.quiet = quiet
         self.die_with_parent = die_with_parent
+        self.reboot = reboot
         self.proc = None
         self.tmpdir = None
         self.boot_seconds = None
+        self._qemu_log = None
+        self._images_built = None
+        #: Where this QEMU run's part of the console log starts (restart()
+        #: appends to the log): wait_console() looks from there on.
+        self._console_start = 0
 
     # ---------------------------------------------------------------- paths
     @property
@@ -141,7 +152,7 @@ class Guest(object):
         return os.path.join(self.tmpdir, 'console.log')
 
     def console(self):
-        """The serial console output so far (text)."""
+        """The serial console output so far, of every QEMU run (text)."""
         try:
             with open(self.console_log, 'rb') as f:
                 return f.read().decode('utf-8', 'replace')
@@ -174,11 +185,14 @@ class Guest(object):
         args = ['qemu-system-x86_64', '-accel', self.accel,
                 '-m', str(self.memory), '-smp', '1',
                 '-nodefaults', '-no-user-config', '-display', 'none',
-                '-no-reboot', '-monitor', 'none',
-                '-serial', 'file:' + self.console_log,
+                '-monitor', 'none',
+                '-chardev', 'file,id=console,append=on,path=' +
+                self.console_log, '-serial', 'chardev:console',
                 '-kernel', kernel, '-initrd', initrd,
                 '-append', ' '.join(append),
                 '-device', 'virtio-serial-pci,id=vser0']
+        if not self.reboot:
+            args.append('-no-reboot')
         if self.accel == 'kvm':
             args += ['-cpu', 'host']
         for i, name in enumerate((HOST_TO_GUEST, GUEST_TO_HOST)):
@@ -193,27 +207,45 @@ class Guest(object):
             raise GuestError('already started')
         self.tmpdir = tempfile.mkdtemp(prefix='negotiator-guest.')
         try:
-            kernel, initrd = self._images()
-            args = self.command_line(kernel, initrd)
-            if not self.quiet:
-                sys.stderr.write('guest: qemu with %s, python %s, in %s\n' % (
-                    self.accel.upper(), self.python, self.tmpdir))
-            t0 = time.time()
-            self._qemu_log = open(os.path.join(self.tmpdir, 'qemu.log'), 'wb')
-            self.proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=self._qemu_log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if self.die_with_parent else None)
-            _LIVE.add(self)
-            if self.wait:
-                self.wait_console('negotiator-guest: starting', t0)
-            if self.wait == 'agent':
-                self.wait_agent(t0)
-            self.boot_seconds = time.time() - t0
+            self._images_built = self._images()
+            self._boot(self.wait)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def restart(self, wait=None):
+        """Kill QEMU (SIGKILL) if it runs, and start it again with the same
+        sockets, console log (appended to) and initrd.  WAIT as the
+        constructor's (default: the constructor's)."""
+        if not self.tmpdir:
+            raise GuestError('never started')
+        self.kill()
+        try:
+            self._boot(self.wait if wait is None else wait)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _boot(self, wait):
+        args = self.command_line(*self._images_built)
+        if not self.quiet:
+            sys.stderr.write('guest: qemu with %s, python %s, in %s\n' % (
+                self.accel.upper(), self.python, self.tmpdir))
+        self._console_start = len(self.console())
+        t0 = time.time()
+        self._qemu_log = open(os.path.join(self.tmpdir, 'qemu.log'), 'ab')
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=self._qemu_log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if self.die_with_parent else None)
+        _LIVE.add(self)
+        if wait:
+            self.wait_console('negotiator-guest: starting', t0)
+        if wait == 'agent':
+            self.wait_agent(t0)
+        self.boot_seconds = time.time() - t0
 
     def _check_alive(self):
         if self.proc.poll() is not None:
@@ -224,10 +256,10 @@ class Guest(object):
                                                qlog.strip(), self.console()))
 
     def wait_console(self, marker, t0=None, count=1):
-        """Wait until MARKER appears on the console, COUNT times (GuestError
-        on timeout)."""
+        """Wait until MARKER appears on the console, COUNT times since this
+        QEMU run started (GuestError on timeout)."""
         deadline = (t0 or time.time()) + self.timeout
-        while self.console().count(marker) < count:
+        while self.console()[self._console_start:].count(marker) < count:
             self._check_alive()
             if time.time() > deadline:
                 raise GuestError('no %r on the console within %g s:\n%s' % (
@@ -301,10 +333,11 @@ class Guest(object):
         return subprocess.run([python, negotiator, 'host'] + options +
                               [self.socket] + list(args), **kwargs)
 
-    def stop(self):
-        """Kill QEMU (SIGKILL; nothing in the guest needs a clean shutdown)
-        and remove the temporary directory.  Safe to call twice."""
-        if self.proc is not None:
+    def kill(self):
+        """Kill QEMU (SIGKILL), as a crash or `virsh destroy` would; the
+        temporary directory stays, and its socket files with it, for
+        restart().  Safe to call twice."""
+        if getattr(self, 'proc', None) is not None:
             if self.proc.poll() is None:
                 self.proc.kill()
             self.proc.wait()
@@ -312,7 +345,12 @@ class Guest(object):
         if getattr(self, '_qemu_log', None):
             self._qemu_log.close()
             self._qemu_log = None
-        if self.tmpdir:
+
+    def stop(self):
+        """Kill QEMU (SIGKILL; nothing in the guest needs a clean shutdown)
+        and remove the temporary directory.  Safe to call twice."""
+        self.kill()
+        if getattr(self, 'tmpdir', None):
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
 
