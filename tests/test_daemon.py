@@ -884,9 +884,10 @@ class RecordingLoop(object):
     def __init__(self):
         self.delays = []
 
-    def call_later(self, delay, callback):
+    def call_later(self, delay, callback, on_error=None):
         self.delays.append(delay)
-        return negotiator.Timer(negotiator.monotonic() + delay, callback)
+        return negotiator.Timer(negotiator.monotonic() + delay, callback,
+                                on_error)
 
 
 def test_pauses_between_tries_stay_short_however_long_a_guest_is_down(
