@@ -1327,7 +1327,8 @@ class CommandSet(object):
                 'NegotiatorCommandNotFound')
         return RequestError(
             u("Command '{0}' could not start: {1}").format(
-                name, error.strerror), 'NegotiatorCommandNotExecutable')
+                name, os.strerror(error.errno)),  # (3.6's names the path)
+            'NegotiatorCommandNotExecutable')
 
     def _file(self, name):
         """The path of the command file ``name`` (bytes), None if there is

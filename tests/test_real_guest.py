@@ -74,10 +74,10 @@ COMMANDS = {
         'sys.exit(negotiator.main(["guest", "--device", port]))\n'
         '\' </dev/null >/dev/console 2>&1 &\n'
         'echo $! >/tmp/sigio-agent.pid\n'),
-    'stop-sigio-agent': (
+    'stop-sigio-agent': (  # (the process may go between two looks)
         '#!/bin/sh\npid=$(cat /tmp/sigio-agent.pid)\nkill $pid\n'
-        'while [ -r /proc/$pid/stat ]; do\n'
-        '  set -- $(cat /proc/$pid/stat)\n  [ "$3" = Z ] && break\n'
+        'while stat=$(cat /proc/$pid/stat 2>/dev/null); do\n'
+        '  set -- $stat\n  [ "$3" = Z ] && break\n'
         '  sleep 0.05\ndone\n'),
     'reboot-now': '#!/bin/sh\nexec reboot -f\n',
     # The agent's resident memory (kB) and open descriptors.
