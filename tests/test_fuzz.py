@@ -1662,7 +1662,7 @@ def many_clients(target, count=FILE_LIMIT + 64):
 # Tests
 # ---------------------------------------------------------------------------
 
-def fuzz(target, seed_offset, daemon=False):
+def fuzz(target, seed_offset, daemon, figures):
     """Feed CASES cases to ``target`` in batches of BATCH, on CONNECTIONS
     connections at once, checking the oracles after each batch."""
     def generator(index):
@@ -1685,28 +1685,28 @@ def fuzz(target, seed_offset, daemon=False):
         done += size
         target.batch += 1
     took = time.time() - started
-    sys.stdout.write('fuzz {0} on Python {1}: {2} cases in {3:.1f} s, {4:.0f} '
-                     'per second, seed {5}\n'.format(
-                         target.label, PY, done, took, done / took, SEED))
+    figures('fuzz {0} on Python {1}: {2} cases in {3:.1f} s, {4:.0f} per '
+            'second, seed {5}'.format(target.label, PY, done, took,
+                                      done / took, SEED))
 
 
-def run_fuzz(target_class, test, seed_offset, daemon):
+def run_fuzz(target_class, test, seed_offset, daemon, figures):
     workdir = Workdir()
     target = target_class(workdir, test)
     try:
         target.start()
-        fuzz(target, seed_offset, daemon)
+        fuzz(target, seed_offset, daemon, figures)
     finally:
         target.stop()
         workdir.cleanup()
 
 
-def test_fuzz_agent():
-    run_fuzz(AgentTarget, 'test_fuzz_agent', 1, False)
+def test_fuzz_agent(figures):
+    run_fuzz(AgentTarget, 'test_fuzz_agent', 1, False, figures)
 
 
-def test_fuzz_daemon():
-    run_fuzz(DaemonTarget, 'test_fuzz_daemon', 2, True)
+def test_fuzz_daemon(figures):
+    run_fuzz(DaemonTarget, 'test_fuzz_daemon', 2, True, figures)
 
 
 class Shared(object):
