@@ -3547,10 +3547,21 @@ class GuestLink(object):
         self.closed = False
 
     def connect(self):
-        """Connect now (also cutting a pending wait short)."""
+        """Connect now (also cutting a pending wait short).  A fault of
+        ours while connecting is logged, and connecting tried again later,
+        as after a refusal."""
         self._cancel_timer()
-        if self.sock is not None:
-            return
+        if self.sock is None:
+            self.loop.call(self._connect_failed, self._connect)
+
+    def _connect_failed(self, error):
+        log_failure('guest ' + self.name, 'trying again later', error)
+        if self.server is None and self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self._retry_later()
+
+    def _connect(self):
         try:
             self.sock = connect_socket(self.path, GUEST_TO_HOST_PORT,
                                        wait=False)

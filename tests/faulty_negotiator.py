@@ -44,6 +44,9 @@ FAULTS = {
     # The listening socket's reader, once.
     'accept': (negotiator.ListenService, '_accept',
                lambda self, hung_up: hit_once()),
+    # The host daemon's first connection to a guest, once.
+    'connect': (negotiator.DaemonServer, '__init__',
+                lambda self, *args: hit_once()),
 }
 
 

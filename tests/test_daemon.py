@@ -884,6 +884,9 @@ class RecordingLoop(object):
     def __init__(self):
         self.delays = []
 
+    def call(self, on_error, callback, *args):
+        callback(*args)
+
     def call_later(self, delay, callback, on_error=None):
         self.delays.append(delay)
         return negotiator.Timer(negotiator.monotonic() + delay, callback,

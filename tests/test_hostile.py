@@ -540,6 +540,35 @@ def test_a_fault_while_serving_a_guest_cuts_only_that_guest_off(workdir):
             'ZeroDivisionError: injected') in log.splitlines(), log
 
 
+def test_a_fault_while_connecting_to_a_guest_is_tried_again(workdir):
+    make_command(workdir.commands, 'echo-args', COMMANDS['echo-args'])
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(workdir.join('vm1'))
+    server.listen(2)
+    server.settimeout(HANG)
+    log_path = workdir.join('daemon.log')
+    with open(log_path, 'wb') as log_file:
+        process = subprocess.Popen(
+            [sys.executable, FAULTY, 'connect', 'host', '--daemon',
+             '--commands-dir', workdir.commands, '--guest',
+             'vm1=' + workdir.join('vm1')],
+            stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        first = RawClient(sock=server.accept()[0])
+        assert first.read_line() == b''  # let go of at once
+        second = RawClient(sock=server.accept()[0])
+        assert_served(second, 1)
+    finally:
+        process.terminate()
+        assert process.wait() == 0
+        server.close()
+    with open(log_path) as handle:
+        log = handle.read()
+    assert ('negotiator: guest vm1: internal error, trying again later: '
+            'ZeroDivisionError: injected') in log.splitlines(), log
+    assert 'Traceback' not in log, log
+
+
 def test_the_daemon_answers_what_once_stopped_it(workdir):
     make_command(workdir.commands, 'echo-args', COMMANDS['echo-args'])
     daemon = Daemon(workdir, ['vm1', 'vm2'])
