@@ -53,23 +53,14 @@ if six is not None:
     PY3 = six.PY3
     string_types = six.string_types
     integer_types = six.integer_types
-    u = six.u
 elif sys.version_info[0] >= 3:
     PY3 = True
     string_types = (str,)
     integer_types = (int,)
-
-    def u(text):
-        """A text literal: a message that embeds a peer's text must be
-        text on Python 2 too, or formatting it fails on non-ASCII."""
-        return text
 else:
     PY3 = False
     string_types = (basestring,)  # novm (Python 2 only)
     integer_types = (int, long)  # novm (Python 2 only)
-
-    def u(text):
-        return text.decode('ascii')
 
 #: A clock that never jumps, where the interpreter has one (3.3+).
 monotonic = getattr(time, 'monotonic', time.time)
@@ -85,8 +76,14 @@ if PY3:
     #: that a whole command tree can be killed at once.
     CHILD_OPTIONS = {'close_fds': True, 'start_new_session': True}
 
+    def u(text):
+        """A text literal: a message that embeds a peer's text must be
+        text on Python 2 too, or formatting it fails on non-ASCII."""
+        return text
+
     def wire_text(arg):
-        """A command-line argument as wire text."""
+        """A command-line argument, a path or a name of this machine
+        (bytes or str) as wire text."""
         return os.fsencode(arg).decode('utf-8', 'surrogateescape')  # novm
 
     def wire_bytes(text):
@@ -131,6 +128,9 @@ else:
     #: descriptors get the flag) and the child only starts its session.
     CHILD_OPTIONS = {'close_fds': False, 'preexec_fn': _start_child}
 
+    def u(text):
+        return text.decode('ascii')
+
     def _escape_undecodable(error):
         undecodable = error.object[error.start:error.end]
         return (''.join('\\udc%02x' % ord(b) for b in undecodable)
@@ -149,6 +149,8 @@ else:
         return chr(((low & 0x3f) << 6 | (high & 0x3f)) - 0xc00)
 
     def wire_text(arg):
+        if not isinstance(arg, bytes):
+            return arg
         return arg.decode('utf-8', 'negotiator-surrogateescape')
 
     def wire_bytes(text):
@@ -213,9 +215,12 @@ MAX_WAITING = 64
 #: Longest number a message may hold, in characters: Python's int() of a
 #: digit string takes time that grows with the square of its length.
 MAX_NUMBER = 100
-#: Deepest nesting, and longest JSON text, of a request's ``id``, which
-#: every reply to it repeats.
-MAX_ID_DEPTH = 16
+#: Most levels a message may nest and most values it may hold (counted as
+#: its commas and containers): decoding recurses at every level, and makes
+#: a Python object of up to some 300 bytes of each value.
+MAX_DEPTH = 64
+MAX_VALUES = 65536
+#: Longest JSON text of a request's ``id``, which every reply repeats.
 MAX_ID_SIZE = 1024
 #: Bytes read from a pipe or a socket at once.
 READ_SIZE = 65536
@@ -387,6 +392,12 @@ class NegotiatorError(Exception):
     """
     status = 1
 
+    @property
+    def text(self):
+        """The message, as given (str() of a Python 2 exception fails on
+        a non-ASCII one)."""
+        return self.args[0] if self.args else ''
+
 
 class UsageError(NegotiatorError):
     """The command line asks for something that cannot be done."""
@@ -500,60 +511,76 @@ def encode_message(message):
     return line + b'\n'
 
 
+#: A JSON string, escapes and all, in bytes.
+JSON_STRING = re.compile(b'"[^"\\\\]*(?:\\\\.[^"\\\\]*)*"')
+#: Every byte but brackets and braces.
+NOT_BRACKETS = bytes(bytearray(code for code in range(256)
+                               if code not in bytearray(b'[]{}')))
+#: An opening bracket's and brace's codes.
+OPENING = tuple(bytearray(b'[{'))
+
+
 def decode_message(line):
     """Parse one received line into a dict.
 
-    :raises RequestError: for anything but a UTF-8 JSON object; nested
-        deeper than Python's recursion limit (about 990) counts as not
-        JSON too.
+    :raises RequestError: for anything but a UTF-8 JSON object, and for
+        one that check_shape() refuses.
     """
+    check_shape(line)
     try:
         message = JSON_DECODER.decode(decode_utf8(line))
     except UnicodeDecodeError:
         raise RequestError('Invalid JSON syntax: the line is not valid UTF-8')
     except ValueError as e:
         raise RequestError('Invalid JSON syntax: {0}'.format(e))
-    except RuntimeError:  # RecursionError
-        raise RequestError('Invalid JSON syntax: nested too deeply')
     if not isinstance(message, dict):
         raise RequestError('QMP input must be a JSON object')
     return message
 
 
-def check_id(request_id):
-    """Refuse an id that a reply could not repeat at little cost.
+def check_shape(line):
+    """Refuse a line, before decoding it, that nests deeper than MAX_DEPTH
+    or holds more than MAX_VALUES values (which a usual request is far
+    from: it is looked at closer only when the line holds more commas,
+    brackets and braces than MAX_DEPTH, strings included).
 
-    :raises RequestError: for an id nested deeper than MAX_ID_DEPTH or
-        longer than MAX_ID_SIZE as JSON (a reply to it carries no id).
+    :raises RequestError: naming the limit.
     """
-    if isinstance(request_id, (list, dict)):
-        if nesting_depth(request_id) > MAX_ID_DEPTH:
-            raise RequestError("The member 'id' is nested more than {0} "
-                               'levels deep'.format(MAX_ID_DEPTH))
-    elif (not isinstance(request_id, string_types) or
-          len(request_id) * 6 + 2 <= MAX_ID_SIZE):  # "\\uXXXX" at most
+    if line.count(b',') + line.count(b'[') + line.count(b'{') <= MAX_DEPTH:
+        return
+    outside = JSON_STRING.sub(b'', line)
+    brackets = outside.translate(None, NOT_BRACKETS)
+    if outside.count(b',') + len(brackets) // 2 > MAX_VALUES:
+        raise RequestError('A message may hold {0} values at most'.format(
+            MAX_VALUES))
+    depth = 0
+    for code in bytearray(brackets):
+        depth += 1 if code in OPENING else -1
+        if depth > MAX_DEPTH:
+            raise RequestError('A message may nest {0} levels deep at '
+                               'most'.format(MAX_DEPTH))
+
+
+def check_id(request_id):
+    """Refuse an id that every reply would repeat at some cost.
+
+    :raises RequestError: for an id longer than MAX_ID_SIZE as JSON (the
+        error reply carries no id).
+    """
+    if isinstance(request_id, string_types):
+        if len(request_id) * 6 + 2 <= MAX_ID_SIZE:  # "\\uXXXX" at most
+            return
+    elif not isinstance(request_id, (list, dict)):
         return
     if len(JSON_ENCODER.encode(request_id)) > MAX_ID_SIZE:
         raise RequestError("The member 'id' is longer than {0} bytes as "
                            'JSON'.format(MAX_ID_SIZE))
 
 
-def nesting_depth(value):
-    """How deep lists and objects nest in ``value``, found without
-    recursion (a level at a time) and without looking deeper than
-    MAX_ID_DEPTH + 1."""
-    depth = 0
-    level = [value]
-    while level and depth <= MAX_ID_DEPTH:
-        depth += 1
-        inner = []
-        for container in level:
-            if isinstance(container, dict):
-                container = container.values()
-            inner.extend(item for item in container
-                         if isinstance(item, (list, dict)))
-        level = inner
-    return depth
+def shown(text):
+    """A peer's name as an error reply shows it: 100 characters at most,
+    so that a reply never outgrows the request that caused it."""
+    return text if len(text) <= 100 else text[:100] + '...'
 
 
 def printable(text):
@@ -918,7 +945,7 @@ class Loop(object):
             self._watch(fd)
 
     def add_writer(self, fd, callback, on_error=None):
-        """Call ``callback(hung_up)`` whenever ``fd`` is writable or hung up."""
+        """Call ``callback(hung_up)`` when ``fd`` is writable or hung up."""
         self._writers[fd] = (callback, on_error)
         self._watch(fd)
 
@@ -1058,11 +1085,12 @@ class Channel(object):
     """One conversation's descriptor: lines in, buffered non-blocking writes out.
 
     The handler receives whole lines and events and never touches the
-    descriptor: ``on_line(line)``, ``on_resync()``, ``on_oversized()``,
-    ``on_drained()`` (output that had to wait for the peer is all written
-    now), ``on_disconnect()`` and ``on_failure(error)`` (a callback of this
-    conversation raised).  on_drained() comes from the loop, never from
-    inside a send: a handler may send in the middle of its own work.
+    descriptor: ``on_line(line)``, ``on_resync(dropped)``,
+    ``on_oversized()``, ``on_drained()`` (output that had to wait for the
+    peer is all written now), ``on_disconnect()`` and ``on_failure(error)``
+    (a callback of this conversation raised).  on_drained() comes from the
+    loop, never from inside a send: a handler may send in the middle of its
+    own work.
 
     Backpressure: a line is handed over only while the handler is
     ``ready()`` and less than HIGH_WATER bytes wait for the peer; until
@@ -1078,7 +1106,7 @@ class Channel(object):
         self.loop = loop
         self.fd = fd
         self.handler = handler
-        self.name = name
+        self.name = wire_text(name)  # (for log lines: text, as a peer's)
         self.reader = LineReader()
         self._out = []
         self.backlog = 0
@@ -1142,8 +1170,9 @@ class Channel(object):
             self.disconnect('hung up')
 
     def _on_readable(self, hung_up):
-        if self._paused:
-            self.disconnect('hung up')  # only a hang-up is watched for
+        if self._paused:  # (readable, in a turn that paused it meanwhile)
+            if hung_up:
+                self.disconnect('hung up')
             return
         for _ in range(16):
             data = read_fd(self.fd)
@@ -1220,7 +1249,8 @@ def check_command_name(name):
 
     :returns: the name's bytes.
     :raises RequestError: for an empty name or one with ``/``, a leading
-        dot (so also ``..``) or a NUL byte, or one that is not UTF-8 text.
+        dot (so also ``..``) or a NUL byte, or a surrogate that stands for
+        no byte (text_argument()).
     """
     if not isinstance(name, string_types):
         raise RequestError(
@@ -1228,7 +1258,7 @@ def check_command_name(name):
     if not name or '/' in name or name.startswith('.') or '\0' in name:
         raise RequestError(u(
             "Invalid command name '{0}': a name is a file directly inside "
-            'the commands directory').format(name))
+            'the commands directory').format(shown(name)))
     return text_argument(name, 'command')
 
 
@@ -1319,15 +1349,15 @@ class CommandSet(object):
             path = self._file(wire_bytes(name))
         except RequestError as e:
             return e
-        if path is None:
+        if path is None and name not in self.builtins:
             return RequestError(
                 u("Command '{0}' not found in {1}; available: {2}").format(
-                    name, self.label or wire_text(self.directory),
+                    shown(name), self.label or wire_text(self.directory),
                     u(', ').join(n for n, _ in self.names()) or 'none'),
                 'NegotiatorCommandNotFound')
         return RequestError(
             u("Command '{0}' could not start: {1}").format(
-                name, os.strerror(error.errno)),  # (3.6's names the path)
+                shown(name), os.strerror(error.errno)),  # (3.6's: the path)
             'NegotiatorCommandNotExecutable')
 
     def _file(self, name):
@@ -1344,13 +1374,13 @@ class CommandSet(object):
             return None
         if stat.S_ISREG(info.st_mode) and os.access(path, os.X_OK):
             return path
-        where = wire_text(path)
+        name = shown(wire_text(name))
+        where = shown(wire_text(path))
         if self.label:
-            where = u('{0} in {1}').format(wire_text(name), self.label)
+            where = u('{0} in {1}').format(name, self.label)
         raise RequestError(
             u("Command '{0}' is not executable: {1} is not a regular file "
-              'with execute permission (chmod +x it)').format(
-                  wire_text(name), where),
+              'with execute permission (chmod +x it)').format(name, where),
             'NegotiatorCommandNotExecutable')
 
 
@@ -1653,10 +1683,14 @@ class Process(object):
         self._close_stdin()
 
     def _kill_group(self):
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except OSError:
-            pass
+        """SIGKILL the process group; the process alone while it has no
+        group of its own yet (a built-in's child before its setsid())."""
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(self.pid, signal.SIGKILL)
+                return
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------------------
@@ -1816,9 +1850,9 @@ def builtin_disk_usage(args, mounts_path='/proc/mounts'):
     for device, mountpoint, fstype, size, used, available in disk_usage(
             mounts_path):
         percent = b'-'
-        if used + available:
-            percent = ascii_number(
-                (used * 100 + used + available - 1) // (used + available)) + b'%'
+        if used + available:  # rounded up, as df does
+            percent = ascii_number((used * 100 + used + available - 1) //
+                                   (used + available)) + b'%'
         lines.append(b'%-24s %-10s %12s %12s %12s %4s %s\n' % (
             device, fstype, ascii_number(size // 1024),
             ascii_number(used // 1024), ascii_number(available // 1024),
@@ -2045,6 +2079,9 @@ class Server(object):
         self.env.update(env or {})
         self._on_disconnect = on_disconnect
         self.process = None
+        #: (id,) of the request being answered (NO_ID: it has none), or
+        #: None: a request's id may be null.
+        self._answering = None
         self.methods = {}
         for request, method, parameters in self.REQUESTS:
             self.methods[request] = (getattr(self, method), parameters)
@@ -2088,7 +2125,19 @@ class Server(object):
         """A callback of this conversation raised: end it (the loop and
         every other conversation go on)."""
         log_failure(self.channel.name, 'ending the conversation', error)
-        self.channel.disconnect('internal error')
+        try:
+            self._answer_failure()
+        finally:
+            self.channel.disconnect('internal error')
+
+    def _answer_failure(self):
+        """Answer the request being answered, if any, with an error: on a
+        port the client cannot see its conversation end, and would wait for
+        its timeout."""
+        if self._answering is not None:
+            Server._send_error(self, self._answering[0], RequestError(
+                'negotiator failed while answering this request and ended '
+                'the conversation (its log says why)'))
 
     def close(self):
         """Stop serving: kill what runs, release the channel's callbacks."""
@@ -2118,6 +2167,7 @@ class Server(object):
             method, parameters = self.methods[name]
             if arguments or parameters:  # guest-ping has nothing to check
                 check_arguments(arguments, parameters)
+            self._answering = (request_id,)
             result = method(arguments, request_id)
         except RequestError as e:
             log.log(self.ERROR_LOG_LEVEL, '%s: error reply: %s',
@@ -2139,23 +2189,26 @@ class Server(object):
         for key in request:
             if key not in ('execute', 'arguments', 'id'):
                 raise RequestError(
-                    u("QMP input member '{0}' is unexpected").format(key))
+                    u("QMP input member '{0}' is unexpected").format(
+                        shown(key)))
         if name is None:
             raise RequestError("QMP input lacks member 'execute'")
         if name not in self.methods:
             raise RequestError(
-                u('The command {0} has not been found').format(name),
+                u('The command {0} has not been found').format(shown(name)),
                 'CommandNotFound')
         return name, arguments
 
     def _send_return(self, request_id, result):
-        reply = {'return': result}
-        if request_id is not NO_ID:
-            reply['id'] = request_id
-        self.channel.send(reply)
+        self._send({'return': result}, request_id)
 
     def _send_error(self, request_id, error):
-        reply = {'error': {'class': error.error_class, 'desc': error.desc}}
+        self._send({'error': {'class': error.error_class, 'desc': error.desc}},
+                   request_id)
+
+    def _send(self, reply, request_id):
+        """Send a request's reply, which ends its answering."""
+        self._answering = None
         if request_id is not NO_ID:
             reply['id'] = request_id
         self.channel.send(reply)
@@ -2240,7 +2293,7 @@ class Server(object):
     def _send_output(self, pieces):
         for piece in pieces:
             self.channel.send_raw(piece)
-        if self.process and self.channel.backlog > HIGH_WATER:
+        if self.process and self.channel.backlog >= HIGH_WATER:
             self.process.pause()
 
     def _finish_execute(self, request_id, result):
@@ -2312,7 +2365,7 @@ def check_arguments(arguments, parameters):
     for name in arguments:
         if name not in known:
             raise RequestError(
-                u("Parameter '{0}' is unexpected").format(name))
+                u("Parameter '{0}' is unexpected").format(shown(name)))
 
 
 # ============================================================================
@@ -2569,7 +2622,7 @@ class ListenService(object):
             self._starved = True
         self.loop.remove_reader(self.sock.fileno())
         self.loop.call_later(ACCEPT_PAUSE, lambda: self.loop.add_reader(
-            self.sock.fileno(), self._accept))
+            self.sock.fileno(), self._accept), self._pause_accepting)
 
     def _forget(self, conn):
         self.servers.pop(conn, None)
@@ -2935,26 +2988,34 @@ def print_out(text):
     try:
         data = wire_bytes(text)
     except UnicodeError:  # a surrogate that stands for no byte
-        data = text.encode('utf-8', 'replace')
+        data = text.encode('ascii', 'backslashreplace')
     write_all(1, data + b'\n')
 
 
 class OutputWriter(object):
     """Writes streamed output to stdout/stderr exactly as it arrives.
 
-    In ``collect`` mode (for --json) it keeps the bytes instead.  An error
-    writing ends the call (OutputError): the other side kills the command.
+    In ``collect`` mode (for --json) it keeps the bytes instead, MAX_STDIN
+    of them at most (JSON holds them three times over).  An error writing,
+    or more output to keep, ends the call (OutputError): the other side
+    kills the command.
     """
 
     def __init__(self, collect):
         self.collect = collect
         self.captured = {'out-data': [], 'err-data': []}
+        self._kept = 0
 
     def __call__(self, stream, chunk):
-        if self.collect:
-            self.captured[stream].append(chunk)
-        else:
+        if not self.collect:
             write_all(STREAM_FDS[stream], chunk)
+            return
+        self._kept += len(chunk)
+        if self._kept > MAX_STDIN:
+            raise OutputError('the output is larger than {0} bytes, which '
+                              '--json holds in memory: run the command '
+                              'without --json'.format(MAX_STDIN))
+        self.captured[stream].append(chunk)
 
     def text(self, stream):
         return b''.join(self.captured[stream]).decode('utf-8', 'replace')
@@ -3080,7 +3141,7 @@ def show_ping(client, started, as_json):
                     'connect-ms': round((connected - started) * 1000, 3)})
     else:
         print_out(u('{0}: agent {1}, round trip {2:.2f} ms').format(
-            client.name, version, round_trip))
+            wire_text(client.name), version, round_trip))
     return 0
 
 
@@ -3419,19 +3480,21 @@ def host_list_guests(options):
         listing = []
         for (name, state, ports), path in zip(guests, paths):
             answer, error = answers.get(path, (None, None))
-            listing.append({'name': name, 'state': state, 'ports': ports,
-                            'agent': answer, 'error': error})
+            for port in ports:
+                ports[port] = wire_text(ports[port])
+            listing.append({'name': wire_text(name), 'state': state,
+                            'ports': ports, 'agent': answer, 'error': error})
         print_json({'guests': listing})
         return 0
     rows = [('NAME', 'STATE', 'PORTS', 'AGENT')]
     for (name, state, ports), path in zip(guests, paths):
         answer, error = answers.get(path, (None, None))
         if answer:
-            agent = '{0} ({1:.2f} ms)'.format(answer['version'],
-                                              answer['round-trip-ms'])
+            agent = u('{0} ({1:.2f} ms)').format(answer['version'],
+                                                 answer['round-trip-ms'])
         else:
             agent = 'no answer' if error else '-'
-        rows.append((name, state, ','.join(sorted(ports)), agent))
+        rows.append((wire_text(name), state, ','.join(sorted(ports)), agent))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print_out(u('{0}  {1}  {2}  {3}').format(
@@ -3461,13 +3524,13 @@ def probe_agent(path, timeout):
     try:
         sock, client = open_client(path, timeout)
     except NegotiatorError as e:
-        return None, str(e)
+        return None, e.text
     try:
         version, round_trip = ping_agent(client)
         return {'version': version,
                 'round-trip-ms': round(round_trip, 3)}, None
     except NegotiatorError as e:
-        return None, str(e)
+        return None, e.text
     finally:
         sock.close()
 
@@ -3508,7 +3571,10 @@ class DaemonServer(Server):
         does: whatever caused it stops for a while, and the daemon serves
         the others."""
         log.debug('%s: internal error', self.channel.name, exc_info=True)
-        self._on_abuse('internal error: ' + error_text(error))
+        try:
+            self._answer_failure()
+        finally:
+            self._on_abuse('internal error: ' + error_text(error))
 
     def _send_error(self, request_id, error):
         """Every error reply is a strike; GARBAGE_LIMIT in a row cut the
@@ -3902,7 +3968,7 @@ def wait_for_lock(path, deadline):
     try:
         fd = open_lock_file(path)
     except NegotiatorError as e:
-        raise ConnectError(str(e))
+        raise ConnectError(e.text)
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -4024,8 +4090,9 @@ terminal.
 
 Exit statuses: the command's own (128+N when killed by signal N);
 124 timed out; 126 not executable; 127 command not found;
-254 protocol error; 255 cannot connect or no agent answering;
-2 usage error.
+141 the reader of the output went away;
+253 the output cannot be written here; 254 protocol error;
+255 cannot connect or no agent answering; 2 usage error.
 
 With --daemon: serve the negotiator-guest-to-host.0 port of every running
 guest from one process, running the commands directory's executables for
@@ -4247,14 +4314,16 @@ def main(argv=None):
     try:
         return action()
     except NegotiatorError as e:
-        desc = e.args[0] if e.args else ''  # (text, on Python 2 too)
+        desc = e.text
         if desc:
             log.error('%s', desc, exc_info=log.isEnabledFor(DEBUG))
-        if getattr(options, 'json', False) and not isinstance(e,
-                                                               OutputError):
-            print_json({'error': {'class': getattr(e, 'error_class',
-                                                   type(e).__name__),
-                                  'desc': desc}, 'status': e.status})
+        if getattr(options, 'json', False):
+            try:
+                print_json({'error': {'class': getattr(e, 'error_class',
+                                                       type(e).__name__),
+                                      'desc': desc}, 'status': e.status})
+            except OutputError:
+                pass  # what failed was stdout itself
         return e.status
     except KeyboardInterrupt:
         return 130

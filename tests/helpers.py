@@ -148,8 +148,9 @@ class GuestProcess(object):
 class Agent(GuestProcess):
     """``negotiator.py guest --listen SOCKET`` running in the background."""
 
-    def __init__(self, workdir, extra_args=(), verbose=True, **kwargs):
-        self.socket = workdir.join('agent.sock')
+    def __init__(self, workdir, extra_args=(), verbose=True, socket=None,
+                 **kwargs):
+        self.socket = socket or workdir.join('agent.sock')
         args = ['--listen', self.socket] + list(extra_args)
         if verbose:
             args.append('-v')

@@ -174,6 +174,8 @@ def test_host_help():
         b'Usage: negotiator.py host [OPTIONS] GUEST|SOCKET COMMAND [ARG...]')
     for word in (b'128+N when killed by signal N', b'124 timed out',
                  b'126 not executable', b'127 command not found',
+                 b'141 the reader of the output went away',
+                 b'253 the output cannot be written here',
                  b'254 protocol error',
                  b'255 cannot connect or no agent answering',
                  b'2 usage error', b'-t SECONDS, --timeout=SECONDS',

@@ -34,6 +34,7 @@ COMMANDS = {
     'big': ('#!/bin/sh\necho $$ > "$1.new"\nmv "$1.new" "$1"\n'
             'exec head -c 4000000 /dev/zero\n'),
     'cat': '#!/bin/sh\nexec cat\n',
+    'yes': '#!/bin/sh\nexec yes\n',
 }
 
 
@@ -77,13 +78,33 @@ def nested(depth):
     return b'[' * depth + b'1' + b']' * depth
 
 
-def test_ids_nested_up_to_16_levels_are_echoed_deeper_ones_refused(agent):
-    assert ask(agent, b'{"execute":"guest-ping","id":' + nested(16) +
-               b'}\n') == {'return': {}, 'id': json.loads(nested(16))}
-    for depth in (17, 980):
-        assert ask(agent, b'{"execute":"guest-ping","id":' + nested(depth) +
-                   b'}\n') == error("The member 'id' is nested more than 16 "
-                                    "levels deep")
+def test_messages_nested_up_to_64_levels_are_taken_deeper_ones_refused(
+        agent):
+    """Nesting is counted before decoding, outside strings: an id (which
+    every reply repeats) nests 63 levels at most inside its request."""
+    assert ask(agent, b'{"execute":"guest-ping","id":' + nested(63) +
+               b'}\n') == {'return': {}, 'id': json.loads(nested(63))}
+    assert ask(agent, b'{"execute":"guest-ping","id":"' + b'[' * 100 +
+               b'"}\n') == {'return': {}, 'id': '[' * 100}
+    refused = error('A message may nest 64 levels deep at most')
+    for line in (b'{"execute":"guest-ping","id":' + nested(64) + b'}\n',
+                 b'{"execute":"guest-ping","id":' + nested(980) + b'}\n',
+                 b'[' * 100000 + b'\n'):
+        assert ask(agent, line) == refused
+
+
+def test_messages_of_up_to_65536_values_are_taken_more_refused(agent):
+    """Values are counted before decoding (commas and containers, outside
+    strings): each may cost a Python object of some 300 bytes."""
+    def ping(values):  # its commas, and 3 containers
+        return (b'{"execute":"guest-ping","arguments":{"x":[' +
+                b','.join([b'1'] * (values - 3)) + b']}}\n')
+    assert ask(agent, ping(65536)) == error("Parameter 'x' is unexpected")
+    for values in (65537, 4 << 20):
+        assert ask(agent, ping(values)) == error(
+            'A message may hold 65536 values at most')
+    assert ask(agent, b'{"execute":"guest-ping","arguments":{"x":"' +
+               b',' * 100000 + b'"}}\n') == error("Parameter 'x' is unexpected")
 
 
 def test_ids_up_to_1_kib_of_json_are_echoed_longer_ones_refused(agent):
@@ -115,13 +136,6 @@ def test_numbers_json_cannot_carry_are_refused(agent, number, desc):
     and a strict peer (libvirt, qemu-ga's parser) chokes on it."""
     assert ask(agent, b'{"execute":"guest-ping","id":' + number + b'}\n') == \
         error('Invalid JSON syntax: ' + desc)
-
-
-def test_nesting_deeper_than_the_parser_goes_is_a_syntax_error(agent):
-    assert ask(agent, b'[' * 100000 + b'\n') == error(
-        'Invalid JSON syntax: nested too deeply')
-    assert ask(agent, b'{"execute":"guest-ping","id":' + nested(100000) +
-               b'}\n') == error('Invalid JSON syntax: nested too deeply')
 
 
 # ---------------------------------------------------------------------------
@@ -172,6 +186,16 @@ def test_nul_in_an_argument_is_refused_by_name(agent, arguments, member):
                arguments + b',"id":2}\n') == error(
         "Parameter '{0}' holds a NUL character, which a command line cannot "
         "carry".format(member), id=2)
+
+
+def test_names_in_error_replies_are_cut_short(agent):
+    """A reply never outgrows its request (qemu-ga repeats a name whole,
+    which a name of non-BMP characters makes three times as long)."""
+    name = u'\U0001f600' * 100000
+    line = json.dumps({'execute': name, 'id': 1}).encode('ascii') + b'\n'
+    assert ask(agent, line) == error(
+        u'The command {0}... has not been found'.format(name[:100]),
+        'CommandNotFound', id=1)
 
 
 @pytest.mark.parametrize('locale', ['C', 'C.UTF-8'])
@@ -318,6 +342,20 @@ def test_listen_refuses_to_replace_what_is_not_a_socket(workdir, kind):
 # The host client: malformed replies
 # ---------------------------------------------------------------------------
 
+def test_json_holds_a_bounded_output_and_says_so(agent):
+    """--json keeps the output to print it at the end: an endless one
+    ends the call at the bound (and the agent kills the command)."""
+    status, out, err = agent.host('yes', options=['-n', '-t', '0', '--json'])
+    desc = ('the output is larger than {0} bytes, which --json holds in '
+            'memory: run the command without --json'.format(
+                negotiator.MAX_STDIN))
+    assert (status, err) == (253, ('negotiator: ' + desc + '\n').encode(
+        'ascii'))
+    assert json.loads(out.decode('ascii')) == {
+        'error': {'class': 'OutputError', 'desc': desc}, 'status': 253}
+    agent.wait_log('killing command pid')
+
+
 def stand_in_agent(workdir, script):
     """A socket where scripted_agent() plays the agent, one client."""
     path = workdir.join('stand-in.sock')
@@ -414,18 +452,23 @@ def lines_to_eof(client):
         lines.append(json.loads(line.decode('ascii')))
 
 
+#: The error reply to a request whose answering failed.
+FAILED = 'negotiator failed while answering this request and ended the ' \
+         'conversation (its log says why)'
+
+
 def provoke(fault, victim, workdir):
-    """Make ``fault`` hit the victim's conversation; returns what the
-    victim received before its conversation ended."""
+    """Make ``fault`` hit the victim's conversation (request id 'boom');
+    returns what the victim received before its conversation ended."""
     if fault == 'request':
         victim.request({'execute': 'guest-ping', 'id': 'boom'})
     elif fault == 'output':
-        execute(victim, 'boom-out')
+        execute(victim, 'boom-out', 'boom')
     elif fault == 'stdin':
-        execute(victim, 'cat', **{
+        execute(victim, 'cat', 'boom', **{
             'input-data': negotiator.encode_bytes(b'boom' * 100000)})
     elif fault == 'timeout':
-        execute(victim, 'sleeper', timeout=0.5)
+        execute(victim, 'sleeper', 'boom', timeout=0.5)
     elif fault == 'exit':
         execute(victim, 'echo-args', 'boom', args=['exits'])
     elif fault == 'drained':
@@ -433,7 +476,7 @@ def provoke(fault, victim, workdir):
         # writing only when the agent stopped reading its pipe, which it
         # does only with over HIGH_WATER bytes waiting for the victim.
         pid_file = workdir.join('big.pid')
-        execute(victim, 'big', args=[pid_file])
+        execute(victim, 'big', 'boom', args=[pid_file])
         wait_for(lambda: os.path.exists(pid_file) and read_file(
             '/proc/{0}/cmdline'.format(read_file(pid_file).strip().decode(
                 'ascii'))).startswith(b'head\0'))
@@ -460,7 +503,7 @@ def test_a_fault_in_a_callback_ends_only_its_conversation(workdir, fault):
         assert_served(bystander, 1)
         received = provoke(fault, victim, workdir)
         assert [message for message in received if 'event' not in message
-                ] == [], received
+                ] == [error(FAILED, id='boom')], received
         assert_served(bystander, 2)
         assert_served(agent.client(), 3)
     finally:
@@ -532,7 +575,8 @@ def test_a_fault_while_serving_a_guest_cuts_only_that_guest_off(workdir):
     daemon = Daemon(workdir, ['vm1', 'vm2'], (FAULTY, 'request'))
     try:
         daemon.guests['vm1'].request({'execute': 'guest-ping', 'id': 'boom'})
-        assert lines_to_eof(daemon.guests['vm1']) == []
+        assert lines_to_eof(daemon.guests['vm1']) == [error(FAILED,
+                                                            id='boom')]
         assert_served(daemon.guests['vm2'], 1)
     finally:
         log = daemon.stop()
@@ -581,7 +625,7 @@ def test_the_daemon_answers_what_once_stopped_it(workdir):
             u"available: echo-args", 'NegotiatorCommandNotFound', id=1)
         guest.send(b'{"execute":"guest-ping","id":' + nested(980) + b'}\n')
         assert guest.read_message() == error(
-            "The member 'id' is nested more than 16 levels deep")
+            'A message may nest 64 levels deep at most')
         guest.send(b'{"execute":"guest-ping","id":' + b'9' * 1000000 + b'}\n')
         assert guest.read_message() == error(
             'Invalid JSON syntax: a number longer than 100 characters')
@@ -589,6 +633,21 @@ def test_the_daemon_answers_what_once_stopped_it(workdir):
         assert_served(daemon.guests['vm2'], 3)
     finally:
         daemon.stop()
+
+
+def test_a_builtin_is_killed_at_its_timeout_however_soon(workdir):
+    """A timeout that comes before the built-in's child has a process
+    group of its own kills the child alone."""
+    agent = Agent(workdir, verbose=False, program=(FAULTY, 'stuck-builtin'))
+    client = agent.client()
+    try:
+        for request_id in range(5):
+            execute(client, 'uptime', request_id, timeout=1e-9)
+            assert client.read_message() == {
+                'return': {'signal': 9, 'timed-out': True}, 'id': request_id}
+    finally:
+        client.close()
+        agent.stop()
 
 
 def test_a_builtin_that_blocks_holds_up_only_its_own_call(workdir):
@@ -607,3 +666,25 @@ def test_a_builtin_that_blocks_holds_up_only_its_own_call(workdir):
         stuck.close()
         other.close()
         agent.stop()
+
+
+def test_paths_and_names_of_this_machine_are_shown_whatever_they_hold(
+        workdir):
+    """A socket path that is not ASCII, in --ping's line and in the agent's
+    log (Python 2 mixes its bytes with the peer's text there)."""
+    name = u'caf\u00e9'
+    directory = os.path.join(workdir.path, name if bytes is not str else
+                             name.encode('utf-8'))
+    os.mkdir(directory)
+    make_command(workdir.commands, 'echo-args', COMMANDS['echo-args'])
+    agent = Agent(workdir, socket=os.path.join(directory, 'agent.sock'))
+    try:
+        status, out, err = agent.host(options=['-n', '--ping'])
+        assert (status, err) == (0, b'')
+        path = agent.socket
+        assert out.startswith((path if isinstance(path, bytes) else
+                               path.encode('utf-8')) + b': agent ')
+        assert agent.host('echo-args', 'x') == (0, b'x\n', b'')
+    finally:
+        log = agent.stop()
+    assert 'echo-args with 1 argument(s), pid ' in log, log

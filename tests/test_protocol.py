@@ -48,6 +48,63 @@ def test_line_reader_drops_oversized_lines_and_recovers():
         negotiator.OVERSIZED, negotiator.RESYNC, b'ok']
 
 
+class RecordingHandler(object):
+    """A Channel's handler that takes every line and notes what came."""
+
+    def __init__(self):
+        self.seen = []
+
+    def ready(self):
+        return True
+
+    def on_line(self, line):
+        self.seen.append(line)
+
+    def on_drained(self):
+        self.seen.append('drained')
+
+    def on_disconnect(self):
+        self.seen.append('disconnected')
+
+    def on_failure(self, error):
+        raise error
+
+
+def turn(loop):
+    """One turn of the loop, a short one when nothing happens."""
+    loop.call_later(0.01, lambda: None)
+    loop.run_once()
+
+
+def test_channel_paused_by_its_backlog_reads_again_once_drained():
+    """While a peer leaves more than HIGH_WATER bytes of replies unread,
+    its lines are not read; being readable meanwhile (an event of the same
+    turn) is no hang-up; once it reads them all, its lines are."""
+    loop = negotiator.Loop()
+    ours, theirs = socket.socketpair()
+    try:
+        negotiator.set_nonblocking(ours.fileno())
+        handler = RecordingHandler()
+        channel = negotiator.Channel(loop, ours.fileno(), handler, 'test')
+        channel.send_raw(b'x' * (2 * negotiator.HIGH_WATER))
+        channel.deliver()
+        theirs.sendall(b'{"a":1}\n')
+        channel._on_readable(False)
+        assert channel.connected and handler.seen == []
+        received = 0
+        theirs.settimeout(HANG)
+        while received < 2 * negotiator.HIGH_WATER:
+            received += len(theirs.recv(1 << 20))
+            turn(loop)
+        wait_for(lambda: turn(loop) or handler.seen[1:] == [b'{"a":1}'])
+        assert handler.seen == ['drained', b'{"a":1}']
+        theirs.close()
+        wait_for(lambda: turn(loop) or not channel.connected)
+    finally:
+        ours.close()
+        loop.close()
+
+
 def test_encode_message_is_one_ascii_line():
     line = negotiator.encode_message(
         {'return': u'caf\u00e9 \u2603 \n \x00', 'id': 1})
