@@ -2740,11 +2740,7 @@ class Client(object):
                 self._wait(writable=True)
 
     def _wait(self, writable=False):
-        timeout = None
-        if self.deadline is not None:
-            timeout = self.deadline - monotonic()
-            if timeout <= 0:
-                raise CallTimeout('timed out')
+        timeout = time_left(self.deadline, CallTimeout('timed out'))
         if writable:
             _, ready, hung_up = poll_fd(self.fd, POLLOUT, timeout)
             if hung_up and not ready:
@@ -2869,6 +2865,20 @@ class Client(object):
                 continue
             if ours:
                 on_output(stream, chunk)
+
+
+def time_left(deadline, error):
+    """Seconds left until ``deadline``, a monotonic() time (None: there
+    is none, and no limit).
+
+    :raises: ``error`` once the deadline has passed.
+    """
+    if deadline is None:
+        return None
+    left = deadline - monotonic()
+    if left <= 0:
+        raise error
+    return left
 
 
 def decode_output(text):
@@ -3029,13 +3039,9 @@ def read_stdin(deadline):
     chunks = []
     size = 0
     while True:
-        timeout = None
-        if deadline is not None:
-            timeout = deadline - monotonic()
-            if timeout <= 0:
-                raise CallTimeout(
-                    'timed out reading standard input (use -n or </dev/null '
-                    'when there is none)')
+        timeout = time_left(deadline, CallTimeout(
+            'timed out reading standard input (use -n or </dev/null when '
+            'there is none)'))
         if not any(poll_fd(0, POLLIN, timeout)):
             continue
         try:
@@ -4018,14 +4024,10 @@ def wait_for_daemon(fd, device, deadline, timeout):
     :raises ConnectError: when the deadline passes first.
     """
     while port_hung_up(fd):
-        left = None
-        if deadline is not None:
-            left = deadline - monotonic()
-            if left <= 0:
-                raise ConnectError(
-                    'no host daemon connected to {0} within {1:g} s: is '
-                    '"negotiator.py host --daemon" running on the host?'
-                    .format(device, timeout))
+        left = time_left(deadline, ConnectError(
+            'no host daemon connected to {0} within {1:g} s: is '
+            '"negotiator.py host --daemon" running on the host?'.format(
+                device, timeout)))
         time.sleep(DAEMON_CHECK if left is None else min(DAEMON_CHECK, left))
 
 
