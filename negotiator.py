@@ -37,7 +37,6 @@ import stat
 import struct
 import sys
 import time
-from collections import deque
 
 
 # ============================================================================
@@ -1103,6 +1102,7 @@ class Channel(object):
     """
 
     def __init__(self, loop, fd, handler, name):
+        from collections import deque  # only a serving side needs it
         self.loop = loop
         self.fd = fd
         self.handler = handler
