@@ -778,23 +778,32 @@ class Disconnected(Exception):
     """The other end of a descriptor has gone."""
 
 
+def io_op(call, *args):
+    """``call(*args)``, a system call, made again when a signal interrupts
+    it (Python 3 does so itself; Python 2 raises EINTR).
+
+    :returns: ``(its result, None)``, or ``(None, the exception)``.
+    """
+    while True:
+        try:
+            return call(*args), None
+        except (OSError, IOError) as e:
+            if e.args[0] != errno.EINTR:
+                return None, e
+
+
 def read_fd(fd, size=READ_SIZE):
     """Read what is there without blocking.
 
     :returns: bytes; ``b''`` at end of file or when the peer has gone;
         None when nothing can be read yet.
     """
-    while True:
-        try:
-            return os.read(fd, size)
-        except (OSError, IOError) as e:
-            if e.args[0] == errno.EINTR:
-                continue
-            if e.args[0] in WOULD_BLOCK:
-                return None
-            if e.args[0] in DISCONNECT_ERRORS:
-                return b''
-            raise
+    data, error = io_op(os.read, fd, size)
+    if error is None or error.args[0] in WOULD_BLOCK:
+        return data
+    if error.args[0] in DISCONNECT_ERRORS:
+        return b''
+    raise error
 
 
 def write_fd(fd, data):
@@ -803,17 +812,14 @@ def write_fd(fd, data):
     :returns: the number of bytes written, 0 when it takes nothing yet.
     :raises Disconnected: when the peer has gone.
     """
-    while True:
-        try:
-            return os.write(fd, data)
-        except (OSError, IOError) as e:
-            if e.args[0] == errno.EINTR:
-                continue
-            if e.args[0] in WOULD_BLOCK:
-                return 0
-            if e.args[0] in DISCONNECT_ERRORS:
-                raise Disconnected(os.strerror(e.args[0]))
-            raise
+    written, error = io_op(os.write, fd, data)
+    if error is None:
+        return written
+    if error.args[0] in WOULD_BLOCK:
+        return 0
+    if error.args[0] in DISCONNECT_ERRORS:
+        raise Disconnected(os.strerror(error.args[0]))
+    raise error
 
 
 def set_nonblocking(fd):
@@ -2444,6 +2450,16 @@ def open_lock_file(path):
     return fd
 
 
+def try_lock(fd):
+    """Lock an open lock file if no other process holds it: whether it
+    did."""
+    _, error = io_op(fcntl.flock, fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if error is not None and error.args[0] not in WOULD_BLOCK + (
+            errno.EACCES,):
+        raise error
+    return error is None
+
+
 def take_lock(path):
     """Hold ``path`` locked for as long as this process lives.
 
@@ -2451,11 +2467,7 @@ def take_lock(path):
     :raises NegotiatorError: when another agent holds it.
     """
     fd = open_lock_file(path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (IOError, OSError) as e:
-        if e.args[0] not in WOULD_BLOCK + (errno.EACCES,):
-            raise
+    if not try_lock(fd):
         holder = (read_text(path) or '?').strip()
         os.close(fd)
         raise NegotiatorError(
@@ -2501,9 +2513,8 @@ class PortService(object):
                            HOST_TO_GUEST_PORT)
             self.loop.call_later(OPEN_RETRY, self._try_open)
             return
-        try:
-            fd = os.open(device, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
-        except OSError as e:
+        fd, e = io_op(open_device, device)
+        if e is not None:
             if e.errno == errno.EBUSY:
                 self._complain('port %s is busy: another process has it '
                                'open (find it with: fuser -v %s); retrying',
@@ -2516,7 +2527,6 @@ class PortService(object):
                                e.strerror)
             self.loop.call_later(OPEN_RETRY, self._try_open)
             return
-        set_nonblocking(fd)
         fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
         log.info('serving port %s', device)
         self.server = Server(self.loop, fd, device, self.commands,
@@ -2554,6 +2564,12 @@ class PortService(object):
     def stop(self):
         if self.server:
             self.server.close()
+
+
+def open_device(device):
+    """A port's descriptor, non-blocking; never a controlling terminal.
+    (Python 3's open() refuses a port: "not seekable".)"""
+    return os.open(device, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
 
 
 def set_async(fd, enabled):
@@ -2990,18 +3006,16 @@ def write_all(fd, data):
     """
     done = 0
     while done < len(data):
-        try:
-            done += os.write(fd, bytes_from(data, done))
-        except (OSError, IOError) as e:
-            if e.args[0] == errno.EINTR:
-                continue
-            if e.args[0] in WOULD_BLOCK:
-                poll_fd(fd, POLLOUT, None)
-                continue
-            if e.args[0] == errno.EPIPE:
-                raise ReaderGone('')
+        written, error = io_op(os.write, fd, bytes_from(data, done))
+        if error is None:
+            done += written
+        elif error.args[0] in WOULD_BLOCK:
+            poll_fd(fd, POLLOUT, None)
+        elif error.args[0] == errno.EPIPE:
+            raise ReaderGone('')
+        else:
             raise OutputError('cannot write to standard {0}: {1}'.format(
-                'output' if fd == 1 else 'error', os.strerror(e.args[0])))
+                'output' if fd == 1 else 'error', os.strerror(error.args[0])))
 
 
 def print_out(text):
@@ -3056,14 +3070,11 @@ def read_stdin(deadline):
             'there is none)'))
         if not any(poll_fd(0, POLLIN, timeout)):
             continue
-        try:
-            data = os.read(0, READ_SIZE)
-        except (OSError, IOError) as e:
-            if e.args[0] == errno.EINTR:
-                continue
-            if e.args[0] == errno.EBADF:  # started with stdin closed
+        data, error = io_op(os.read, 0, READ_SIZE)
+        if error is not None:
+            if error.args[0] == errno.EBADF:  # started with stdin closed
                 return b''
-            raise
+            raise error
         if not data:
             return b''.join(chunks)
         chunks.append(data)
@@ -3382,31 +3393,97 @@ def is_socket(path):
         return False
 
 
-def run_virsh(connect, command):
-    """Run virsh and wait for it, VIRSH_TIMEOUT at most:
-    ``(status, stdout, first error line)``.
+class Discovery(object):
+    """Asks libvirt which running guests have our ports: ``virsh list``,
+    then ``virsh dumpxml`` of each domain not described yet, by id (virsh
+    would take a numeric name for an id; a domain's id changes with each
+    start, and with it its channels' paths).  virsh runs as a child whose
+    output joins the loop, VIRSH_TIMEOUT at most, so that a slow libvirtd
+    never delays a guest's call to the host daemon.
 
-    :raises OSError: when virsh cannot run at all (not installed).
+    :param port: the port that matters: a domain without it is logged.
     """
-    import subprocess  # only discovery needs them
-    import threading
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    try:
-        child = subprocess.Popen(
-            virsh_argv(connect, command), env=virsh_env(), stdin=devnull,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True)
-    finally:
-        os.close(devnull)
-    timer = threading.Timer(VIRSH_TIMEOUT, child.kill)
-    timer.start()
-    try:
-        out, err = child.communicate()
-    finally:
-        timer.cancel()
-    error = first_line(err.decode('utf-8', 'replace'))
-    if child.returncode == -signal.SIGKILL:
-        error = 'virsh timed out after {0:g} s'.format(VIRSH_TIMEOUT)
-    return child.returncode, output_text(out), error
+
+    def __init__(self, loop, children, connect, port=None):
+        self.loop = loop
+        self.children = children
+        self.connect = connect
+        self.port = port
+        #: What dumpxml said of each running domain: (id, name) -> ports.
+        self.described = {}
+
+    def look(self, on_done, only=None):
+        """Call ``on_done(guests, error)``: guests as ``[(name, state,
+        ports)]`` (None when ``virsh list`` failed), and why virsh failed
+        (None when it did not).
+
+        :param only: the name of the one guest wanted, or None for all.
+        """
+        def listed(output, error):
+            if output is None:
+                on_done(None, error)
+                return
+            running = [domain for domain in parse_virsh_list(output)
+                       if only is None or domain[1] == only]
+            keys = set((domain_id, name) for domain_id, name, _ in running)
+            for key in list(self.described):
+                if key not in keys:
+                    del self.described[key]
+            unknown = [key[0] for key in keys if key not in self.described]
+            if not unknown:
+                done(running, None)
+                return
+            self._virsh(dumpxml_command(unknown),
+                        lambda xml, error: described(running, keys, xml,
+                                                     error))
+
+        def described(running, keys, xml, error):
+            for name, (domain_id, ports) in parse_domains_xml(
+                    xml or '').items():
+                if (domain_id, name) in keys:
+                    self.described[(domain_id, name)] = ports
+                    if self.port and self.port not in ports:
+                        log.debug('guest %s has no %s channel', name,
+                                  self.port)
+            done(running, error)
+
+        def done(running, error):
+            on_done([(name, state, self.described[(domain_id, name)])
+                     for domain_id, name, state in running
+                     if self.described.get((domain_id, name))], error)
+
+        self._virsh(LIST_COMMAND, listed)
+
+    def _virsh(self, command, on_done):
+        """Run virsh: ``on_done(output, None)``, or ``(None, why)``."""
+        out = []
+        err = []
+
+        def collect(stream, data):
+            (out if stream == 'out-data' else err).append(data)
+
+        def finished(result):
+            if result.get('exitcode') == 0:
+                on_done(output_text(b''.join(out)), None)
+            elif result.get('timed-out'):
+                on_done(None, 'virsh timed out after {0:g} s'.format(
+                    VIRSH_TIMEOUT))
+            else:
+                on_done(None, first_line(b''.join(err).decode(
+                    'utf-8', 'replace')) or 'virsh failed: {0}'.format(result))
+
+        def failed(error):
+            log_failure('virsh', 'taking it as failed', error)
+            processes[0].kill()
+            on_done(None, 'virsh failed: {0}'.format(error_text(error)))
+
+        processes = []
+        try:
+            processes.append(Process(
+                self.loop, self.children, virsh_argv(self.connect, command),
+                virsh_env(), b'', VIRSH_TIMEOUT, collect, finished, failed))
+        except OSError as e:
+            on_done(None, 'cannot run virsh: {0}'.format(e.strerror))
 
 
 def first_line(text):
@@ -3417,52 +3494,44 @@ def first_line(text):
     return ''
 
 
-def running_domains(connect):
-    """``virsh list``'s ``(id, name, state)`` of each running domain, or
-    None when virsh is missing or fails (logged)."""
+def ask_libvirt(connect, only=None):
+    """Discovery.look()'s ``(guests, error)``, waited for in a loop of its
+    own."""
+    loop = Loop()
+    children = Children()
+    answer = []
     try:
-        status, out, error = run_virsh(connect, LIST_COMMAND)
-    except OSError as e:
-        status, error = None, 'cannot run virsh: {0}'.format(e.strerror)
-    if status == 0:
-        return parse_virsh_list(out)
-    error = printable(error or 'virsh failed')
-    if connect:
-        raise ConnectError(error)
-    log.warning('%s; looking in %s instead', error, DEFAULT_CHANNEL_DIR)
-    return None
+        loop.on_signal(signal.SIGCHLD, children.check)
+        Discovery(loop, children, connect).look(
+            lambda guests, error: answer.extend((guests, error)), only)
+        while not answer:
+            loop.run_once()
+    finally:
+        children.kill_all()
+        loop.close()
+    return answer
 
 
 def find_guests(connect=None, channel_dir=None, only=None):
     """The running guests that have our ports: ``[(name, state, ports)]``.
 
-    Asks libvirt through virsh (``virsh dumpxml`` by domain id: virsh
-    would take a numeric name for an id); where virsh is missing or fails,
-    and no --connect URI was given, scans libvirt's channel directory
-    instead.  An explicit ``channel_dir`` is scanned without asking virsh.
+    Asks libvirt (see Discovery); where virsh is missing or fails, and no
+    --connect URI was given, scans libvirt's channel directory instead.
+    An explicit ``channel_dir`` is scanned without asking virsh.
 
     :param only: the name of the one guest wanted, or None for all.
     """
-    running = None
     if channel_dir is None:
-        running = running_domains(connect)
-    if running is None:
-        found = scan_channel_dir(channel_dir or DEFAULT_CHANNEL_DIR)
-        return [(name, '-', found[name]) for name in sorted(found)
-                if only is None or name == only]
-    running = [domain for domain in running
-               if only is None or domain[1] == only]
-    described = {}
-    if running:
-        _, xml, _ = run_virsh(connect, dumpxml_command(
-            [domain_id for domain_id, _, _ in running]))
-        described = parse_domains_xml(xml)
-    guests = []
-    for _, name, state in running:
-        ports = described.get(name, (None, {}))[1]
-        if ports:
-            guests.append((name, state, ports))
-    return guests
+        guests, error = ask_libvirt(connect, only)
+        if guests is not None:
+            return guests
+        if connect:
+            raise ConnectError(printable(error))
+        log.warning('%s; looking in %s instead', printable(error),
+                    DEFAULT_CHANNEL_DIR)
+    found = scan_channel_dir(channel_dir or DEFAULT_CHANNEL_DIR)
+    return [(name, '-', found[name]) for name in sorted(found)
+            if only is None or name == only]
 
 
 def resolve_guest(target, connect=None, channel_dir=None):
@@ -3702,11 +3771,8 @@ class HostDaemon(object):
     """Serves the guest-to-host port of every guest it finds.
 
     Guests come from ``--guest NAME=SOCKET`` pairs; else from
-    ``--channel-dir``; else from libvirt (``virsh list``, then
-    ``virsh dumpxml`` once per domain start), with libvirt's channel
-    directory standing in while virsh has never worked.  virsh runs as a
-    child whose output joins the loop, so a slow libvirtd never delays a
-    guest's call.
+    ``--channel-dir``; else from libvirt (Discovery), with libvirt's
+    channel directory standing in while virsh has never worked.
     """
 
     def __init__(self, loop, commands, pairs=None, connect=None,
@@ -3719,10 +3785,10 @@ class HostDaemon(object):
         self.channel_dir = channel_dir
         self.rescan_every = rescan
         self.links = {}
-        #: What dumpxml said of each running domain: (id, name) -> ports.
-        #: The id changes with each start, so a domain without our ports
-        #: is not described again until it restarts (or SIGHUP).
-        self._described = {}
+        #: It describes a domain without our ports again only once that
+        #: restarts (or on SIGHUP).
+        self.discovery = Discovery(loop, self.children, connect,
+                                   GUEST_TO_HOST_PORT)
         #: A virsh child is running (one at a time).
         self._scanning = False
         self._virsh_worked = False
@@ -3737,7 +3803,7 @@ class HostDaemon(object):
     def rescan_now(self):
         """SIGHUP: look for guests now, and retry waiting connections."""
         log.info('SIGHUP: looking for guests again')
-        self._described = {}  # a channel may have been added to a guest
+        self.discovery.described = {}  # a channel may have been added
         for link in list(self.links.values()):
             link.connect()
         self.rescan()
@@ -3752,7 +3818,7 @@ class HostDaemon(object):
             self.update(self._scanned(self.channel_dir))
         elif not self._scanning:
             self._scanning = True
-            self._virsh(LIST_COMMAND, self._on_list)
+            self.discovery.look(self._on_libvirt)
 
     def _scanned(self, directory):
         found = {}
@@ -3761,39 +3827,23 @@ class HostDaemon(object):
                 found[name] = ports[GUEST_TO_HOST_PORT]
         return found
 
-    def _virsh(self, command, on_done):
-        """Run virsh in the loop; ``on_done(output)``, None when it failed."""
-        out = []
-        err = []
-
-        def collect(stream, data):
-            (out if stream == 'out-data' else err).append(data)
-
-        def finished(result):
-            if result.get('exitcode') == 0:
-                on_done(output_text(b''.join(out)))
-                return
-            if result.get('timed-out'):
-                why = 'virsh timed out after {0:g} s'.format(VIRSH_TIMEOUT)
-            else:
-                why = first_line(b''.join(err).decode('utf-8', 'replace'))
-            self._virsh_trouble(why or 'virsh failed: {0}'.format(result))
-            on_done(None)
-
-        def failed(error):
-            log_failure('virsh', 'taking it as failed', error)
-            self._scanning = False
-            processes[0].kill()
-            on_done(None)
-
-        processes = []
-        try:
-            processes.append(Process(
-                self.loop, self.children, virsh_argv(self.connect, command),
-                virsh_env(), b'', VIRSH_TIMEOUT, collect, finished, failed))
-        except OSError as e:
-            self._virsh_trouble('cannot run virsh: {0}'.format(e.strerror))
-            on_done(None)
+    def _on_libvirt(self, guests, error):
+        self._scanning = False
+        if error:
+            self._virsh_trouble(error)
+        if guests is None:
+            # A libvirtd restart must not drop every guest: the channel
+            # directory stands in only while virsh has never worked.
+            if not (self._virsh_worked or self.connect):
+                self.update(self._scanned(DEFAULT_CHANNEL_DIR))
+            return
+        self._virsh_worked = True
+        if self._virsh_failed and not error:
+            log.info('virsh works again')
+            self._virsh_failed = False
+        self.update(dict((name, ports[GUEST_TO_HOST_PORT])
+                         for name, _, ports in guests
+                         if GUEST_TO_HOST_PORT in ports))
 
     def _virsh_trouble(self, why):
         """Log once that virsh fails, and what happens meanwhile."""
@@ -3806,49 +3856,6 @@ class HostDaemon(object):
         else:
             log.warning('%s; looking in %s until virsh works',
                         printable(why), DEFAULT_CHANNEL_DIR)
-
-    def _on_list(self, output):
-        if output is None:
-            # A libvirtd restart must not drop every guest: the channel
-            # directory stands in only while virsh has never worked.
-            self._scanning = False
-            if not (self._virsh_worked or self.connect):
-                self.update(self._scanned(DEFAULT_CHANNEL_DIR))
-            return
-        self._virsh_worked = True
-        if self._virsh_failed:
-            log.info('virsh works again')
-            self._virsh_failed = False
-        running = set((domain_id, name)
-                      for domain_id, name, _ in parse_virsh_list(output))
-        for key in list(self._described):
-            if key not in running:
-                del self._described[key]
-        unknown = [domain_id for domain_id, name in running
-                   if (domain_id, name) not in self._described]
-        if not unknown:
-            self._scanning = False
-            self._update_from_libvirt()
-            return
-        self._virsh(dumpxml_command(unknown),
-                    lambda xml: self._on_dumpxml(running, xml))
-
-    def _on_dumpxml(self, running, xml):
-        self._scanning = False
-        for name, (domain_id, ports) in parse_domains_xml(xml or '').items():
-            if (domain_id, name) in running:
-                self._described[(domain_id, name)] = ports
-                if GUEST_TO_HOST_PORT not in ports:
-                    log.debug('guest %s has no %s channel', name,
-                              GUEST_TO_HOST_PORT)
-        self._update_from_libvirt()
-
-    def _update_from_libvirt(self):
-        found = {}
-        for (_, name), ports in self._described.items():
-            if GUEST_TO_HOST_PORT in ports:
-                found[name] = ports[GUEST_TO_HOST_PORT]
-        self.update(found)
 
     def update(self, found):
         """Serve exactly the guests in ``found``: ``{name: socket path}``."""
@@ -3987,20 +3994,14 @@ def wait_for_lock(path, deadline):
         fd = open_lock_file(path)
     except NegotiatorError as e:
         raise ConnectError(e.text)
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except (IOError, OSError) as e:
-            if e.args[0] not in WOULD_BLOCK + (errno.EACCES,):
-                os.close(fd)
-                raise
+    while not try_lock(fd):
         if deadline is not None and monotonic() >= deadline:
             os.close(fd)
             raise CallTimeout(
                 'timed out waiting for other callers of this port (lock '
                 '{0})'.format(path))
         time.sleep(LOCK_RETRY)
+    return fd
 
 
 def open_port(device, deadline):
@@ -4009,14 +4010,12 @@ def open_port(device, deadline):
     :returns: a non-blocking descriptor.
     """
     while True:
-        try:
-            fd = os.open(device, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
-            set_nonblocking(fd)
+        fd, e = io_op(open_device, device)
+        if e is None:
             return fd
-        except OSError as e:
-            if e.errno != errno.EBUSY:
-                raise ConnectError('cannot open port {0}: {1}'.format(
-                    device, e.strerror))
+        if e.errno != errno.EBUSY:
+            raise ConnectError('cannot open port {0}: {1}'.format(
+                device, e.strerror))
         if deadline is not None and monotonic() >= deadline:
             raise CallTimeout(
                 'timed out: port {0} stayed busy (another process has it '

@@ -101,7 +101,7 @@ def write_node(path, domains):
 
 
 def virsh(uri, command):
-    """Run /usr/bin/virsh as run_virsh() does: ``(status, out, err)``."""
+    """Run /usr/bin/virsh as Discovery does: ``(status, out, err)``."""
     env = dict(os.environ)
     env['LC_ALL'] = 'C'
     with open(os.devnull, 'rb') as devnull:
@@ -495,9 +495,9 @@ def test_find_guests_no_running_domains(workdir):
 
 
 def test_find_guests_via_channel_dir_does_not_ask_virsh(world, monkeypatch):
-    def no_virsh(connect, command):
-        raise AssertionError('virsh asked: ' + command)
-    monkeypatch.setattr(negotiator, 'run_virsh', no_virsh)
+    def no_virsh(connect, only=None):
+        raise AssertionError('virsh asked')
+    monkeypatch.setattr(negotiator, 'ask_libvirt', no_virsh)
     assert negotiator.find_guests(None, world.flat) == [
         ('dead', '-', {HTG: world.dead}),
         ('old', '-', {LEGACY: world.old}),
