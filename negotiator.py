@@ -63,6 +63,8 @@ else:
 
 #: A clock that never jumps, where the interpreter has one (3.3+).
 monotonic = getattr(time, 'monotonic', time.time)
+#: fcntl's F_SETPIPE_SZ (Linux 2.6.35+), which Python names from 3.10 on.
+F_SETPIPE_SZ = getattr(fcntl, 'F_SETPIPE_SZ', 1031)
 
 # Command names and arguments are bytes to the operating system and text on
 # the wire.  The wire carries them as UTF-8 text in which each byte that is
@@ -110,6 +112,10 @@ if PY3:
     def base64_line(data):
         """Base64 of ``data``, without the newline (nor a copy to drop it)."""
         return binascii.b2a_base64(data, newline=False)  # novm
+
+    def output_text(data):
+        """A child's output as this Python's str, names byte for byte."""
+        return data.decode('utf-8', 'surrogateescape')  # novm
 else:
     def _start_child():
         """In a command's child, before exec: a session of its own, and
@@ -175,6 +181,9 @@ else:
     def base64_line(data):
         return binascii.b2a_base64(data)[:-1]
 
+    def output_text(data):
+        return data
+
 
 # ============================================================================
 # Constants
@@ -228,8 +237,6 @@ READ_SIZE = 65536
 #: a command that writes a lot costs fewer wake-ups per megabyte, and one
 #: that writes little costs no call to enlarge its pipes.
 PIPE_SIZE = 1024 * 1024
-#: fcntl's F_SETPIPE_SZ (Linux 2.6.35+), which Python names from 3.10 on.
-F_SETPIPE_SZ = getattr(fcntl, 'F_SETPIPE_SZ', 1031)
 #: One read() on a virtio-serial port returns at most this many bytes.
 PORT_READ = 4096
 #: While more than this waits to be sent to a peer, neither its requests
@@ -429,6 +436,13 @@ class CallTimeout(NegotiatorError):
     status = EXIT_TIMEOUT
 
 
+#: Error classes of negotiator-execute and the exit statuses they map to.
+ERROR_STATUSES = {
+    'NegotiatorCommandNotFound': EXIT_NOT_FOUND,
+    'NegotiatorCommandNotExecutable': EXIT_NOT_EXECUTABLE,
+}
+
+
 class RemoteError(NegotiatorError):
     """The agent answered a request with an error reply.
 
@@ -454,13 +468,6 @@ class RequestError(Exception):
         Exception.__init__(self, desc)
         self.desc = desc
         self.error_class = error_class
-
-
-#: Error classes of negotiator-execute and the exit statuses they map to.
-ERROR_STATUSES = {
-    'NegotiatorCommandNotFound': EXIT_NOT_FOUND,
-    'NegotiatorCommandNotExecutable': EXIT_NOT_EXECUTABLE,
-}
 
 
 # ============================================================================
@@ -594,6 +601,10 @@ def shown(text):
     return text if len(text) <= 100 else text[:100] + '...'
 
 
+#: What printable() shows escaped.
+CONTROL_CHARACTERS = re.compile('[\x00-\x1f\x7f]')
+
+
 def printable(text):
     """``text`` for a log line: a peer's control characters (a newline
     would start a forged log line) shown escaped."""
@@ -601,7 +612,8 @@ def printable(text):
                                   text)
 
 
-CONTROL_CHARACTERS = re.compile('[\x00-\x1f\x7f]')
+#: What base64 text may hold (a2b_base64 alone skips stray characters).
+BASE64_TEXT = re.compile(r'\A[A-Za-z0-9+/]*={0,2}\Z')
 
 
 def encode_bytes(data):
@@ -621,10 +633,6 @@ def decode_bytes(text, name):
     if len(text) % 4 or not BASE64_TEXT.match(text):
         raise RequestError("Parameter '{0}' is not valid base64".format(name))
     return binascii.a2b_base64(text.encode('ascii'))
-
-
-#: What base64 text may hold (a2b_base64 alone skips stray characters).
-BASE64_TEXT = re.compile(r'\A[A-Za-z0-9+/]*={0,2}\Z')
 
 
 #: The request id of a request that had none ("id": null is an id).
@@ -1452,8 +1460,8 @@ def enlarge_pipe(fd):
 
 #: The signals a forked built-in puts back to their defaults: those the
 #: loop handles, and those Python ignores.
-CHILD_SIGNALS = ('SIGTERM', 'SIGINT', 'SIGHUP', 'SIGCHLD', 'SIGIO',
-                 'SIGPIPE', 'SIGXFSZ')
+CHILD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                 signal.SIGIO, signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class Builtin(object):
@@ -1479,7 +1487,7 @@ class Builtin(object):
         try:
             os.setsid()
             for signum in CHILD_SIGNALS:
-                signal.signal(getattr(signal, signum), signal.SIG_DFL)
+                signal.signal(signum, signal.SIG_DFL)
             for target, fd in enumerate(streams):
                 os.dup2(fd, target)
             os.closerange(3, max(open_fds()) + 1)
@@ -2436,7 +2444,7 @@ def open_lock_file(path):
     """
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT |
-                     getattr(os, 'O_NOFOLLOW', 0), int('644', 8))
+                     os.O_NOFOLLOW, int('644', 8))
     except OSError as e:
         raise NegotiatorError('cannot open the lock file {0}: {1}'.format(
             path, e.strerror))
@@ -3282,13 +3290,6 @@ def dumpxml_command(domains):
     """One virsh command line describing each domain (id, UUID or name)."""
     return ' '.join('dumpxml --domain {0}; echo "{1}";'.format(
         virsh_quote(domain), VIRSH_SEPARATOR) for domain in domains)
-
-
-def output_text(data):
-    """A child's output as this Python's str, names byte for byte."""
-    if PY3:
-        return data.decode('utf-8', 'surrogateescape')  # novm
-    return data
 
 
 def parse_virsh_list(text):
