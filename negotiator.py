@@ -1426,9 +1426,13 @@ class Children(object):
         for process in list(self.running):
             process.loop.call(process.on_failure, process.check_exit)
 
-    def kill_all(self):
+    def close(self):
+        """Kill what still runs; let go of /dev/null."""
         for process in list(self.running):
             process.kill()
+        if self._null is not None:
+            os.close(self._null)
+            self._null = None
 
     def null_input(self):
         if self._null is None:
@@ -2722,7 +2726,7 @@ def run_guest(options):
                         'built-in commands are offered', options.commands_dir)
         loop.run()
         service.stop()
-        children.kill_all()
+        children.close()
     finally:
         loop.close()
         if lock_fd is not None:
@@ -3460,23 +3464,32 @@ class Discovery(object):
         out = []
         err = []
 
+        delivered = []
+
         def collect(stream, data):
             (out if stream == 'out-data' else err).append(data)
 
+        def deliver(output, why):
+            delivered.append(True)
+            on_done(output, why)
+
         def finished(result):
             if result.get('exitcode') == 0:
-                on_done(output_text(b''.join(out)), None)
+                deliver(output_text(b''.join(out)), None)
             elif result.get('timed-out'):
-                on_done(None, 'virsh timed out after {0:g} s'.format(
+                deliver(None, 'virsh timed out after {0:g} s'.format(
                     VIRSH_TIMEOUT))
             else:
-                on_done(None, first_line(b''.join(err).decode(
+                deliver(None, first_line(b''.join(err).decode(
                     'utf-8', 'replace')) or 'virsh failed: {0}'.format(result))
 
         def failed(error):
+            if delivered:  # on_done() itself raised: not virsh's fault
+                log_failure('guest discovery', 'carrying on', error)
+                return
             log_failure('virsh', 'taking it as failed', error)
             processes[0].kill()
-            on_done(None, 'virsh failed: {0}'.format(error_text(error)))
+            deliver(None, 'virsh failed: {0}'.format(error_text(error)))
 
         processes = []
         try:
@@ -3508,7 +3521,7 @@ def ask_libvirt(connect, only=None):
         while not answer:
             loop.run_once()
     finally:
-        children.kill_all()
+        children.close()
         loop.close()
     return answer
 
@@ -3524,7 +3537,7 @@ def find_guests(connect=None, channel_dir=None, only=None):
     """
     if channel_dir is None:
         guests, error = ask_libvirt(connect, only)
-        if guests is not None:
+        if guests or (guests is not None and not error):
             return guests
         if connect:
             raise ConnectError(printable(error))
@@ -3830,18 +3843,19 @@ class HostDaemon(object):
 
     def _on_libvirt(self, guests, error):
         self._scanning = False
+        if guests is not None:
+            self._virsh_worked = True
         if error:
             self._virsh_trouble(error)
+        elif self._virsh_failed:
+            log.info('virsh works again')
+            self._virsh_failed = False
         if guests is None:
             # A libvirtd restart must not drop every guest: the channel
             # directory stands in only while virsh has never worked.
             if not (self._virsh_worked or self.connect):
                 self.update(self._scanned(DEFAULT_CHANNEL_DIR))
             return
-        self._virsh_worked = True
-        if self._virsh_failed and not error:
-            log.info('virsh works again')
-            self._virsh_failed = False
         self.update(dict((name, ports[GUEST_TO_HOST_PORT])
                          for name, _, ports in guests
                          if GUEST_TO_HOST_PORT in ports))
@@ -3877,7 +3891,7 @@ class HostDaemon(object):
         for link in self.links.values():
             link.close()
         self.links = {}
-        self.children.kill_all()
+        self.children.close()
 
 
 def parse_guest_pairs(pairs):
@@ -3995,13 +4009,16 @@ def wait_for_lock(path, deadline):
         fd = open_lock_file(path)
     except NegotiatorError as e:
         raise ConnectError(e.text)
-    while not try_lock(fd):
-        if deadline is not None and monotonic() >= deadline:
-            os.close(fd)
-            raise CallTimeout(
-                'timed out waiting for other callers of this port (lock '
-                '{0})'.format(path))
-        time.sleep(LOCK_RETRY)
+    try:
+        while not try_lock(fd):
+            if deadline is not None and monotonic() >= deadline:
+                raise CallTimeout(
+                    'timed out waiting for other callers of this port (lock '
+                    '{0})'.format(path))
+            time.sleep(LOCK_RETRY)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 

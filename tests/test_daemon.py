@@ -1263,6 +1263,52 @@ def test_daemon_rescan_nan_or_inf_is_a_usage_error(value):
 # ---------------------------------------------------------------------------
 
 @needs_virsh
+def test_dumpxml_failing_from_the_start_is_not_taken_for_virsh_missing(
+        monkeypatch):
+    """virsh lists the domains but cannot describe them: the daemon says
+    so, does not look in the channel directory, and serves the guest once
+    dumpxml works."""
+    wd = Workdir()
+    write_commands(wd.commands)
+    node = wd.join('node.xml')
+    flag = wd.join('dumpxml-fails')
+    bin_dir = wd.join('bin')
+    os.mkdir(bin_dir)
+    make_command(bin_dir, 'virsh', (
+        "#!/bin/sh\n"
+        "case \"$*\" in *dumpxml*) if [ -e '{0}' ]; then\n"
+        "    echo 'error: dumpxml refused' >&2\n"
+        "    exit 1\n"
+        "fi;; esac\n"
+        "exec '{1}' \"$@\"\n").format(flag, which('virsh')))
+    open(flag, 'w').close()
+    monkeypatch.setenv('PATH', bin_dir + os.pathsep + os.environ['PATH'])
+    monkeypatch.setenv('LIBVIRT_DEFAULT_URI', 'test://' + node)
+    stand_ins = {'g1': StandIn(wd.join('g1.sock'))}
+    write_node(node, [domain_xml('g1', [('bind', stand_ins['g1'].path,
+                                         PORT)])])
+    ends = {}
+    daemon = None
+    try:
+        daemon = Daemon(wd, ['--rescan', '3600'])
+        daemon.wait_log('until virsh works')
+        assert daemon.lines()[-1] == (
+            'negotiator: error: dumpxml refused; serving the guests known '
+            'so far until virsh works')
+        os.unlink(flag)
+        daemon.send_signal(signal.SIGHUP)
+        ends['g1'] = stand_ins['g1'].accept()
+        assert_served(ends['g1'], 'g1', 1)
+        assert 'negotiator: virsh works again' in daemon.lines()
+        daemon.stop()
+    finally:
+        if daemon is not None:
+            daemon.kill()
+        close_all(stand_ins, ends)
+        wd.cleanup()
+
+
+@needs_virsh
 def test_virsh_failing_after_it_worked_keeps_the_guests(monkeypatch):
     wd = Workdir()
     write_commands(wd.commands)

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from xml.sax.saxutils import escape
 import pytest
 
 import negotiator
-from helpers import (GuestProcess, Workdir, b, cli, connectable,
+from helpers import (HANG, GuestProcess, Workdir, b, cli, connectable,
                      fill_backlog, make_command, wait_for)
 
 VIRSH = '/usr/bin/virsh'
@@ -483,9 +484,38 @@ def test_scan_channel_dir_missing_or_not_a_directory(workdir):
 
 @needs_virsh
 def test_find_guests_via_virsh(world, caplog):
+    """... through virsh run in a loop of its own, which leaves no
+    descriptor open and SIGCHLD as it was."""
     caplog.set_level(logging.WARNING, logger='negotiator')
+    descriptors = sorted(os.listdir('/proc/self/fd'))
     assert negotiator.find_guests(world.uri) == expected_guests(world)
     assert negotiator_warnings(caplog) == []
+    assert sorted(os.listdir('/proc/self/fd')) == descriptors
+    assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+
+
+@needs_virsh
+def test_find_guests_dumpxml_fails(world, monkeypatch, caplog):
+    """virsh lists the domains but cannot describe them: its error is the
+    answer, not an empty list."""
+    caplog.set_level(logging.WARNING, logger='negotiator')
+    bin_dir = world.wd.join('bin')
+    os.mkdir(bin_dir)
+    make_command(bin_dir, 'virsh', (
+        "#!/bin/sh\n"
+        "case \"$*\" in *dumpxml*) echo 'error: dumpxml refused' >&2; "
+        "exit 1;; esac\n"
+        "exec '{0}' \"$@\"\n").format(VIRSH))
+    monkeypatch.setenv('PATH', bin_dir + os.pathsep + os.environ['PATH'])
+    with pytest.raises(negotiator.ConnectError) as raised:
+        negotiator.find_guests(world.uri)
+    assert str(raised.value) == 'error: dumpxml refused'
+    monkeypatch.setattr(negotiator, 'DEFAULT_CHANNEL_DIR', world.flat)
+    monkeypatch.setenv('LIBVIRT_DEFAULT_URI', world.uri)
+    assert [name for name, _, _ in negotiator.find_guests()] == [
+        'dead', 'old', 'web1']
+    assert negotiator_warnings(caplog) == [
+        'error: dumpxml refused; looking in {0} instead'.format(world.flat)]
 
 
 @needs_virsh
@@ -866,3 +896,32 @@ def test_cli_list_guests_busy_socket_answers_within_the_probe_limit(workdir):
             sock.close()
     assert table == (0, b'NAME  STATE  PORTS' + b' ' * 23 + b'AGENT\n' +
                      b'busy  -      ' + b(HTG) + b'  no answer\n', b'')
+
+
+@needs_virsh
+def test_discovery_answer_that_raises_is_neither_repeated_nor_blamed_on_virsh(
+        world, caplog):
+    loop = negotiator.Loop()
+    children = negotiator.Children()
+    answers = []
+
+    def on_done(guests, error):
+        answers.append((guests, error))
+        raise RuntimeError('boom')
+    try:
+        loop.on_signal(signal.SIGCHLD, children.check)
+        negotiator.Discovery(loop, children, world.uri).look(on_done)
+        later = []
+        loop.call_later(HANG, lambda: later.append(None))
+        while not answers and not later:
+            loop.run_once()
+        loop.call_later(0.5, lambda: later.append(None))
+        while not later:
+            loop.run_once()
+    finally:
+        children.close()
+        loop.close()
+    assert answers == [(expected_guests(world), None)]
+    assert [record.getMessage() for record in caplog.records
+            if record.name == 'negotiator'] == [
+        'guest discovery: internal error, carrying on: RuntimeError: boom']

@@ -1068,3 +1068,17 @@ def test_agent_refuses_a_lock_file_of_another_user(workdir):
         os.close(slave)
     assert b'Traceback' not in err, err.decode('utf-8', 'replace')
     assert (status, out, err) == (1, b'', foreign_lock_message(lock_path))
+
+
+def test_a_caller_lets_go_of_the_lock_file_when_locking_fails(workdir,
+                                                                monkeypatch):
+    """flock() failing otherwise than "held" (ENOLCK on NFS) is an error,
+    and the lock file is not left open."""
+    def no_locks(fd, operation):
+        raise IOError(errno.ENOLCK, 'No locks available')
+    descriptors = sorted(os.listdir('/proc/self/fd'))
+    monkeypatch.setattr(fcntl, 'flock', no_locks)
+    with pytest.raises(IOError) as raised:
+        negotiator.wait_for_lock(workdir.join('lock'), None)
+    assert raised.value.args[0] == errno.ENOLCK
+    assert sorted(os.listdir('/proc/self/fd')) == descriptors
