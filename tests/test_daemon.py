@@ -1262,6 +1262,31 @@ def test_daemon_rescan_nan_or_inf_is_a_usage_error(value):
 # virsh failing after it worked: the guests known so far stay served
 # ---------------------------------------------------------------------------
 
+def guest_g1_and_a_virsh_that_fails(wd, monkeypatch, commands, message):
+    """libvirt's test driver with one guest, g1, and a virsh first in PATH
+    that fails with ``message`` for the ``commands`` (a shell pattern)
+    while the file it returns exists; returns it and g1's stand-in."""
+    write_commands(wd.commands)
+    node = wd.join('node.xml')
+    flag = wd.join('virsh-fails')
+    bin_dir = wd.join('bin')
+    os.mkdir(bin_dir)
+    make_command(bin_dir, 'virsh', (
+        "#!/bin/sh\n"
+        "case \"$*\" in {0}) if [ -e '{1}' ]; then\n"
+        "    echo '{2}' >&2\n"
+        "    exit 1\n"
+        "fi;; esac\n"
+        "exec '{3}' \"$@\"\n").format(commands, flag, message,
+                                        which('virsh')))
+    monkeypatch.setenv('PATH', bin_dir + os.pathsep + os.environ['PATH'])
+    monkeypatch.setenv('LIBVIRT_DEFAULT_URI', 'test://' + node)
+    stand_ins = {'g1': StandIn(wd.join('g1.sock'))}
+    write_node(node, [domain_xml('g1', [('bind', stand_ins['g1'].path,
+                                         PORT)])])
+    return flag, stand_ins
+
+
 @needs_virsh
 def test_dumpxml_failing_from_the_start_is_not_taken_for_virsh_missing(
         monkeypatch):
@@ -1269,24 +1294,9 @@ def test_dumpxml_failing_from_the_start_is_not_taken_for_virsh_missing(
     so, does not look in the channel directory, and serves the guest once
     dumpxml works."""
     wd = Workdir()
-    write_commands(wd.commands)
-    node = wd.join('node.xml')
-    flag = wd.join('dumpxml-fails')
-    bin_dir = wd.join('bin')
-    os.mkdir(bin_dir)
-    make_command(bin_dir, 'virsh', (
-        "#!/bin/sh\n"
-        "case \"$*\" in *dumpxml*) if [ -e '{0}' ]; then\n"
-        "    echo 'error: dumpxml refused' >&2\n"
-        "    exit 1\n"
-        "fi;; esac\n"
-        "exec '{1}' \"$@\"\n").format(flag, which('virsh')))
+    flag, stand_ins = guest_g1_and_a_virsh_that_fails(
+        wd, monkeypatch, '*dumpxml*', 'error: dumpxml refused')
     open(flag, 'w').close()
-    monkeypatch.setenv('PATH', bin_dir + os.pathsep + os.environ['PATH'])
-    monkeypatch.setenv('LIBVIRT_DEFAULT_URI', 'test://' + node)
-    stand_ins = {'g1': StandIn(wd.join('g1.sock'))}
-    write_node(node, [domain_xml('g1', [('bind', stand_ins['g1'].path,
-                                         PORT)])])
     ends = {}
     daemon = None
     try:
@@ -1311,23 +1321,8 @@ def test_dumpxml_failing_from_the_start_is_not_taken_for_virsh_missing(
 @needs_virsh
 def test_virsh_failing_after_it_worked_keeps_the_guests(monkeypatch):
     wd = Workdir()
-    write_commands(wd.commands)
-    node = wd.join('node.xml')
-    flag = wd.join('virsh-fails')
-    bin_dir = wd.join('bin')
-    os.mkdir(bin_dir)
-    make_command(bin_dir, 'virsh', (
-        "#!/bin/sh\n"
-        "if [ -e '{0}' ]; then\n"
-        "    echo 'error: failed to connect to the hypervisor' >&2\n"
-        "    exit 1\n"
-        "fi\n"
-        "exec '{1}' \"$@\"\n").format(flag, which('virsh')))
-    monkeypatch.setenv('PATH', bin_dir + os.pathsep + os.environ['PATH'])
-    monkeypatch.setenv('LIBVIRT_DEFAULT_URI', 'test://' + node)
-    stand_ins = {'g1': StandIn(wd.join('g1.sock'))}
-    write_node(node, [domain_xml('g1', [('bind', stand_ins['g1'].path,
-                                         PORT)])])
+    flag, stand_ins = guest_g1_and_a_virsh_that_fails(
+        wd, monkeypatch, '*', 'error: failed to connect to the hypervisor')
     ends = {}
     daemon = None
     try:
