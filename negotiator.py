@@ -116,6 +116,12 @@ if PY3:
     def output_text(data):
         """A child's output as this Python's str, names byte for byte."""
         return data.decode('utf-8', 'surrogateescape')  # novm
+
+    def local_timezone():
+        """The local time zone's abbreviation, and its offset east of UTC
+        in seconds, now."""
+        now = time.localtime()
+        return now.tm_zone, now.tm_gmtoff
 else:
     def _start_child():
         """In a command's child, before exec: a session of its own, and
@@ -183,6 +189,10 @@ else:
 
     def output_text(data):
         return data
+
+    def local_timezone():
+        dst = time.localtime().tm_isdst > 0
+        return time.tzname[dst], -(time.altzone if dst else time.timezone)
 
 
 # ============================================================================
@@ -2088,6 +2098,8 @@ class Server(object):
         ('guest-info', 'rpc_info', ()),
         ('guest-get-host-name', 'rpc_host_name', ()),
         ('guest-get-osinfo', 'rpc_osinfo', ()),
+        ('guest-get-time', 'rpc_time', ()),
+        ('guest-get-timezone', 'rpc_timezone', ()),
         ('guest-network-get-interfaces', 'rpc_network_interfaces', ()),
         ('negotiator-list-commands', 'rpc_list_commands', ()),
         ('negotiator-execute', 'rpc_execute', (
@@ -2281,6 +2293,14 @@ class Server(object):
         if release.get('VERSION'):
             result['version'] = release['VERSION']
         return result
+
+    def rpc_time(self, arguments, request_id):
+        """Nanoseconds since the epoch, to the microsecond, as qemu-ga."""
+        return int(time.time() * 1000000) * 1000
+
+    def rpc_timezone(self, arguments, request_id):
+        zone, offset = local_timezone()
+        return {'zone': wire_text(zone), 'offset': offset}
 
     def rpc_network_interfaces(self, arguments, request_id):
         return network_interfaces()

@@ -38,6 +38,7 @@ qemu-ga missing is a FAILURE, not a skip: scripts/test installs it.
 Must stay valid on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -93,6 +94,13 @@ def qemu_ga_path():
 @pytest.fixture(scope='module')
 def qga(qemu_ga_path):
     """The real qemu-ga on a UNIX socket; yields the socket path."""
+    with serving_qga(qemu_ga_path) as sock:
+        yield sock
+
+
+@contextlib.contextmanager
+def serving_qga(qemu_ga_path, env=None):
+    """The real qemu-ga on a UNIX socket, in ``env``: its socket's path."""
     workdir = Workdir()
     state = workdir.join('state')
     os.mkdir(state)                     # qemu-ga exits if it is missing
@@ -102,7 +110,7 @@ def qga(qemu_ga_path):
     process = subprocess.Popen(
         [qemu_ga_path, '-m', 'unix-listen', '-p', sock, '-t', state],
         stdin=open(os.devnull), stdout=log_file, stderr=subprocess.STDOUT,
-        close_fds=True)
+        close_fds=True, env=env)
     try:
         wait_for(lambda: process.poll() is not None or connectable(sock))
         if process.poll() is not None:
@@ -206,6 +214,11 @@ EXACT = [
                                   'arguments': {'x': 1}}),
     ('sync-unexpected-argument', sync({'id': 1, 'x': 2})),
     ('host-name', {'execute': 'guest-get-host-name'}),
+    ('timezone', {'execute': 'guest-get-timezone'}),
+    ('timezone-unexpected-argument', {'execute': 'guest-get-timezone',
+                                      'arguments': {'x': 1}}),
+    ('time-unexpected-argument', {'execute': 'guest-get-time',
+                                  'arguments': {'x': 1}}),
 ]
 
 
@@ -291,6 +304,37 @@ def test_network_interface_members(qga, agent):
     assert [sorted(i) for i in actual] == [sorted(i) for i in expected]
 
 
+def test_time(qga, agent):
+    """Nanoseconds since the epoch, to the microsecond, on both."""
+    before = int(time.time()) * 10 ** 9
+    expected, actual = both(qga, agent, {'execute': 'guest-get-time'})
+    after = int(time.time() + 1) * 10 ** 9
+    for reply in (expected, actual):
+        assert sorted(reply) == ['return']
+        assert isinstance(reply['return'], INTEGERS)
+        assert before <= reply['return'] <= after
+        assert reply['return'] % 1000 == 0
+
+
+@pytest.mark.parametrize('zone', ['UTC', 'Europe/Paris', 'America/New_York',
+                                  'Asia/Kolkata', 'EST5EDT', 'XYZ+3'])
+def test_timezone_in_other_zones(qemu_ga_path, zone):
+    """guest-get-timezone as each sees TZ (libvirt: guestinfo
+    --timezone)."""
+    env = dict(os.environ, TZ=zone)
+    workdir = Workdir()
+    running = Agent(workdir, env=env)
+    try:
+        with serving_qga(qemu_ga_path, env) as qga:
+            expected, actual = both(qga, running, {
+                'execute': 'guest-get-timezone'})
+    finally:
+        running.stop()
+        workdir.cleanup()
+    assert actual == expected
+    assert sorted(actual['return']) == ['offset', 'zone']
+
+
 def test_guest_info(qga, agent):
     expected, actual = both(qga, agent, {'execute': 'guest-info'})
     theirs, ours = expected['return'], actual['return']
@@ -309,6 +353,7 @@ def test_guest_info(qga, agent):
             assert entry == by_name[entry['name']]
     for name in ('guest-sync', 'guest-sync-delimited', 'guest-ping',
                  'guest-info', 'guest-get-host-name', 'guest-get-osinfo',
+                 'guest-get-time', 'guest-get-timezone',
                  'guest-network-get-interfaces'):
         assert name in shared
 
