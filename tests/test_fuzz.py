@@ -248,6 +248,7 @@ AGENT_REQUESTS = [
     ('guest-sync-delimited', 8), ('guest-ping', 10), ('guest-info', 5),
     ('negotiator-list-commands', 5), ('guest-get-host-name', 3),
     ('guest-get-osinfo', 2), ('guest-network-get-interfaces', 2),
+    ('guest-get-time', 2), ('guest-get-timezone', 2),
 ]
 DAEMON_REQUESTS = [
     ('negotiator-execute', 30), ('guest-sync', 12),
