@@ -3483,8 +3483,7 @@ class Discovery(object):
         """Run virsh: ``on_done(output, None)``, or ``(None, why)``."""
         out = []
         err = []
-
-        delivered = []
+        delivered = []  # on_done() was called
 
         def collect(stream, data):
             (out if stream == 'out-data' else err).append(data)
@@ -3819,7 +3818,7 @@ class HostDaemon(object):
         self.channel_dir = channel_dir
         self.rescan_every = rescan
         self.links = {}
-        #: It describes a domain without our ports again only once that
+        #: A domain without our ports is described again only once it
         #: restarts (or on SIGHUP).
         self.discovery = Discovery(loop, self.children, connect,
                                    GUEST_TO_HOST_PORT)
