@@ -78,6 +78,13 @@ def communicate(process, stdin, deadline):
     return result['out']
 
 
+def remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def make_command(directory, name, script, mode=0o755):
     """Write an executable command file; returns its path."""
     path = os.path.join(directory, name)

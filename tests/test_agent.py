@@ -19,20 +19,27 @@ import pytest
 
 import negotiator
 from helpers import (HANG, GuestProcess, Workdir, make_command, process_state,
-                     run_cli, wait_for)
+                     remove_quietly, run_cli, wait_for)
 
 
 class PtyPort(object):
-    """A pty whose slave path the agent opens as its device."""
+    """A pty whose slave path the agent opens as its device.
+
+    The agent's lock file is named after the pty, and pty numbers are
+    shared with every other test run on the machine: the file is removed
+    while this pty still holds its number, never after.
+    """
 
     def __init__(self):
         self.master, slave = os.openpty()
         tty.setraw(slave)
         self.path = os.ttyname(slave)
         self.slave = slave
+        PORTS.append(self)
 
     def release_slave(self):
         os.close(self.slave)
+        self.slave = None
 
     def send(self, message):
         os.write(self.master, json.dumps(message).encode('ascii') + b'\n')
@@ -53,7 +60,16 @@ class PtyPort(object):
         return json.loads(self.read_line().decode('ascii'))
 
     def hang_up(self):
-        os.close(self.master)
+        """Close the host's side; the agent may go on holding the lock."""
+        if self.master is not None:
+            remove_quietly(negotiator.lock_path_for(self.path))
+            os.close(self.master)
+            self.master = None
+
+    def close(self):
+        self.hang_up()
+        if self.slave is not None:
+            self.release_slave()
 
 
 class PortAgent(GuestProcess):
@@ -62,9 +78,6 @@ class PortAgent(GuestProcess):
     def __init__(self, workdir, device, name='agent'):
         GuestProcess.__init__(self, workdir, ['-v', '--device', device], name)
         STARTED.append(self.process)
-        # The lock file outlives the agent, named after the device (a pty
-        # here): removed after the test, not to pile up in /run/lock.
-        LOCKS.append(negotiator.lock_path_for(device))
 
 
 def serve_pty(workdir):
@@ -78,8 +91,8 @@ def serve_pty(workdir):
 
 #: Agents started by the current test, killed if the test left them running.
 STARTED = []
-#: Their lock files.
-LOCKS = []
+#: The test's ptys, closed after it.
+PORTS = []
 
 
 @pytest.fixture
@@ -91,12 +104,10 @@ def workdir():
         if process.poll() is None:
             process.kill()
             process.wait()
-    while LOCKS:
-        try:
-            os.unlink(LOCKS.pop())
-        except OSError:
-            pass
+    while PORTS:
+        PORTS.pop().close()
     workdir.cleanup()
+
 
 
 def test_port_served_then_idle_without_spinning_after_hang_up(workdir):
@@ -134,13 +145,18 @@ def test_second_agent_on_the_same_port_exits_clearly(workdir):
 def test_agent_waits_for_a_port_that_appears_later(workdir):
     port = PtyPort()
     link = workdir.join('vport')
+    link_lock = negotiator.lock_path_for(link)
     agent = PortAgent(workdir, link)
     agent.wait_log('does not exist yet; waiting for it')
-    os.symlink(port.path, link)
-    agent.wait_log('serving port')
-    port.release_slave()
-    assert port.call({'execute': 'guest-ping'}) == {'return': {}}
-    agent.stop()
+    try:
+        os.symlink(port.path, link)
+        agent.wait_log('serving port')
+        port.release_slave()
+        assert port.call({'execute': 'guest-ping'}) == {'return': {}}
+        agent.stop()
+    finally:
+        # Locked before the link existed: named after the link.
+        remove_quietly(link_lock)
 
 
 def test_background_process_of_a_command_neither_delays_nor_holds_the_port(
@@ -246,8 +262,6 @@ def test_busy_port_is_retried_with_one_log_line(workdir, monkeypatch, caplog):
     finally:
         service.stop()
         loop.close()
-        os.close(port.slave)
-        os.close(port.master)
 
 
 def test_a_signal_that_arrives_during_a_turn_is_handled_in_that_turn():

@@ -38,7 +38,7 @@ import pytest
 
 import negotiator
 from helpers import (HANG, NEGOTIATOR, ROOT, Workdir, b, communicate,
-                     make_command, run_cli, wait_for)
+                     make_command, remove_quietly, run_cli, wait_for)
 
 GUEST_NAME = 'g1'
 
@@ -304,13 +304,6 @@ class Port(object):
             # so the lock file named after it is ours to remove.
             remove_quietly(self.lock_path)
             self.bridge.stop()
-
-
-def remove_quietly(path):
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 @pytest.fixture(scope='module')
