@@ -213,6 +213,13 @@ FALLBACK_DEVICE = '/dev/vport0p1'
 DEFAULT_CHANNEL_DIR = '/var/lib/libvirt/qemu/channel/target'
 #: Executables in this directory are the commands the other side may run.
 DEFAULT_COMMANDS_DIR = '/usr/lib/negotiator/commands'
+#: Requests the agent refuses unless --allow-rpcs or --block-rpcs say
+#: otherwise, as qemu-ga is shipped by RHEL and CentOS (their sysconfig
+#: block list): these run any program, or read and write any file, as root.
+DEFAULT_BLOCKED_RPCS = ('guest-file-open', 'guest-file-close',
+                        'guest-file-read', 'guest-file-write',
+                        'guest-file-seek', 'guest-file-flush', 'guest-exec',
+                        'guest-exec-status')
 #: Seconds the host client waits for a whole call by default (0 = forever).
 DEFAULT_TIMEOUT = 10.0
 #: The longest timeout accepted, in seconds (about 31 years).
@@ -2086,6 +2093,7 @@ class Server(object):
     :param children: the Children registry that reaps the commands run.
     :param env: extra environment variables for the commands run.
     :param on_disconnect: called after the client has gone.
+    :param refused: names of requests answered "has been disabled".
     """
 
     #: The requests served: (name, method, parameters), each parameter as
@@ -2112,7 +2120,7 @@ class Server(object):
     ERROR_LOG_LEVEL = INFO
 
     def __init__(self, loop, fd, name, commands, children, env=None,
-                 on_disconnect=None):
+                 on_disconnect=None, refused=()):
         self.loop = loop
         self.commands = commands
         self.children = children
@@ -2127,6 +2135,7 @@ class Server(object):
         self.methods = {}
         for request, method, parameters in self.REQUESTS:
             self.methods[request] = (getattr(self, method), parameters)
+        self.refused = refused
         self.channel = Channel(loop, fd, self, name)
 
     # -- what the channel reports ------------------------------------------
@@ -2239,6 +2248,9 @@ class Server(object):
             raise RequestError(
                 u('The command {0} has not been found').format(shown(name)),
                 'CommandNotFound')
+        if name in self.refused:
+            raise RequestError('Command {0} has been disabled'.format(name),
+                               'CommandNotFound')
         return name, arguments
 
     def _send_return(self, request_id, result):
@@ -2272,8 +2284,8 @@ class Server(object):
     def rpc_info(self, arguments, request_id):
         supported = []
         for name, _, _ in self.REQUESTS:
-            supported.append({'enabled': True, 'name': name,
-                              'success-response': True})
+            supported.append({'enabled': name not in self.refused,
+                              'name': name, 'success-response': True})
         return {'version': __version__, 'supported_commands': supported}
 
     def rpc_host_name(self, arguments, request_id):
@@ -2521,13 +2533,14 @@ class PortService(object):
     port is polled, and a signal per request would cost a loop turn.
 
     :param device: the port's path, or None to look for it with find_port().
+    :param serve: makes the Server of a connection: ``serve(fd, name,
+        on_disconnect)``.
     """
 
-    def __init__(self, loop, device, commands, children):
+    def __init__(self, loop, device, serve):
         self.loop = loop
         self.device = device
-        self.commands = commands
-        self.children = children
+        self.serve = serve
         self.server = None
         self._check_timer = None
         self._last_complaint = None
@@ -2561,8 +2574,7 @@ class PortService(object):
             return
         fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
         log.info('serving port %s', device)
-        self.server = Server(self.loop, fd, device, self.commands,
-                             self.children, on_disconnect=self._watch_for_host)
+        self.server = self.serve(fd, device, self._watch_for_host)
         self._watch_for_host()
 
     def _complain(self, message, *args):
@@ -2633,11 +2645,10 @@ class ListenService(object):
     negotiator on a laptop (like qemu-ga's ``-m unix-listen``).
     """
 
-    def __init__(self, loop, path, commands, children):
+    def __init__(self, loop, path, serve):
         self.loop = loop
         self.path = path
-        self.commands = commands
-        self.children = children
+        self.serve = serve
         self.servers = {}
         self.sock = None
         #: Running out of descriptors was logged, and not accepting since.
@@ -2666,9 +2677,8 @@ class ListenService(object):
         set_nonblocking(conn.fileno())
         name = '{0}#{1}'.format(self.path, conn.fileno())
         log.debug('%s: client connected', name)
-        self.servers[conn] = Server(
-            self.loop, conn.fileno(), name, self.commands, self.children,
-            on_disconnect=lambda: self._forget(conn))
+        self.servers[conn] = self.serve(conn.fileno(), name,
+                                        lambda: self._forget(conn))
 
     def _pause_accepting(self, error):
         """Out of descriptors (or memory): leave new clients waiting in the
@@ -2723,19 +2733,54 @@ def refuse_if_served(path):
         'one'.format(path))
 
 
+def refused_requests(requests, allowed, blocked):
+    """The names of the requests the agent refuses, by qemu-ga's rules.
+
+    With an allow list only the requests it names are served, with a block
+    list all but those it names, with both those allowed and not blocked;
+    with neither, all but DEFAULT_BLOCKED_RPCS.  A name the agent does not
+    serve is ignored with a warning: a list written for qemu-ga may name
+    requests negotiator does not have (guest-fsfreeze-freeze, ...).
+
+    :param allowed: the names of --allow-rpcs, or None.
+    :param blocked: the names of --block-rpcs, or None.
+    """
+    served = [request[0] for request in requests]
+    for option, names in (('--allow-rpcs', allowed),
+                          ('--block-rpcs', blocked)):
+        for name in sorted(set(names or ()) - set(served)):
+            log.warning('%s: %s is not a request negotiator serves; '
+                        'ignored', option, name)
+    if allowed is None and blocked is None:
+        blocked = DEFAULT_BLOCKED_RPCS
+    refused = set(blocked or ())
+    if allowed is not None:
+        refused.update(set(served) - set(allowed))
+    refused = frozenset(refused.intersection(served))
+    if refused:
+        log.info('refusing the requests %s', ', '.join(sorted(refused)))
+    return refused
+
+
 def run_guest(options):
     """The guest agent's main loop; returns when SIGTERM or SIGINT arrive."""
     commands = CommandSet(options.commands_dir, BUILTINS)
     children = Children()
     loop = Loop()
+    refused = refused_requests(Server.REQUESTS, options.allow_rpcs,
+                               options.block_rpcs)
+
+    def serve(fd, name, on_disconnect):
+        return Server(loop, fd, name, commands, children,
+                      on_disconnect=on_disconnect, refused=refused)
     lock_fd = None
     try:
         if options.listen:
-            service = ListenService(loop, options.listen, commands, children)
+            service = ListenService(loop, options.listen, serve)
         else:
             device = options.device or find_port() or FALLBACK_DEVICE
             lock_fd = take_lock(lock_path_for(device))
-            service = PortService(loop, options.device, commands, children)
+            service = PortService(loop, options.device, serve)
         loop.stop_on(signal.SIGTERM, signal.SIGINT)
         loop.on_signal(signal.SIGCHLD, children.check)
         service.start()
@@ -4220,6 +4265,19 @@ def guest_parser():
                       help='serve a UNIX socket at PATH instead of a port '
                       '(to try negotiator without a VM)')
     add_service_options(parser, 'the host')
+    group = optparse.OptionGroup(
+        parser, 'Requests served (qemu-ga\'s options)',
+        '    LIST: request names, comma-separated; the options may be\n'
+        '    repeated; "help" prints the names.  Without either option,\n'
+        '    guest-exec, guest-exec-status and guest-file-* are refused,\n'
+        '    as RHEL and CentOS ship qemu-ga; a --block-rpcs replaces\n'
+        '    that list (--block-rpcs "" refuses none).')
+    group.add_option('-a', '--allow-rpcs', metavar='LIST', action='append',
+                     help='serve only these requests')
+    group.add_option('-b', '--block-rpcs', metavar='LIST', action='append',
+                     help='refuse these requests ("Command ... has been '
+                     'disabled")')
+    parser.add_option_group(group)
     parser.add_option('--call', action='store_true',
                       help='run COMMAND [ARG...] on the host')
     add_call_options(parser, 'host')
@@ -4308,10 +4366,27 @@ def parse_guest_mode(args):
         parser.error('unexpected arguments: {0} (to run a command on the '
                      'host: --call COMMAND)'.format(' '.join(extra)))
     check_timeout(parser, options)
+    lists = (options.allow_rpcs, options.block_rpcs)
+    if calling and lists != (None, None):
+        parser.error('--allow-rpcs and --block-rpcs are options of the '
+                     'agent, not of --call, --list or --ping')
+    options.allow_rpcs, options.block_rpcs = [
+        None if values is None else
+        [name for value in values for name in value.split(',') if name]
+        for values in lists]
+    if 'help' in (options.allow_rpcs or []) + (options.block_rpcs or []):
+        return options, print_request_names
     setup_logging(options.verbosity, options.syslog, now=not calling)
     if calling:
         return options, lambda: run_guest_call(options, extra)
     return options, lambda: run_guest(options)
+
+
+def print_request_names():
+    """--allow-rpcs help: the requests the agent serves, one a line."""
+    for request in Server.REQUESTS:
+        print(request[0])
+    return 0
 
 
 def parse_host_mode(args):

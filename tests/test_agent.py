@@ -18,8 +18,9 @@ import tty
 import pytest
 
 import negotiator
-from helpers import (HANG, GuestProcess, Workdir, make_command, process_state,
-                     remove_quietly, run_cli, wait_for)
+from helpers import (HANG, Agent, GuestProcess, RawClient, Workdir,
+                     make_command, process_state, remove_quietly, run_cli,
+                     wait_for)
 
 
 class PtyPort(object):
@@ -246,9 +247,11 @@ def test_busy_port_is_retried_with_one_log_line(workdir, monkeypatch, caplog):
     monkeypatch.setattr(negotiator, 'OPEN_RETRY', 0.05)
     caplog.set_level(logging.INFO, logger='negotiator')
     loop = negotiator.Loop()
+    commands = negotiator.CommandSet(workdir.commands, {})
+    children = negotiator.Children()
     service = negotiator.PortService(
-        loop, port.path, negotiator.CommandSet(workdir.commands, {}),
-        negotiator.Children())
+        loop, port.path, lambda fd, name, on_disconnect: negotiator.Server(
+            loop, fd, name, commands, children, on_disconnect=on_disconnect))
     try:
         service.start()
         deadline = time.time() + HANG
@@ -367,3 +370,69 @@ def test_commands_inherit_no_descriptor_of_the_agent(workdir):
         0, b'0\n1\n2\n3\n', b'')
     agent.terminate()
     assert agent.wait() == 0
+
+
+# ---------------------------------------------------------------------------
+# --allow-rpcs and --block-rpcs (the differential test with qemu-ga's -b is
+# in test_qemu_ga.py)
+
+REQUESTS = [request[0] for request in negotiator.Server.REQUESTS]
+
+
+@pytest.mark.parametrize('allowed, blocked, refused', [
+    (None, None, set(negotiator.DEFAULT_BLOCKED_RPCS)),
+    (None, [], set()),
+    (None, ['guest-ping'], {'guest-ping'}),
+    (['guest-ping', 'guest-info'], None,
+     set(REQUESTS) - {'guest-ping', 'guest-info'}),
+    (['guest-ping', 'guest-info'], ['guest-info'], set(REQUESTS) - {
+        'guest-ping'}),
+    ([], None, set(REQUESTS)),
+])
+def test_refused_requests_follow_qemu_gas_rules(allowed, blocked, refused):
+    assert negotiator.refused_requests(
+        negotiator.Server.REQUESTS, allowed, blocked) == frozenset(
+            refused & set(REQUESTS))
+
+
+def test_an_agent_serves_only_the_allowed_requests(workdir):
+    agent = Agent(workdir, ['-a', 'guest-ping', '--allow-rpcs',
+                            'guest-info,,guest-fsfreeze-freeze'])
+    try:
+        client = RawClient(agent.socket)
+        replies = []
+        for message in ({'execute': 'guest-ping', 'id': 1},
+                        {'execute': 'negotiator-list-commands', 'id': 2},
+                        {'execute': 'guest-nosuch', 'id': 3},
+                        {'execute': 'guest-info'}):
+            client.request(message)
+            replies.append(json.loads(client.read_line().decode('ascii')))
+        client.close()
+        info = replies.pop()
+    finally:
+        log = agent.stop()
+    assert replies == [
+        {'return': {}, 'id': 1},
+        {'error': {'class': 'CommandNotFound', 'desc': 'Command '
+                   'negotiator-list-commands has been disabled'}, 'id': 2},
+        {'error': {'class': 'CommandNotFound', 'desc': 'The command '
+                   'guest-nosuch has not been found'}, 'id': 3}]
+    enabled = [entry['name'] for entry in info['return']['supported_commands']
+               if entry['enabled']]
+    assert enabled == ['guest-ping', 'guest-info']
+    assert ('negotiator: --allow-rpcs: guest-fsfreeze-freeze is not a '
+            'request negotiator serves; ignored\n') in log
+
+
+@pytest.mark.parametrize('options', [['--allow-rpcs=help'],
+                                     ['-b', 'guest-ping,help']])
+def test_help_as_a_request_list_prints_the_requests(options):
+    assert run_cli(['guest'] + options) == (
+        0, ''.join(name + '\n' for name in REQUESTS).encode('ascii'), b'')
+
+
+def test_request_lists_are_refused_when_calling_the_host():
+    status, out, err = run_cli(['guest', '--call', '-b', 'guest-ping', 'x'])
+    assert (status, out) == (2, b'')
+    assert err.endswith(b'error: --allow-rpcs and --block-rpcs are options '
+                        b'of the agent, not of --call, --list or --ping\n')

@@ -99,8 +99,9 @@ def qga(qemu_ga_path):
 
 
 @contextlib.contextmanager
-def serving_qga(qemu_ga_path, env=None):
-    """The real qemu-ga on a UNIX socket, in ``env``: its socket's path."""
+def serving_qga(qemu_ga_path, env=None, args=()):
+    """The real qemu-ga on a UNIX socket, in ``env``, with ``args``: its
+    socket's path."""
     workdir = Workdir()
     state = workdir.join('state')
     os.mkdir(state)                     # qemu-ga exits if it is missing
@@ -108,7 +109,8 @@ def serving_qga(qemu_ga_path, env=None):
     log_path = workdir.join('qga.log')
     log_file = open(log_path, 'wb')
     process = subprocess.Popen(
-        [qemu_ga_path, '-m', 'unix-listen', '-p', sock, '-t', state],
+        [qemu_ga_path, '-m', 'unix-listen', '-p', sock, '-t', state] +
+        list(args),
         stdin=open(os.devnull), stdout=log_file, stderr=subprocess.STDOUT,
         close_fds=True, env=env)
     try:
@@ -356,6 +358,35 @@ def test_guest_info(qga, agent):
                  'guest-get-time', 'guest-get-timezone',
                  'guest-network-get-interfaces'):
         assert name in shared
+
+
+def test_blocked_requests(qemu_ga_path):
+    """-b LIST: the same refusals, the same guest-info, and names neither
+    serves are ignored."""
+    options = ['-b', 'guest-ping,guest-get-time,guest-nosuch']
+    workdir = Workdir()
+    running = Agent(workdir, options)
+    try:
+        with serving_qga(qemu_ga_path, args=options) as qga:
+            replies = [both(qga, running, message) for message in (
+                ping(5), {'execute': 'guest-get-time'},
+                {'execute': 'guest-get-host-name'}, {'execute': 'guest-info'})]
+    finally:
+        log = running.stop()
+        workdir.cleanup()
+    for expected, actual in replies[:3]:
+        assert actual == expected
+    assert replies[0][1] == {'id': 5, 'error': {
+        'class': 'CommandNotFound', 'desc': 'Command guest-ping has been '
+        'disabled'}}
+    assert 'return' in replies[2][1]
+    for supported in (replies[3][0], replies[3][1]):
+        enabled = dict((entry['name'], entry['enabled'])
+                       for entry in supported['return']['supported_commands'])
+        assert (enabled['guest-ping'], enabled['guest-get-time'],
+                enabled['guest-info']) == (False, False, True)
+    assert ('negotiator: --block-rpcs: guest-nosuch is not a request '
+            'negotiator serves; ignored\n') in log
 
 
 # ---------------------------------------------------------------------------
