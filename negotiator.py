@@ -293,6 +293,9 @@ CUT_OFF_PAUSE = 30.0
 GARBAGE_LIMIT = 16
 #: Seconds a virsh call may take before it is killed.
 VIRSH_TIMEOUT = 30.0
+#: The virsh command that follows libvirt's lifecycle events for the host
+#: daemon: a line for each domain started, stopped, ...
+VIRSH_EVENTS = 'event --loop --event lifecycle'
 #: Seconds --list-guests waits for each guest's agent to answer.
 PROBE_TIMEOUT = 2.0
 
@@ -3826,6 +3829,8 @@ class GuestLink(object):
         if not self._trouble_logged:
             log.info('guest %s: connection closed (guest stopped?); '
                      'reconnecting', self.name)
+            # Stopped, its socket may be gone; restarted, at a new path.
+            self.daemon.rescan()
         self._retry_later()
 
     def _retry_later(self):
@@ -3867,8 +3872,12 @@ class HostDaemon(object):
         #: restarts (or on SIGHUP).
         self.discovery = Discovery(loop, self.children, connect,
                                    GUEST_TO_HOST_PORT)
-        #: A virsh child is running (one at a time).
+        #: A virsh child is running (one at a time), and whether to look
+        #: again once it is done: something changed meanwhile.
         self._scanning = False
+        self._scan_again = False
+        #: ``virsh event`` ended with an error, logged.
+        self._events_failed = False
         self._virsh_worked = False
         self._virsh_failed = False
         self._timer = None
@@ -3877,6 +3886,48 @@ class HostDaemon(object):
         self.loop.on_signal(signal.SIGCHLD, self.children.check)
         self.loop.on_signal(signal.SIGHUP, self.rescan_now)
         self.rescan()
+        if self.pairs is None and self.channel_dir is None:
+            self._follow_events()
+
+    def _follow_events(self):
+        """Look again at every lifecycle event libvirt reports, so that a
+        guest just started is served within a second, not at the next
+        rescan.  Whenever ``virsh event`` ends (libvirtd restarted, or a
+        virsh too old to have it) it starts again a rescan later; the
+        rescans go on meanwhile."""
+        err = []
+
+        def on_output(stream, data):
+            if stream == 'out-data':
+                self.rescan()
+            elif len(err) < 4:
+                err.append(data)
+
+        def on_exit(result):
+            why = first_line(b''.join(err).decode('utf-8', 'replace'))
+            ended('virsh event ended: {0}'.format(
+                why or describe_result(result)))
+
+        def ended(why):
+            if not self._events_failed:
+                self._events_failed = True
+                log.warning('%s; following guests by looking every %g s',
+                            printable(why), self.rescan_every)
+            self.loop.call_later(self.rescan_every, self._follow_events)
+
+        def failed(error):
+            log_failure('virsh event', 'starting it again later', error)
+            process[0].kill()
+            ended('virsh event failed')
+
+        process = []
+        try:
+            process.append(Process(
+                self.loop, self.children, virsh_argv(self.connect,
+                                                     VIRSH_EVENTS),
+                virsh_env(), b'', 0, on_output, on_exit, failed))
+        except OSError as e:
+            ended('cannot run virsh: {0}'.format(e.strerror))
 
     def rescan_now(self):
         """SIGHUP: look for guests now, and retry waiting connections."""
@@ -3894,7 +3945,9 @@ class HostDaemon(object):
             self.update(self.pairs)
         elif self.channel_dir is not None:
             self.update(self._scanned(self.channel_dir))
-        elif not self._scanning:
+        elif self._scanning:
+            self._scan_again = True
+        else:
             self._scanning = True
             self.discovery.look(self._on_libvirt)
 
@@ -3907,6 +3960,9 @@ class HostDaemon(object):
 
     def _on_libvirt(self, guests, error):
         self._scanning = False
+        if self._scan_again:
+            self._scan_again = False
+            self.loop.call_later(0, self.rescan)
         if guests is not None:
             self._virsh_worked = True
         if error:
@@ -4195,7 +4251,9 @@ guest from one process, running the commands directory's executables for
 and NEGOTIATOR_VERSION in their environment.  Guests are the --guest pairs
 given; else the sockets in --channel-dir when given; else libvirt's running
 guests, from virsh (the sockets in libvirt's channel directory while virsh
-has never worked).  It looks again every --rescan seconds and on SIGHUP.
+has never worked).  It looks again every --rescan seconds, on SIGHUP, and
+with libvirt at each lifecycle event (virsh event) and when a guest's
+socket closes.
 SIGTERM or SIGINT stop it and the commands it runs."""
 
 

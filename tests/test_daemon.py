@@ -15,6 +15,7 @@ import base64
 import fcntl
 import json
 import os
+import re
 import resource
 import select
 import signal
@@ -1348,6 +1349,141 @@ def test_virsh_failing_after_it_worked_keeps_the_guests(monkeypatch):
             'negotiator: guest g1: connected to {0}'.format(
                 stand_ins['g1'].path)]
         assert not stand_ins['g1'].waiting(0)
+        daemon.stop()
+    finally:
+        if daemon is not None:
+            daemon.kill()
+        close_all(stand_ins, ends)
+        wd.cleanup()
+
+
+# libvirt's lifecycle events: a guest that starts is served at once
+# ---------------------------------------------------------------------------
+
+def a_virsh_with_events(wd, monkeypatch, event_script):
+    """A virsh first in PATH: ``event ...`` runs ``event_script`` (shell),
+    anything else libvirt's test driver on the node returned, logging
+    ``done ARGS`` to the file returned once it answered."""
+    node = wd.join('node.xml')
+    calls = wd.join('virsh-calls')
+    bin_dir = wd.join('bin')
+    os.mkdir(bin_dir)
+    make_command(bin_dir, 'virsh', (
+        "#!/bin/sh\n"
+        "case \"$*\" in event*) {0};; esac\n"
+        "'{1}' \"$@\"; status=$?\n"
+        "echo \"done $*\" >> '{2}'\n"
+        "exit $status\n").format(event_script, which('virsh'), calls))
+    monkeypatch.setenv('PATH', bin_dir + os.pathsep + os.environ['PATH'])
+    monkeypatch.setenv('LIBVIRT_DEFAULT_URI', 'test://' + node)
+    write_node(node, [])
+    return node, calls
+
+
+def lines_of(path):
+    try:
+        with open(path) as handle:
+            return handle.read().splitlines()
+    except IOError:
+        return []
+
+
+@needs_virsh
+def test_a_guest_that_starts_is_served_at_its_lifecycle_event(monkeypatch):
+    """No rescan is due for an hour: only the event can make the daemon
+    look again."""
+    wd = Workdir()
+    write_commands(wd.commands)
+    started = wd.join('started')
+    node, calls = a_virsh_with_events(wd, monkeypatch, (
+        "while [ ! -e '{0}' ]; do sleep 0.05; done\n"
+        "echo \"event 'lifecycle' for domain 'g1': Started Booted\"\n"
+        "exec sleep 3600").format(started))
+    stand_ins = {'g1': StandIn(wd.join('g1.sock'))}
+    ends = {}
+    daemon = None
+    try:
+        daemon = Daemon(wd, ['--rescan', '3600'])
+        wait_for(lambda: any(line.startswith('done list')
+                             for line in lines_of(calls)))
+        write_node(node, [domain_xml('g1', [('bind', stand_ins['g1'].path,
+                                             PORT)])])
+        assert not stand_ins['g1'].waiting(0.2)
+        open(started, 'w').close()
+        ends['g1'] = stand_ins['g1'].accept()
+        assert_served(ends['g1'], 'g1')
+        assert [line.split(';')[0] for line in lines_of(calls)] == [
+            'done list', 'done list', 'done dumpxml --domain "1"']
+        daemon.stop()
+    finally:
+        if daemon is not None:
+            daemon.kill()
+        close_all(stand_ins, ends)
+        wd.cleanup()
+
+
+@needs_virsh
+def test_a_guest_whose_socket_closes_is_looked_for_again_at_once(
+        monkeypatch):
+    """Its domain restarted: a new id, its socket at a new path."""
+    wd = Workdir()
+    write_commands(wd.commands)
+    node, calls = a_virsh_with_events(wd, monkeypatch, 'exec sleep 3600')
+    stand_ins = {'old': StandIn(wd.join('old.sock')),
+                 'new': StandIn(wd.join('new.sock'))}
+    write_node(node, [domain_xml('g1', [('bind', stand_ins['old'].path,
+                                         PORT)])])
+    ends = {}
+    daemon = None
+    try:
+        daemon = Daemon(wd, ['--rescan', '3600'])
+        ends['old'] = stand_ins['old'].accept()
+        assert_served(ends['old'], 'g1')
+        # Another domain started first: g1's id is 2 now.
+        write_node(node, [domain_xml('other'), domain_xml(
+            'g1', [('bind', stand_ins['new'].path, PORT)])])
+        stand_ins['old'].close()
+        ends.pop('old').close()
+        ends['new'] = stand_ins['new'].accept()
+        assert_served(ends['new'], 'g1')
+        assert [line for line in daemon.lines() if re.match(
+            'negotiator: guest g1: (gone|found|connected)', line)][-3:] == [
+            'negotiator: guest g1: gone',
+            'negotiator: guest g1: found ({0})'.format(stand_ins['new'].path),
+            'negotiator: guest g1: connected to {0}'.format(
+                stand_ins['new'].path)]
+        daemon.stop()
+    finally:
+        if daemon is not None:
+            daemon.kill()
+        close_all(stand_ins, ends)
+        wd.cleanup()
+
+
+@needs_virsh
+def test_a_virsh_without_events_leaves_the_rescans(monkeypatch):
+    """virsh event fails (an old virsh): said once, tried again at every
+    rescan, and the guests are still found by rescanning."""
+    wd = Workdir()
+    write_commands(wd.commands)
+    tries = wd.join('event-tries')
+    node, calls = a_virsh_with_events(wd, monkeypatch, (
+        "echo x >> '{0}'\n"
+        "echo \"error: unknown command: 'event'\" >&2\n"
+        "exit 1").format(tries))
+    stand_ins = {'g1': StandIn(wd.join('g1.sock'))}
+    ends = {}
+    daemon = None
+    try:
+        daemon = Daemon(wd, ['--rescan', '0.2'])
+        wait_for(lambda: len(lines_of(tries)) >= 3)
+        write_node(node, [domain_xml('g1', [('bind', stand_ins['g1'].path,
+                                             PORT)])])
+        ends['g1'] = stand_ins['g1'].accept()
+        assert_served(ends['g1'], 'g1')
+        assert [line for line in daemon.lines() if 'event' in line] == [
+            "negotiator: virsh event ended: error: unknown command: 'event'; "
+            "following guests by looking every 0.2 s"]
         daemon.stop()
     finally:
         if daemon is not None:
