@@ -48,10 +48,12 @@ def running(pid):
     return process_state(pid) not in (None, 'Z')
 
 
-def run_cli(args, stdin=b'', timeout=HANG, env=None):
-    """Run ``python negotiator.py ARGS``; returns (status, stdout, stderr)."""
+def run_cli(args, stdin=b'', timeout=HANG, env=None, prefix=()):
+    """Run ``python negotiator.py ARGS`` (after the command ``prefix``);
+    returns (status, stdout, stderr)."""
     process = subprocess.Popen(
-        [sys.executable, NEGOTIATOR] + list(args), stdin=subprocess.PIPE,
+        list(prefix) + [sys.executable, NEGOTIATOR] + list(args),
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
         close_fds=True)
     deadline = time.time() + timeout
