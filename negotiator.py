@@ -298,6 +298,13 @@ VIRSH_TIMEOUT = 30.0
 VIRSH_EVENTS = 'event --loop --event lifecycle'
 #: Seconds --list-guests waits for each guest's agent to answer.
 PROBE_TIMEOUT = 2.0
+#: Guests host --all calls at once by default, and at most (each call is
+#: a process with three pipes).
+DEFAULT_PARALLEL = 16
+MAX_PARALLEL = 256
+#: Seconds past its --timeout after which host --all kills a guest's call
+#: (which gives up by itself 2 s past it).
+CALL_GRACE = 5.0
 
 #: Where syslog listens (--syslog).
 SYSLOG_SOCKET = '/dev/log'
@@ -3704,6 +3711,134 @@ def probe_agent(path, timeout):
 
 
 # ============================================================================
+# Every guest at once: host --all
+# ============================================================================
+
+class Fleet(object):
+    """``host --all``: one command on every running guest with the port.
+
+    Each guest's call is ``host`` itself in a forked child (a Builtin:
+    nothing to start), ``--parallel`` of them at once, their output joining
+    one loop.  Each line goes out after its guest's name, as pdsh prints
+    it; with --json each guest's object goes out with "guest" added.
+
+    :param guests: ``[(name, socket path)]``.
+    """
+
+    def __init__(self, options, command, guests, stdin_data):
+        self.options = options
+        self.command = command
+        self.waiting = list(guests)
+        self.stdin_data = stdin_data
+        self.loop = Loop()
+        self.children = Children()
+        self.running = 0
+        #: The largest exit status so far.
+        self.status = 0
+        #: What ended it early: this side's output failing.
+        self.failure = None
+
+    def run(self):
+        """Every call; returns the largest of their exit statuses."""
+        try:
+            self.loop.on_signal(signal.SIGCHLD, self.children.check)
+            self._start_more()
+            while self.running and self.failure is None:
+                self.loop.run_once()
+        finally:
+            self.children.close()
+            self.loop.close()
+        if self.failure is not None:
+            raise self.failure
+        return self.status
+
+    def _start_more(self):
+        while self.waiting and self.running < self.options.parallel:
+            name, path = self.waiting.pop(0)
+            self._start(name, path)
+            self.running += 1
+
+    def _start(self, name, path):
+        prefix = wire_bytes(name) + b': '
+        partial = {'out-data': b'', 'err-data': b''}
+        kept = []  # the JSON object, with --json
+
+        def on_output(stream, data):
+            if self.options.json and stream == 'out-data':
+                kept.append(data)
+            else:
+                partial[stream] = write_lines(STREAM_FDS[stream], prefix,
+                                              partial[stream] + data)
+
+        def on_exit(result):
+            self.running -= 1
+            for stream in partial:
+                write_lines(STREAM_FDS[stream], prefix, partial[stream], True)
+            status = status_of(result)
+            if self.options.json:
+                print_json(guest_result(name, b''.join(kept), status))
+            self.status = max(self.status, status)
+            self._start_more()
+
+        def failed(error):
+            self.failure = error
+
+        timeout = self.options.timeout and self.options.timeout + CALL_GRACE
+        Process(self.loop, self.children,
+                [call_guest, self.options, path, self.command], None,
+                self.stdin_data, timeout, on_output, on_exit, failed)
+
+
+def call_guest(args):
+    """A guest's call of ``host --all``, in its forked child: ``(b'',
+    exit status)``."""
+    options, path, command = args
+    try:
+        return b'', run_host(options, path, command)
+    except NegotiatorError as e:
+        return b'', report_error(e, options)
+
+
+def write_lines(fd, prefix, data, final=False):
+    """Write the whole lines of ``data``, each after ``prefix``; returns the
+    rest, a partial line, written as well when ``final`` or when longer
+    than READ_SIZE (a line without end must not grow without bound)."""
+    lines = data.split(b'\n')
+    rest = lines.pop()
+    if rest and (final or len(rest) > READ_SIZE):
+        lines.append(rest)
+        rest = b''
+    if lines:
+        write_all(fd, b''.join(prefix + line + b'\n' for line in lines))
+    return rest
+
+
+def guest_result(name, output, status):
+    """A guest's --json object: what its call printed, with "guest"."""
+    try:
+        result = json.loads(output.decode('utf-8'))
+    except ValueError:
+        result = None
+    if not isinstance(result, dict):
+        result = {'status': status}
+    result['guest'] = wire_text(name)
+    return result
+
+
+def run_all(options, command):
+    """``host --all``: the largest exit status of the guests' calls."""
+    stdin_data = read_input(options, monotonic())
+    guests = []
+    for name, _, ports in find_guests(options.connect, options.channel_dir):
+        path = ports.get(HOST_TO_GUEST_PORT) or ports.get(LEGACY_PORT)
+        if path:
+            guests.append((name, path))
+    if not guests:
+        log.warning('no running guest has a %s channel', HOST_TO_GUEST_PORT)
+    return Fleet(options, command, guests, stdin_data).run()
+
+
+# ============================================================================
 # Host daemon: every guest's guest-to-host port, served from one loop
 # ============================================================================
 
@@ -4227,6 +4362,7 @@ exit status 255."""
 
 HOST_USAGE = """%prog host [OPTIONS] GUEST|SOCKET COMMAND [ARG...]
        %prog host --list | --ping GUEST|SOCKET
+       %prog host --all [OPTIONS] COMMAND [ARG...]
        %prog host --list-guests
        %prog host --daemon [OPTIONS]
 
@@ -4244,6 +4380,11 @@ Exit statuses: the command's own (128+N when killed by signal N);
 141 the reader of the output went away;
 253 the output cannot be written here; 254 protocol error;
 255 cannot connect or no agent answering; 2 usage error.
+
+With --all: run COMMAND on every running guest with the port, --parallel
+at a time, each line of output after its guest's name ("web1: ...");
+with --json, one object per guest and line, with "guest" added.  The
+exit status is the largest of the guests' (0: it succeeded on all).
 
 With --daemon: serve the negotiator-guest-to-host.0 port of every running
 guest from one process, running the commands directory's executables for
@@ -4348,6 +4489,12 @@ def host_parser():
     parser.add_option('--list-guests', action='store_true',
                       help='list the running guests with negotiator ports, '
                       'and whether their agents answer')
+    parser.add_option('--all', action='store_true',
+                      help='run COMMAND on every running guest')
+    parser.add_option('--parallel', type='int', metavar='N',
+                      default=DEFAULT_PARALLEL,
+                      help='with --all, call N guests at once (default: '
+                      '%default)')
     group = optparse.OptionGroup(parser, 'Finding guests')
     group.add_option('--connect', metavar='URI',
                      help='libvirt URI for virsh (default: virsh\'s own)')
@@ -4451,7 +4598,7 @@ def parse_host_mode(args):
     """``(options, action)`` for ``host ...``; usage errors exit 2."""
     parser = host_parser()
     options, extra = parser.parse_args(args)
-    if len(extra) > 1 and extra[1].startswith('-'):
+    if not options.all and len(extra) > 1 and extra[1].startswith('-'):
         # Options between GUEST and COMMAND: forgiving, as ssh is.
         options, more = parser.parse_args(extra[1:], options)
         extra = extra[:1] + more
@@ -4469,6 +4616,14 @@ def parse_host_mode(args):
         if options.daemon:
             return options, lambda: run_daemon(options, pairs)
         return options, lambda: host_list_guests(options)
+    if options.all:
+        if options.list or options.ping or not extra:
+            parser.error('--all takes COMMAND [ARG...]')
+        if not 0 < options.parallel <= MAX_PARALLEL:
+            parser.error('--parallel must be from 1 to {0}'.format(
+                MAX_PARALLEL))
+        setup_logging(options.verbosity, now=False)
+        return options, lambda: run_all(options, extra)
     if not extra:
         parser.error('GUEST (or SOCKET) is missing')
     if len(extra) < 2 and not (options.list or options.ping):
@@ -4497,19 +4652,25 @@ def main(argv=None):
     try:
         return action()
     except NegotiatorError as e:
-        desc = e.text
-        if desc:
-            log.error('%s', desc, exc_info=log.isEnabledFor(DEBUG))
-        if getattr(options, 'json', False):
-            try:
-                print_json({'error': {'class': getattr(e, 'error_class',
-                                                       type(e).__name__),
-                                      'desc': desc}, 'status': e.status})
-            except OutputError:
-                pass  # what failed was stdout itself
-        return e.status
+        return report_error(e, options)
     except KeyboardInterrupt:
         return 130
+
+
+def report_error(error, options):
+    """Say why a mode failed, in its JSON object too with --json; returns
+    the exit status."""
+    if error.text:
+        log.error('%s', error.text, exc_info=log.isEnabledFor(DEBUG))
+    if getattr(options, 'json', False):
+        try:
+            print_json({'error': {'class': getattr(error, 'error_class',
+                                                   type(error).__name__),
+                                  'desc': error.text},
+                        'status': error.status})
+        except OutputError:
+            pass  # what failed was stdout itself
+    return error.status
 
 
 def take_standard_fds():
