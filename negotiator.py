@@ -396,6 +396,15 @@ class Log(object):
 
 log = Log()
 
+#: The login records guest-get-users reads (glibc's _PATH_UTMP).
+UTMP_PATH = '/var/run/utmp'
+#: One utmp record as glibc lays it out on x86_64 and i386 alike (384
+#: bytes, its login time in 32-bit seconds and microseconds): the type,
+#: the user name and the login time; the rest is skipped.
+UTMP_RECORD = struct.Struct('=h42x32s264xii36x')
+#: The type of a utmp record of a logged-in user (<utmp.h>).
+USER_PROCESS = 7
+
 
 # ============================================================================
 # Errors
@@ -2070,6 +2079,33 @@ def parse_address_message(body, families):
     return index, families[family], socket.inet_ntop(family, raw), prefix
 
 
+def logged_in_users():
+    """The users logged in, as guest-get-users lists them: one entry per
+    name, in the order of its first utmp record, with its earliest login
+    time in seconds (a float, as qemu-ga computes it).
+
+    The file is read in the loop: /var/run is a tmpfs (or the root
+    filesystem, on the oldest guests), whose reads cannot hang.  A
+    trailing partial record is left out, as glibc leaves it out.
+    """
+    data = read_bytes(UTMP_PATH) or b''
+    users = []
+    earliest = {}
+    for start in range(0, len(data) - UTMP_RECORD.size + 1, UTMP_RECORD.size):
+        kind, name, seconds, microseconds = UTMP_RECORD.unpack_from(
+            data, start)
+        if kind != USER_PROCESS:
+            continue
+        name = wire_text(name.split(b'\0', 1)[0])
+        login = float(seconds) + microseconds / 1000000.0
+        if name not in earliest:
+            earliest[name] = {'user': name, 'login-time': login}
+            users.append(earliest[name])
+        elif login < earliest[name]['login-time']:
+            earliest[name]['login-time'] = login
+    return users
+
+
 # ============================================================================
 # Serving requests: one Server per channel, on the guest and on the host
 # ============================================================================
@@ -2100,6 +2136,7 @@ class Server(object):
         ('guest-get-osinfo', 'rpc_osinfo', ()),
         ('guest-get-time', 'rpc_time', ()),
         ('guest-get-timezone', 'rpc_timezone', ()),
+        ('guest-get-users', 'rpc_users', ()),
         ('guest-network-get-interfaces', 'rpc_network_interfaces', ()),
         ('negotiator-list-commands', 'rpc_list_commands', ()),
         ('negotiator-execute', 'rpc_execute', (
@@ -2301,6 +2338,9 @@ class Server(object):
     def rpc_timezone(self, arguments, request_id):
         zone, offset = local_timezone()
         return {'zone': wire_text(zone), 'offset': offset}
+
+    def rpc_users(self, arguments, request_id):
+        return logged_in_users()
 
     def rpc_network_interfaces(self, arguments, request_id):
         return network_interfaces()

@@ -43,11 +43,13 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import time
 
 import pytest
 
+import negotiator
 from helpers import (Agent, RawClient, Workdir, connectable, run_cli,
                      wait_for)
 
@@ -99,8 +101,12 @@ def qga(qemu_ga_path):
 
 
 @contextlib.contextmanager
-def serving_qga(qemu_ga_path, env=None):
-    """The real qemu-ga on a UNIX socket, in ``env``: its socket's path."""
+def serving_qga(qemu_ga_path, env=None, wrapper=()):
+    """The real qemu-ga on a UNIX socket, in ``env``: its socket's path.
+
+    :param wrapper: a command line that runs qemu-ga's as its last
+        arguments (e.g. in a mount namespace of its own).
+    """
     workdir = Workdir()
     state = workdir.join('state')
     os.mkdir(state)                     # qemu-ga exits if it is missing
@@ -108,7 +114,8 @@ def serving_qga(qemu_ga_path, env=None):
     log_path = workdir.join('qga.log')
     log_file = open(log_path, 'wb')
     process = subprocess.Popen(
-        [qemu_ga_path, '-m', 'unix-listen', '-p', sock, '-t', state],
+        list(wrapper) + [qemu_ga_path, '-m', 'unix-listen', '-p', sock,
+                         '-t', state],
         stdin=open(os.devnull), stdout=log_file, stderr=subprocess.STDOUT,
         close_fds=True, env=env)
     try:
@@ -219,6 +226,9 @@ EXACT = [
                                       'arguments': {'x': 1}}),
     ('time-unexpected-argument', {'execute': 'guest-get-time',
                                   'arguments': {'x': 1}}),
+    ('users', {'execute': 'guest-get-users'}),
+    ('users-unexpected-argument', {'execute': 'guest-get-users',
+                                   'arguments': {'x': 1}}),
 ]
 
 
@@ -354,8 +364,58 @@ def test_guest_info(qga, agent):
     for name in ('guest-sync', 'guest-sync-delimited', 'guest-ping',
                  'guest-info', 'guest-get-host-name', 'guest-get-osinfo',
                  'guest-get-time', 'guest-get-timezone',
-                 'guest-network-get-interfaces'):
+                 'guest-network-get-interfaces', 'guest-get-users'):
         assert name in shared
+
+
+#: A utmp record as glibc writes it on x86_64 and i386: type, pid, line,
+#: id, user, host, exit status, session, login seconds and microseconds,
+#: address, padding (384 bytes).
+UTMP = struct.Struct('=h2xi32s4s32s256shhiii16s20x')
+
+
+def utmp_record(kind, user, seconds, microseconds):
+    return UTMP.pack(kind, 1, b'pts/0', b'ts/0', user, b'host', 0, 0, 0,
+                     seconds, microseconds, b'')
+
+
+#: Logged in: alice three times (her earliest login is the middle one),
+#: bob once; carol's record is a dead process's, the first a getty's; the
+#: last record is cut short, as a crash while writing leaves it.
+UTMP_FILE = b''.join([
+    utmp_record(6, b'LOGIN', 1699999000, 0),
+    utmp_record(7, b'alice', 1700000100, 500000),
+    utmp_record(7, b'bob', 1700000050, 250),
+    utmp_record(7, b'alice', 1700000000, 999999),
+    utmp_record(8, b'carol', 1690000000, 0),
+    utmp_record(7, b'alice', 1700000200, 0),
+    utmp_record(7, b'dave', 1600000000, 0)[:100]])
+
+
+def test_users_from_a_utmp_file(qemu_ga_path, monkeypatch):
+    """guest-get-users over the same utmp file: qemu-ga reads glibc's
+    /var/run/utmp, so it runs in a mount namespace of its own whose /run
+    is a tmpfs holding the file (this machine's /run is untouched);
+    negotiator reads the file its UTMP_PATH names."""
+    workdir = Workdir()
+    try:
+        path = workdir.join('utmp')
+        with open(path, 'wb') as handle:
+            handle.write(UTMP_FILE)
+        monkeypatch.setattr(negotiator, 'UTMP_PATH', path)
+        ours = json.loads(json.dumps(negotiator.logged_in_users()))
+        wrapper = ['unshare', '-m', 'sh', '-c',
+                   'mount -t tmpfs tmpfs /run && cp "$0" /run/utmp && '
+                   'exec "$@"', path]
+        with serving_qga(qemu_ga_path, wrapper=wrapper) as qga:
+            theirs = parse(exchange(qga, encode({
+                'execute': 'guest-get-users'})))
+    finally:
+        workdir.cleanup()
+    assert theirs == {'return': [
+        {'user': 'alice', 'login-time': 1700000000.999999},
+        {'user': 'bob', 'login-time': 1700000050.00025}]}
+    assert ours == theirs['return']
 
 
 # ---------------------------------------------------------------------------
