@@ -404,6 +404,15 @@ UTMP_PATH = '/var/run/utmp'
 UTMP_RECORD = struct.Struct('=h42x32s264xii36x')
 #: The type of a utmp record of a logged-in user (<utmp.h>).
 USER_PROCESS = 7
+#: Where Linux lists the processors: cpuN/online holds 1 or 0, where the
+#: processor can be taken offline.
+SYS_CPU = '/sys/devices/system/cpu'
+#: A processor's directory in SYS_CPU, as qemu-ga's sscanf("cpu%ld") takes it.
+CPU_DIRECTORY = re.compile(r'cpu([+-]?[0-9]+)')
+#: Seconds a request answered in a child (Server._answer_in_child) may
+#: take: then the child is abandoned and the request answered with an
+#: error (libvirt gives up after 5 seconds).
+CHILD_ANSWER_TIMEOUT = 10.0
 
 
 # ============================================================================
@@ -2106,6 +2115,111 @@ def logged_in_users():
     return users
 
 
+def reply_of(args):
+    """A built-in run by Server._answer_in_child: the reply that
+    ``args[0](*args[1:])`` makes, as one JSON line."""
+    try:
+        reply = {'return': args[0](*args[1:])}
+    except RequestError as e:
+        reply = {'error': {'class': e.error_class, 'desc': e.desc}}
+    return encode_message(reply), 0
+
+
+def processor_ids():
+    """The processors' numbers, in the order of SYS_CPU's entries (qemu-ga's
+    order: the directory's, not the numbers')."""
+    try:
+        names = os.listdir(SYS_CPU)
+    except OSError as e:
+        raise RequestError('failed to list entries: {0}: {1}'.format(
+            SYS_CPU, os.strerror(e.errno)))
+    return [int(match.group(1)) for match in map(CPU_DIRECTORY.match, names)
+            if match]
+
+
+def open_cpu_online(logical_id, flags):
+    """A processor's ``online`` file opened, and its path for messages.
+
+    :returns: ``(path, fd)``, fd None where the file is missing: a
+        processor (cpu0, mostly) that cannot be taken offline.
+    :raises RequestError: in qemu-ga's words, for a processor that does
+        not exist or a file that cannot be opened.
+    """
+    directory = '{0}/cpu{1}/'.format(SYS_CPU, logical_id)
+    path = directory + '/online'  # qemu-ga's messages show the "//"
+    try:
+        os.close(os.open(directory, os.O_RDONLY | os.O_DIRECTORY))
+    except OSError as e:
+        raise RequestError(sysfs_error('open', directory, e))
+    try:
+        return path, os.open(path, flags)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise RequestError(sysfs_error('open', path, e))
+        return path, None
+
+
+def sysfs_error(call, path, error):
+    return '{0}("{1}"): {2}'.format(call, path, os.strerror(error.errno))
+
+
+def read_online(path, fd):
+    """Whether the processor is online: its ``online`` file's first byte."""
+    try:
+        status = os.read(fd, 1)
+    except OSError as e:
+        raise RequestError(sysfs_error('pread', path, e))
+    if not status:
+        raise RequestError('pread("{0}"): unexpected EOF'.format(path))
+    return status != b'0'
+
+
+def vcpu_state(logical_id):
+    """One guest-get-vcpus entry."""
+    path, fd = open_cpu_online(logical_id, os.O_RDONLY)
+    if fd is None:
+        return {'logical-id': logical_id, 'online': True,
+                'can-offline': False}
+    try:
+        return {'logical-id': logical_id, 'online': read_online(path, fd),
+                'can-offline': True}
+    finally:
+        os.close(fd)
+
+
+def set_vcpus(vcpus):
+    """Bring processors on- or offline, in order, until one fails.
+
+    :returns: how many were done; the first one's error when none was.
+    """
+    for done, vcpu in enumerate(vcpus):
+        try:
+            set_vcpu(vcpu['logical-id'], vcpu['online'])
+        except RequestError:
+            if not done:
+                raise
+            return done
+    return len(vcpus)
+
+
+def set_vcpu(logical_id, online):
+    path, fd = open_cpu_online(logical_id, os.O_RDWR)
+    if fd is None:
+        if not online:
+            raise RequestError("logical processor #{0} can't be offlined"
+                               .format(logical_id))
+        return
+    try:
+        if read_online(path, fd) != online:
+            try:
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, b'1' if online else b'0')
+            except OSError as e:
+                raise RequestError(sysfs_error('pwrite', path, e))
+    finally:
+        os.close(fd)
+
+
 # ============================================================================
 # Serving requests: one Server per channel, on the guest and on the host
 # ============================================================================
@@ -2137,6 +2251,10 @@ class Server(object):
         ('guest-get-time', 'rpc_time', ()),
         ('guest-get-timezone', 'rpc_timezone', ()),
         ('guest-get-users', 'rpc_users', ()),
+        ('guest-get-vcpus', 'rpc_vcpus', ()),
+        ('guest-set-vcpus', 'rpc_set_vcpus', (('vcpus', (
+            ('logical-id', 'int', True), ('online', 'bool', True),
+            ('can-offline', 'bool', False)), True),)),
         ('guest-network-get-interfaces', 'rpc_network_interfaces', ()),
         ('negotiator-list-commands', 'rpc_list_commands', ()),
         ('negotiator-execute', 'rpc_execute', (
@@ -2342,6 +2460,15 @@ class Server(object):
     def rpc_users(self, arguments, request_id):
         return logged_in_users()
 
+    def rpc_vcpus(self, arguments, request_id):
+        """sysfs only: its reads cannot hang."""
+        return [vcpu_state(logical_id) for logical_id in processor_ids()]
+
+    def rpc_set_vcpus(self, arguments, request_id):
+        """In a child: taking a processor offline may take a while."""
+        return self._answer_in_child(request_id, set_vcpus,
+                                     arguments['vcpus'])
+
     def rpc_network_interfaces(self, arguments, request_id):
         return network_interfaces()
 
@@ -2379,6 +2506,56 @@ class Server(object):
         log.debug('%s: running %s as pid %d', self.channel.name,
                   self._command, self.process.pid)
         return None
+
+    def _answer_in_child(self, request_id, compute, *args):
+        """Reply with what ``compute(*args)`` returns, or the RequestError
+        it raises, computed in a forked child (a Builtin): work that may
+        block (a statvfs() of a dead disk) holds up only the child, the
+        reply goes out when it exits, and after CHILD_ANSWER_TIMEOUT
+        seconds it is abandoned to Children and the request answered with
+        an error."""
+        output = {'out-data': [], 'err-data': []}
+
+        def finish(result):
+            timer.cancel()
+            self.process = None
+            if result.get('exitcode') == 0:
+                reply = json.loads(b''.join(output['out-data']).decode(
+                    'ascii'))
+            else:
+                log.warning('%s: the child answering a request failed (%s): '
+                            '%s', self.channel.name, describe_result(result),
+                            printable(output_text(b''.join(
+                                output['err-data'])).strip()))
+                reply = {'error': {'class': 'GenericError', 'desc':
+                                   'negotiator failed while answering this '
+                                   'request (its log says why)'}}
+            self._reply_from_child(request_id, reply)
+
+        def give_up():
+            if self.process is not process:  # the client went meanwhile
+                return
+            process.kill()
+            self.process = None
+            self._reply_from_child(request_id, {'error': {
+                'class': 'GenericError', 'desc': 'No answer within {0:g} '
+                'seconds: the work was abandoned'.format(
+                    CHILD_ANSWER_TIMEOUT)}})
+
+        process = self.process = Process(
+            self.loop, self.children, [reply_of, compute] + list(args),
+            None, b'', 0, lambda stream, data: output[stream].append(data),
+            finish, self.on_failure)
+        timer = self.loop.call_later(CHILD_ANSWER_TIMEOUT, give_up,
+                                     self.on_failure)
+
+    def _reply_from_child(self, request_id, reply):
+        if 'error' in reply:
+            self._send_error(request_id, RequestError(
+                reply['error']['desc'], reply['error']['class']))
+        else:
+            self._send_return(request_id, reply['return'])
+        self.channel.deliver()
 
     def _send_output(self, pieces):
         for piece in pieces:
@@ -2434,28 +2611,48 @@ PARAMETER_TYPES = {
 }
 
 
-def check_arguments(arguments, parameters):
+def check_arguments(arguments, parameters, prefix=''):
     """Check a request's arguments, with qemu-ga's error messages.
 
     :param parameters: ``(name, type, required)`` tuples, checked in order;
-        members not named there are refused last.
+        members not named there are refused last.  A type that is a tuple
+        of such parameters is a list of objects with those members.
+    :param prefix: where ``arguments`` is, for the messages (``vcpus[0].``).
     :raises RequestError: for a missing, mistyped or unexpected member.
     """
     for name, kind, required in parameters:
+        path = prefix + name
         if name not in arguments:
             if required:
-                raise RequestError("Parameter '{0}' is missing".format(name))
+                raise RequestError("Parameter '{0}' is missing".format(path))
+            continue
+        if isinstance(kind, tuple):
+            check_object_list(arguments[name], kind, path)
             continue
         check, expected = PARAMETER_TYPES[kind]
         if not check(arguments[name]):
-            raise RequestError(
-                "Invalid parameter type for '{0}', expected: {1}".format(
-                    name, expected))
+            raise_mistyped(path, expected)
     known = [name for name, _, _ in parameters]
     for name in arguments:
         if name not in known:
-            raise RequestError(
-                u("Parameter '{0}' is unexpected").format(shown(name)))
+            raise RequestError(u("Parameter '{0}{1}' is unexpected").format(
+                prefix, shown(name)))
+
+
+def check_object_list(value, members, path):
+    """Check a list of objects as qemu-ga does: each object whole, in turn."""
+    if not isinstance(value, list):
+        raise_mistyped(path, 'array')
+    for index, item in enumerate(value):
+        where = '{0}[{1}]'.format(path, index)
+        if not isinstance(item, dict):
+            raise_mistyped(where, 'object')
+        check_arguments(item, members, where + '.')
+
+
+def raise_mistyped(path, expected):
+    raise RequestError("Invalid parameter type for '{0}', expected: {1}"
+                       .format(path, expected))
 
 
 # ============================================================================

@@ -190,6 +190,14 @@ def sync(arguments, name='guest-sync'):
     return {'execute': name, 'arguments': arguments}
 
 
+def vcpus(value):
+    """A guest-set-vcpus request.  The differential tests send only those
+    that change nothing on this machine: refused arguments, processors
+    that do not exist, and (test_set_vcpus_as_they_are) each processor's
+    own state, which neither agent writes back."""
+    return {'execute': 'guest-set-vcpus', 'arguments': {'vcpus': value}}
+
+
 # ---------------------------------------------------------------------------
 # Replies that must be equal once parsed.
 
@@ -229,6 +237,27 @@ EXACT = [
     ('users', {'execute': 'guest-get-users'}),
     ('users-unexpected-argument', {'execute': 'guest-get-users',
                                    'arguments': {'x': 1}}),
+    ('vcpus', {'execute': 'guest-get-vcpus'}),
+    # guest-set-vcpus: only requests that change nothing (see below).
+    ('set-vcpus-none', vcpus([])),
+    ('set-vcpus-no-such-processor', vcpus([{'logical-id': 99999,
+                                            'online': True}])),
+    ('set-vcpus-negative-id', vcpus([{'logical-id': -1, 'online': False}])),
+    ('set-vcpus-missing', {'execute': 'guest-set-vcpus'}),
+    ('set-vcpus-not-a-list', vcpus({})),
+    ('set-vcpus-not-objects', vcpus([5])),
+    ('set-vcpus-id-missing', vcpus([{'online': True}])),
+    ('set-vcpus-online-missing', vcpus([{'logical-id': 1}])),
+    ('set-vcpus-id-string', vcpus([{'logical-id': 'x', 'online': True}])),
+    ('set-vcpus-online-int', vcpus([{'logical-id': 1, 'online': 1}])),
+    ('set-vcpus-can-offline-int', vcpus([{'logical-id': 1, 'online': True,
+                                          'can-offline': 5}])),
+    ('set-vcpus-member-unexpected', vcpus([{'logical-id': 1, 'online': True,
+                                            'x': 5}])),
+    ('set-vcpus-second-not-object', vcpus([{'logical-id': 1,
+                                            'online': True}, 7])),
+    ('set-vcpus-unexpected', {'execute': 'guest-set-vcpus', 'arguments': {
+        'vcpus': [{'logical-id': 1, 'online': True}], 'z': 1}}),
 ]
 
 
@@ -364,8 +393,28 @@ def test_guest_info(qga, agent):
     for name in ('guest-sync', 'guest-sync-delimited', 'guest-ping',
                  'guest-info', 'guest-get-host-name', 'guest-get-osinfo',
                  'guest-get-time', 'guest-get-timezone',
-                 'guest-network-get-interfaces', 'guest-get-users'):
+                 'guest-network-get-interfaces', 'guest-get-users',
+                 'guest-get-vcpus', 'guest-set-vcpus'):
         assert name in shared
+
+
+def test_set_vcpus_as_they_are(qga, agent):
+    """Each processor set to the state guest-get-vcpus gives: both count
+    them all and write nothing.  A processor that cannot go offline (no
+    online file: cpu0 on x86) asked to: both refuse it, the same way."""
+    states, _ = both(qga, agent, {'execute': 'guest-get-vcpus'})
+    request = vcpus([{'logical-id': v['logical-id'], 'online': v['online']}
+                     for v in states['return']])
+    expected, actual = both(qga, agent, request)
+    assert actual == expected == {'return': len(states['return'])}
+    fixed = [v['logical-id'] for v in states['return']
+             if not v['can-offline']]
+    for logical_id in fixed:
+        expected, actual = both(qga, agent, vcpus([
+            {'logical-id': logical_id, 'online': False}]))
+        assert actual == expected
+        assert expected['error']['desc'] == (
+            "logical processor #{0} can't be offlined".format(logical_id))
 
 
 #: A utmp record as glibc writes it on x86_64 and i386: type, pid, line,
