@@ -238,6 +238,11 @@ EXACT = [
     ('users-unexpected-argument', {'execute': 'guest-get-users',
                                    'arguments': {'x': 1}}),
     ('vcpus', {'execute': 'guest-get-vcpus'}),
+    ('disks', {'execute': 'guest-get-disks'}),
+    ('disks-unexpected-argument', {'execute': 'guest-get-disks',
+                                   'arguments': {'x': 1}}),
+    ('fsinfo-unexpected-argument', {'execute': 'guest-get-fsinfo',
+                                    'arguments': {'x': 1}}),
     # guest-set-vcpus: only requests that change nothing (see below).
     ('set-vcpus-none', vcpus([])),
     ('set-vcpus-no-such-processor', vcpus([{'logical-id': 99999,
@@ -394,7 +399,8 @@ def test_guest_info(qga, agent):
                  'guest-info', 'guest-get-host-name', 'guest-get-osinfo',
                  'guest-get-time', 'guest-get-timezone',
                  'guest-network-get-interfaces', 'guest-get-users',
-                 'guest-get-vcpus', 'guest-set-vcpus'):
+                 'guest-get-vcpus', 'guest-set-vcpus', 'guest-get-fsinfo',
+                 'guest-get-disks'):
         assert name in shared
 
 
@@ -415,6 +421,69 @@ def test_set_vcpus_as_they_are(qga, agent):
         assert actual == expected
         assert expected['error']['desc'] == (
             "logical processor #{0} can't be offlined".format(logical_id))
+
+
+#: How far apart two looks at a filesystem's used bytes may be: others
+#: write to this machine's disk meanwhile.
+USED_SLACK = 256 * 1024 * 1024
+
+
+def same_filesystems(ours, theirs):
+    """guest-get-fsinfo replies equal but for the used bytes' drift."""
+    assert len(ours) == len(theirs), (ours, theirs)
+    for mine, other in zip(ours, theirs):
+        assert sorted(mine) == sorted(other), (mine, other)
+        assert abs(mine.pop('used-bytes', 0) -
+                   other.pop('used-bytes', 0)) < USED_SLACK
+        assert mine == other
+
+
+def test_fsinfo(qga, agent):
+    """This machine's block-device filesystems (libvirt: domfsinfo)."""
+    expected, actual = both(qga, agent, {'execute': 'guest-get-fsinfo'})
+    assert sorted(actual) == sorted(expected) == ['return']
+    same_filesystems(actual['return'], expected['return'])
+
+
+def test_fsinfo_of_odd_mount_points(qemu_ga_path, monkeypatch):
+    """qemu-ga in a mount namespace of its own, where the root filesystem
+    is also mounted on a directory whose name holds a space (\\040 in
+    mountinfo) and a byte that is not UTF-8; negotiator reads the same
+    mountinfo (qemu-ga's, through /proc).  Both list it first (the last
+    mounted); the byte is U+DCFF in negotiator's reply, by its rule for
+    bytes, and U+FFFD in qemu-ga's, whose JSON writer replaces it."""
+    workdir = Workdir()
+    try:
+        odd = workdir.join('a b').encode('ascii') + b'\xff'
+        os.mkdir(odd)
+        wrapper = ['unshare', '-m', 'sh', '-c',
+                   'mount --bind / "$0" && exec "$@"', odd]
+        with serving_qga(qemu_ga_path, wrapper=wrapper) as qga:
+            theirs = parse(exchange(qga, encode({
+                'execute': 'guest-get-fsinfo'})))['return']
+            monkeypatch.setattr(negotiator, 'MOUNTINFO_PATH',
+                                '/proc/{0}/mountinfo'.format(pid_of(qga)))
+            ours = json.loads(json.dumps(negotiator.filesystems()))
+    finally:
+        workdir.cleanup()
+    assert ours[0]['mountpoint'] == workdir.join('a b') + u'\udcff'
+    assert theirs[0]['mountpoint'] == workdir.join('a b') + u'\ufffd'
+    ours[0]['mountpoint'] = theirs[0]['mountpoint']
+    for reply in (ours[0], theirs[0]):  # negotiator's statvfs() is of the
+        del reply['used-bytes'], reply['total-bytes']  # empty directory
+    same_filesystems(ours, theirs)
+
+
+def pid_of(sock):
+    """The process whose command line names ``sock``."""
+    for pid in os.listdir('/proc'):
+        try:
+            with open('/proc/{0}/cmdline'.format(pid), 'rb') as handle:
+                if sock.encode('ascii') in handle.read().split(b'\0'):
+                    return pid
+        except (IOError, OSError):
+            continue
+    raise AssertionError('nothing serves ' + sock)
 
 
 #: A utmp record as glibc writes it on x86_64 and i386: type, pid, line,

@@ -215,3 +215,148 @@ def test_a_child_that_hangs_is_abandoned(cpus, monkeypatch):
             'desc': 'No answer within 0.3 seconds: the work was abandoned'}}
         assert ask({'execute': 'guest-ping'}) == {'return': {}}
         assert ask(set_vcpus((2, True))) == {'return': 1}
+
+
+# ---------------------------------------------------------------------------
+# guest-get-fsinfo and guest-get-disks over a fake /sys, mountinfo and udev
+# database: the disks of an IDE, a SATA, a virtio-scsi controller and a
+# virtio-blk behind a PCI bridge (partitioned, with serial numbers), and
+# an LVM volume on its partition.
+
+PCI = 'devices/pci0000:00/'
+DISKS = {  # name: (sysfs directory, major:minor, driver's PCI device)
+    'sdb': (PCI + '0000:00:01.1/ata2/host1/target1:0:1/1:0:1:0/block/sdb',
+            '8:16', PCI + '0000:00:01.1'),
+    'sda': (PCI + '0000:00:1f.2/ata3/host2/target2:0:0/2:0:0:0/block/sda',
+            '8:0', PCI + '0000:00:1f.2'),
+    'sdc': (PCI + '0000:00:05.0/virtio2/host3/target3:0:0/3:0:0:4/block/sdc',
+            '8:32', PCI + '0000:00:05.0'),
+    'vda': (PCI + '0000:00:1c.0/0000:01:00.0/virtio3/block/vda', '252:0',
+            PCI + '0000:00:1c.0/0000:01:00.0'),
+    'dm-0': ('devices/virtual/block/dm-0', '253:0', None),
+    'loop0': ('devices/virtual/block/loop0', '7:0', None),
+}
+DRIVERS = {PCI + '0000:00:01.1': 'ata_piix', PCI + '0000:00:1f.2': 'ahci',
+           PCI + '0000:00:05.0': 'virtio-pci', PCI + '0000:00:1c.0':
+           'pcieport', PCI + '0000:00:1c.0/0000:01:00.0': 'virtio-pci'}
+MOUNTINFO = b'''\
+21 1 252:1 / ROOT rw,relatime - ext4 /dev/vda1 rw
+22 21 8:16 / /mnt/ide rw shared:1 - ext4 /dev/sdb rw
+23 21 8:0 / /mnt/sata rw - xfs /dev/sda rw
+24 21 0:5 / /proc rw - proc proc rw
+25 21 8:32 / /mnt/scsi rw - ext4 /dev/sdc rw
+26 21 253:0 / /mnt/a\\040b\xff rw - ext4 /dev/mapper/vg-root rw
+27 21 9:9 / /mnt/gone rw - ext4 /dev/nothing rw
+'''
+
+
+def device(sys, name, number, directory):
+    major, minor = number.split(':')
+    write(os.path.join(sys, directory, 'uevent'), 'MAJOR={0}\nMINOR={1}\n'
+          'DEVNAME={2}\n'.format(major, minor, name).encode('ascii'))
+    os.symlink(os.path.join(sys, directory),
+               os.path.join(sys, 'dev', 'block', number))
+
+
+@pytest.fixture
+def machine(scratch, monkeypatch):
+    sys = os.path.join(scratch, 'sys')
+    for directory in ('dev/block', 'block', 'drivers'):
+        os.makedirs(os.path.join(sys, directory))
+    for name, (directory, number, controller) in DISKS.items():
+        device(sys, name, number, directory)
+        os.symlink(os.path.join(sys, directory),
+                   os.path.join(sys, 'block', name))
+        write(os.path.join(sys, directory, 'size'),
+              b'0\n' if name == 'loop0' else b'2048\n')
+        os.mkdir(os.path.join(sys, directory, 'slaves'))
+    for controller, driver in DRIVERS.items():
+        os.symlink(os.path.join(sys, 'drivers', driver),
+                   os.path.join(sys, controller, 'driver'))
+    for host in ('ata1', 'host9'):  # IDE's buses: ata1 and ata2
+        os.mkdir(os.path.join(sys, PCI, '0000:00:01.1', host))
+    for host in ('ata4', 'ata1'):  # SATA's ports: 1, 3 and 4
+        os.mkdir(os.path.join(sys, PCI, '0000:00:1f.2', host))
+    vda = DISKS['vda'][0]
+    device(sys, 'vda1', '252:1', vda + '/vda1')
+    os.mkdir(os.path.join(sys, vda, 'vda1', 'holders'))
+    os.symlink(os.path.join(sys, vda, 'vda1'),
+               os.path.join(sys, DISKS['dm-0'][0], 'slaves', 'vda1'))
+    udev = os.path.join(scratch, 'udev')
+    write(os.path.join(udev, 'b252:0'), b'S:disk/by-id/virtio-SER0\n'
+          b'E:ID_SERIAL=SER0\nE:ID_TYPE=disk\n')
+    write(os.path.join(udev, 'b252:1'), b'E:ID_SERIAL=SER0\n')
+    write(os.path.join(udev, 'b253:0'), b'E:DM_NAME=vg-root\n')
+    root = os.path.join(scratch, 'root')
+    os.mkdir(root)
+    mountinfo = write(os.path.join(scratch, 'mountinfo'),
+                      MOUNTINFO.replace(b'ROOT', root.encode('ascii')))
+    monkeypatch.setattr(negotiator, 'SYS', sys)
+    monkeypatch.setattr(negotiator, 'UDEV_DATA', udev)
+    monkeypatch.setattr(negotiator, 'MOUNTINFO_PATH', mountinfo)
+    return root
+
+
+def address(pci, bus_type, dev, **more):
+    """A disk's address; ``pci``: its controller's domain, bus, slot and
+    function; ``more``: other members than the defaults."""
+    disk = {'pci-controller': dict(zip(('domain', 'bus', 'slot', 'function'),
+                                       pci)),
+            'bus-type': bus_type, 'bus': 0, 'target': 0, 'unit': 0,
+            'dev': dev}
+    disk.update(more)
+    return disk
+
+
+VDA1 = address((0, 1, 0, 0), 'virtio', '/dev/vda1', serial='SER0')
+
+
+def test_fsinfo_of_each_kind_of_disk(machine):
+    found = negotiator.filesystems()
+    usage = os.statvfs(machine)
+    root = found.pop()
+    assert root.pop('total-bytes') == usage.f_frsize * (
+        usage.f_blocks - usage.f_bfree + usage.f_bavail)
+    assert root.pop('used-bytes') >= 0
+    assert root == {'name': 'vda1', 'mountpoint': machine, 'type': 'ext4',
+                    'disk': [VDA1]}
+    assert found == [  # the last mounted first; no statvfs() of these
+        {'name': '9:9', 'mountpoint': '/mnt/gone', 'type': 'ext4',
+         'disk': []},
+        {'name': 'dm-0', 'mountpoint': u'/mnt/a b\udcff', 'type': 'ext4',
+         'disk': [VDA1]},
+        {'name': 'sdc', 'mountpoint': '/mnt/scsi', 'type': 'ext4',
+         'disk': [address((0, 0, 5, 0), 'scsi', '/dev/sdc', unit=4)]},
+        {'name': 'sda', 'mountpoint': '/mnt/sata', 'type': 'xfs',
+         'disk': [address((0, 0, 31, 2), 'sata', '/dev/sda', unit=1)]},
+        {'name': 'sdb', 'mountpoint': '/mnt/ide', 'type': 'ext4',
+         'disk': [address((0, 0, 1, 1), 'ide', '/dev/sdb', unit=1, bus=1)]}]
+
+
+def test_fsinfo_is_answered_from_a_child(machine):
+    with serving() as ask:
+        reply = ask({'execute': 'guest-get-fsinfo', 'id': 5})
+    assert reply['id'] == 5
+    assert [fs['name'] for fs in reply['return']] == [
+        '9:9', 'dm-0', 'sdc', 'sda', 'sdb', 'vda1']
+    assert reply['return'][1]['mountpoint'] == u'/mnt/a b\udcff'
+
+
+def test_disks_with_partitions_and_dependencies(machine):
+    found = negotiator.disks()
+    names = [disk['name'] for disk in found]
+    assert names.index('/dev/vda1') == names.index('/dev/vda') - 1
+    assert sorted(names) == ['/dev/dm-0', '/dev/sda', '/dev/sdb',
+                             '/dev/sdc', '/dev/vda', '/dev/vda1']
+    by_name = dict((disk['name'], disk) for disk in found)
+    assert by_name['/dev/vda1'] == {'name': '/dev/vda1', 'partition': True,
+                                    'dependencies': ['/dev/vda']}
+    assert by_name['/dev/vda'] == {
+        'name': '/dev/vda', 'partition': False, 'dependencies': [],
+        'address': address((0, 1, 0, 0), 'virtio', '/dev/vda',
+                           serial='SER0')}
+    assert by_name['/dev/dm-0'] == {
+        'name': '/dev/dm-0', 'partition': False, 'alias': 'vg-root',
+        'dependencies': ['/dev/vda1']}
+    assert by_name['/dev/sdb']['address'] == address(
+        (0, 0, 1, 1), 'ide', '/dev/sdb', unit=1, bus=1)
