@@ -21,7 +21,7 @@ import time
 import pytest
 
 import negotiator
-from helpers import HANG
+from helpers import HANG, make_block_devices, write
 
 #: glibc's utmp record on x86_64 and i386 (see tests/test_qemu_ga.py).
 UTMP = struct.Struct('=h2xi32s4s32s256shhiii16s20x')
@@ -37,15 +37,6 @@ def scratch():
     path = tempfile.mkdtemp(prefix='negr', dir='/tmp')
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def write(path, data):
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        os.makedirs(directory)
-    with open(path, 'wb') as handle:
-        handle.write(data)
-    return path
 
 
 def users_of(scratch, monkeypatch, data):
@@ -218,27 +209,9 @@ def test_a_child_that_hangs_is_abandoned(cpus, monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# guest-get-fsinfo and guest-get-disks over a fake /sys, mountinfo and udev
-# database: the disks of an IDE, a SATA, a virtio-scsi controller and a
-# virtio-blk behind a PCI bridge (partitioned, with serial numbers), and
-# an LVM volume on its partition.
+# guest-get-fsinfo and guest-get-disks over make_block_devices()'s /sys
+# and udev database, and a mountinfo of their filesystems.
 
-PCI = 'devices/pci0000:00/'
-DISKS = {  # name: (sysfs directory, major:minor, driver's PCI device)
-    'sdb': (PCI + '0000:00:01.1/ata2/host1/target1:0:1/1:0:1:0/block/sdb',
-            '8:16', PCI + '0000:00:01.1'),
-    'sda': (PCI + '0000:00:1f.2/ata3/host2/target2:0:0/2:0:0:0/block/sda',
-            '8:0', PCI + '0000:00:1f.2'),
-    'sdc': (PCI + '0000:00:05.0/virtio2/host3/target3:0:0/3:0:0:4/block/sdc',
-            '8:32', PCI + '0000:00:05.0'),
-    'vda': (PCI + '0000:00:1c.0/0000:01:00.0/virtio3/block/vda', '252:0',
-            PCI + '0000:00:1c.0/0000:01:00.0'),
-    'dm-0': ('devices/virtual/block/dm-0', '253:0', None),
-    'loop0': ('devices/virtual/block/loop0', '7:0', None),
-}
-DRIVERS = {PCI + '0000:00:01.1': 'ata_piix', PCI + '0000:00:1f.2': 'ahci',
-           PCI + '0000:00:05.0': 'virtio-pci', PCI + '0000:00:1c.0':
-           'pcieport', PCI + '0000:00:1c.0/0000:01:00.0': 'virtio-pci'}
 MOUNTINFO = b'''\
 21 1 252:1 / ROOT rw,relatime - ext4 /dev/vda1 rw
 22 21 8:16 / /mnt/ide rw shared:1 - ext4 /dev/sdb rw
@@ -250,43 +223,12 @@ MOUNTINFO = b'''\
 '''
 
 
-def device(sys, name, number, directory):
-    major, minor = number.split(':')
-    write(os.path.join(sys, directory, 'uevent'), 'MAJOR={0}\nMINOR={1}\n'
-          'DEVNAME={2}\n'.format(major, minor, name).encode('ascii'))
-    os.symlink(os.path.join(sys, directory),
-               os.path.join(sys, 'dev', 'block', number))
-
-
 @pytest.fixture
 def machine(scratch, monkeypatch):
-    sys = os.path.join(scratch, 'sys')
-    for directory in ('dev/block', 'block', 'drivers'):
-        os.makedirs(os.path.join(sys, directory))
-    for name, (directory, number, controller) in DISKS.items():
-        device(sys, name, number, directory)
-        os.symlink(os.path.join(sys, directory),
-                   os.path.join(sys, 'block', name))
-        write(os.path.join(sys, directory, 'size'),
-              b'0\n' if name == 'loop0' else b'2048\n')
-        os.mkdir(os.path.join(sys, directory, 'slaves'))
-    for controller, driver in DRIVERS.items():
-        os.symlink(os.path.join(sys, 'drivers', driver),
-                   os.path.join(sys, controller, 'driver'))
-    for host in ('ata1', 'host9'):  # IDE's buses: ata1 and ata2
-        os.mkdir(os.path.join(sys, PCI, '0000:00:01.1', host))
-    for host in ('ata4', 'ata1'):  # SATA's ports: 1, 3 and 4
-        os.mkdir(os.path.join(sys, PCI, '0000:00:1f.2', host))
-    vda = DISKS['vda'][0]
-    device(sys, 'vda1', '252:1', vda + '/vda1')
-    os.mkdir(os.path.join(sys, vda, 'vda1', 'holders'))
-    os.symlink(os.path.join(sys, vda, 'vda1'),
-               os.path.join(sys, DISKS['dm-0'][0], 'slaves', 'vda1'))
-    udev = os.path.join(scratch, 'udev')
-    write(os.path.join(udev, 'b252:0'), b'S:disk/by-id/virtio-SER0\n'
-          b'E:ID_SERIAL=SER0\nE:ID_TYPE=disk\n')
-    write(os.path.join(udev, 'b252:1'), b'E:ID_SERIAL=SER0\n')
-    write(os.path.join(udev, 'b253:0'), b'E:DM_NAME=vg-root\n')
+    """make_block_devices()'s /sys and udev database, and a mountinfo:
+    the root filesystem (on a partition of the virtio-blk disk) is mounted
+    on a directory that exists."""
+    sys, udev = make_block_devices(scratch)
     root = os.path.join(scratch, 'root')
     os.mkdir(root)
     mountinfo = write(os.path.join(scratch, 'mountinfo'),
