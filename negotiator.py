@@ -326,6 +326,40 @@ SKIPPED_FILESYSTEMS = frozenset(name.encode('ascii') for name in [
     'pstore', 'rpc_pipefs', 'securityfs', 'selinuxfs', 'smb3', 'smbfs',
     'sysfs', 'tracefs', 'virtiofs', '9p'])
 
+#: The login records guest-get-users reads (glibc's _PATH_UTMP).
+UTMP_PATH = '/var/run/utmp'
+#: One utmp record as glibc lays it out on x86_64 and i386 alike (384
+#: bytes, its login time in 32-bit seconds and microseconds): the type,
+#: the user name and the login time; the rest is skipped.
+UTMP_RECORD = struct.Struct('=h42x32s264xii36x')
+#: The type of a utmp record of a logged-in user (<utmp.h>).
+USER_PROCESS = 7
+#: Where Linux lists the processors: cpuN/online holds 1 or 0, where the
+#: processor can be taken offline.
+SYS_CPU = '/sys/devices/system/cpu'
+#: A processor's directory in SYS_CPU, as qemu-ga's sscanf("cpu%ld") takes it.
+CPU_DIRECTORY = re.compile(r'cpu([+-]?[0-9]+)')
+#: What guest-get-fsinfo and guest-get-disks read: the mounts, sysfs, and
+#: udev's database (where qemu-ga's libudev finds serial numbers and
+#: device-mapper names).
+MOUNTINFO_PATH = '/proc/self/mountinfo'
+SYS = '/sys'
+UDEV_DATA = '/run/udev/data'
+#: The PCI drivers of the disk controllers qemu-ga describes.
+DISK_DRIVERS = ('ata_piix', 'sym53c8xx', 'virtio-pci', 'ahci', 'nvme')
+#: A PCI address in a sysfs path (domain:bus:slot.function, hexadecimal).
+PCI_ADDRESS = re.compile(
+    r'/([0-9a-fA-F]+):([0-9a-fA-F]+):([0-9a-fA-F]+)\.([0-9a-fA-F]+)')
+#: A SCSI target's path in sysfs: targetH:C:T/H:C:T:L, for C, T and L.
+SCSI_TARGET = re.compile(r'/target[0-9]+:[0-9]+:[0-9]+/[0-9]+:([0-9]+):'
+                         r'([0-9]+):([0-9]+)')
+#: What follows a disk's name in its partitions' (sda1, nvme0n1p1).
+PARTITION = re.compile('p?[0-9]')
+#: Seconds a request answered in a child (Server._answer_in_child) may
+#: take: then the child is abandoned and the request answered with an
+#: error (libvirt gives up after 5 seconds).
+CHILD_ANSWER_TIMEOUT = 10.0
+
 
 # ============================================================================
 # Log: the logging module, imported when there is something to write
@@ -395,40 +429,6 @@ class Log(object):
 
 
 log = Log()
-
-#: The login records guest-get-users reads (glibc's _PATH_UTMP).
-UTMP_PATH = '/var/run/utmp'
-#: One utmp record as glibc lays it out on x86_64 and i386 alike (384
-#: bytes, its login time in 32-bit seconds and microseconds): the type,
-#: the user name and the login time; the rest is skipped.
-UTMP_RECORD = struct.Struct('=h42x32s264xii36x')
-#: The type of a utmp record of a logged-in user (<utmp.h>).
-USER_PROCESS = 7
-#: Where Linux lists the processors: cpuN/online holds 1 or 0, where the
-#: processor can be taken offline.
-SYS_CPU = '/sys/devices/system/cpu'
-#: A processor's directory in SYS_CPU, as qemu-ga's sscanf("cpu%ld") takes it.
-CPU_DIRECTORY = re.compile(r'cpu([+-]?[0-9]+)')
-#: What guest-get-fsinfo and guest-get-disks read: the mounts, sysfs, and
-#: udev's database (where qemu-ga's libudev finds serial numbers and
-#: device-mapper names).
-MOUNTINFO_PATH = '/proc/self/mountinfo'
-SYS = '/sys'
-UDEV_DATA = '/run/udev/data'
-#: The PCI drivers of the disk controllers qemu-ga describes.
-DISK_DRIVERS = ('ata_piix', 'sym53c8xx', 'virtio-pci', 'ahci', 'nvme')
-#: A PCI address in a sysfs path (domain:bus:slot.function, hexadecimal).
-PCI_ADDRESS = re.compile(
-    r'/([0-9a-fA-F]+):([0-9a-fA-F]+):([0-9a-fA-F]+)\.([0-9a-fA-F]+)')
-#: A SCSI target's path in sysfs: targetH:C:T/H:C:T:L, for C, T and L.
-SCSI_TARGET = re.compile(r'/target[0-9]+:[0-9]+:[0-9]+/[0-9]+:([0-9]+):'
-                         r'([0-9]+):([0-9]+)')
-#: What follows a disk's name in its partitions' (sda1, nvme0n1p1).
-PARTITION = re.compile('p?[0-9]')
-#: Seconds a request answered in a child (Server._answer_in_child) may
-#: take: then the child is abandoned and the request answered with an
-#: error (libvirt gives up after 5 seconds).
-CHILD_ANSWER_TIMEOUT = 10.0
 
 
 # ============================================================================
@@ -2371,11 +2371,15 @@ def disks():
                     disk['dependencies'].insert(0, slave_device)
         for entry in list_directory(syspath):
             partition = os.path.join(syspath, entry)
-            if (PARTITION.match(entry[len(name):]) and entry.startswith(name)
-                    and os.path.isdir(partition) and
-                    not os.path.islink(partition) and device_file(partition)):
-                found.insert(0, {'name': device_file(partition),
-                                 'partition': True, 'dependencies': [device]})
+            if not (entry.startswith(name) and
+                    PARTITION.match(entry[len(name):]) and
+                    os.path.isdir(partition) and
+                    not os.path.islink(partition)):
+                continue
+            partition = device_file(partition)
+            if partition:
+                found.insert(0, {'name': partition, 'partition': True,
+                                 'dependencies': [device]})
     return found
 
 
