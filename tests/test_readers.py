@@ -87,20 +87,37 @@ def serving():
                                children)
     received = []
 
+    def turn():
+        loop.call_later(0.01, lambda: None)
+        loop.run_once()
+        try:
+            received.append(theirs.recv(65536))
+        except socket.error as e:
+            assert e.errno == errno.EAGAIN
+
+    def send(message):
+        """Send a request (a dict), or bytes as they are."""
+        if isinstance(message, dict):
+            message = json.dumps(message).encode('ascii') + b'\n'
+        theirs.sendall(message)
+
+    def wait(seconds):
+        """Serve for a while, all replies kept for ask()."""
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            turn()
+
     def ask(message):
-        theirs.sendall(json.dumps(message).encode('ascii') + b'\n')
+        """The next reply, after sending ``message``."""
+        send(message)
         deadline = time.time() + HANG
         while b'\n' not in b''.join(received):
             assert time.time() < deadline, 'no reply'
-            loop.call_later(0.01, lambda: None)
-            loop.run_once()
-            try:
-                received.append(theirs.recv(65536))
-            except socket.error as e:
-                assert e.errno == errno.EAGAIN
+            turn()
         line, rest = b''.join(received).split(b'\n', 1)
         received[:] = [rest]
         return json.loads(line.decode('ascii'))
+    ask.send, ask.wait = send, wait
     theirs.setblocking(False)
     try:
         yield ask
@@ -302,3 +319,33 @@ def test_disks_with_partitions_and_dependencies(machine):
         'dependencies': ['/dev/vda1']}
     assert by_name['/dev/sdb']['address'] == address(
         (0, 0, 1, 1), 'ide', '/dev/sdb', unit=1, bus=1)
+
+
+def test_a_child_abandoned_by_its_client_stays_silent(cpus, monkeypatch):
+    """A 0xFF drops the request whose child hangs (killing it); its
+    timeout, when it comes, answers nothing: the next request's reply is
+    its own."""
+    monkeypatch.setattr(negotiator, 'CHILD_ANSWER_TIMEOUT', 0.3)
+    os.remove(os.path.join(cpus, 'cpu1', 'online'))
+    os.mkfifo(os.path.join(cpus, 'cpu1', 'online'))
+    with serving() as ask:
+        ask.send(set_vcpus((1, True)))
+        ask.send(b'\xff')
+        assert ask({'execute': 'guest-ping', 'id': 1}) == {
+            'return': {}, 'id': 1}
+        ask.wait(0.5)
+        assert ask({'execute': 'guest-ping', 'id': 2}) == {
+            'return': {}, 'id': 2}
+
+
+def test_a_child_that_fails_gets_an_error_reply(machine, monkeypatch):
+    """A fault of ours in the child (not a RequestError) is logged and
+    answered with an error; the agent answers on."""
+    def broken():
+        raise ValueError('broken')
+    monkeypatch.setattr(negotiator, 'filesystems', broken)
+    with serving() as ask:
+        assert ask({'execute': 'guest-get-fsinfo'}) == {'error': {
+            'class': 'GenericError', 'desc': 'negotiator failed while '
+            'answering this request (its log says why)'}}
+        assert ask({'execute': 'guest-ping'}) == {'return': {}}
