@@ -2182,7 +2182,7 @@ def filesystems():
             usage = os.statvfs(mountpoint)
         except OSError:
             pass
-        else:  # what df counts: the blocks root keeps for itself are not
+        else:  # root's reserve counts in neither
             used = usage.f_blocks - usage.f_bfree
             info['used-bytes'] = used * usage.f_frsize
             info['total-bytes'] = (used + usage.f_bavail) * usage.f_frsize
