@@ -2818,10 +2818,14 @@ class Server(object):
                 'seconds: the work was abandoned'.format(
                     CHILD_ANSWER_TIMEOUT)}})
 
-        process = self.process = Process(
-            self.loop, self.children, [reply_of, compute] + list(args),
-            None, b'', 0, lambda stream, data: output[stream].append(data),
-            finish, self.on_failure)
+        try:
+            process = self.process = Process(
+                self.loop, self.children, [reply_of, compute] + list(args),
+                None, b'', 0, lambda stream, data: output[stream].append(data),
+                finish, self.on_failure)
+        except OSError as e:  # no pipe or process to spare
+            raise RequestError('No child process to answer in: {0}'.format(
+                os.strerror(e.errno)))
         timer = self.loop.call_later(CHILD_ANSWER_TIMEOUT, give_up,
                                      self.on_failure)
 

@@ -349,3 +349,16 @@ def test_a_child_that_fails_gets_an_error_reply(machine, monkeypatch):
             'class': 'GenericError', 'desc': 'negotiator failed while '
             'answering this request (its log says why)'}}
         assert ask({'execute': 'guest-ping'}) == {'return': {}}
+
+
+def test_no_child_to_answer_in(machine, monkeypatch):
+    """Out of processes (or pipes): an error reply, and the agent answers
+    on."""
+    def no_fork():
+        raise OSError(errno.EAGAIN, 'no process')
+    monkeypatch.setattr(os, 'fork', no_fork)
+    with serving() as ask:
+        assert ask({'execute': 'guest-get-fsinfo'}) == {'error': {
+            'class': 'GenericError', 'desc': 'No child process to answer '
+            'in: Resource temporarily unavailable'}}
+        assert ask({'execute': 'guest-ping'}) == {'return': {}}
