@@ -343,6 +343,40 @@ SKIPPED_FILESYSTEMS = frozenset(name.encode('ascii') for name in [
     'pstore', 'rpc_pipefs', 'securityfs', 'selinuxfs', 'smb3', 'smbfs',
     'sysfs', 'tracefs', 'virtiofs', '9p'])
 
+#: The login records guest-get-users reads (glibc's _PATH_UTMP).
+UTMP_PATH = '/var/run/utmp'
+#: One utmp record as glibc lays it out on x86_64 and i386 alike (384
+#: bytes, its login time in 32-bit seconds and microseconds): the type,
+#: the user name and the login time; the rest is skipped.
+UTMP_RECORD = struct.Struct('=h42x32s264xii36x')
+#: The type of a utmp record of a logged-in user (<utmp.h>).
+USER_PROCESS = 7
+#: Where Linux lists the processors: cpuN/online holds 1 or 0, where the
+#: processor can be taken offline.
+SYS_CPU = '/sys/devices/system/cpu'
+#: A processor's directory in SYS_CPU, as qemu-ga's sscanf("cpu%ld") takes it.
+CPU_DIRECTORY = re.compile(r'cpu([+-]?[0-9]+)')
+#: What guest-get-fsinfo and guest-get-disks read: the mounts, sysfs, and
+#: udev's database (where qemu-ga's libudev finds serial numbers and
+#: device-mapper names).
+MOUNTINFO_PATH = '/proc/self/mountinfo'
+SYS = '/sys'
+UDEV_DATA = '/run/udev/data'
+#: The PCI drivers of the disk controllers qemu-ga describes.
+DISK_DRIVERS = ('ata_piix', 'sym53c8xx', 'virtio-pci', 'ahci', 'nvme')
+#: A PCI address in a sysfs path (domain:bus:slot.function, hexadecimal).
+PCI_ADDRESS = re.compile(
+    r'/([0-9a-fA-F]+):([0-9a-fA-F]+):([0-9a-fA-F]+)\.([0-9a-fA-F]+)')
+#: A SCSI target's path in sysfs: targetH:C:T/H:C:T:L, for C, T and L.
+SCSI_TARGET = re.compile(r'/target[0-9]+:[0-9]+:[0-9]+/[0-9]+:([0-9]+):'
+                         r'([0-9]+):([0-9]+)')
+#: What follows a disk's name in its partitions' (sda1, nvme0n1p1).
+PARTITION = re.compile('p?[0-9]')
+#: Seconds a request answered in a child (Server._answer_in_child) may
+#: take: then the child is abandoned and the request answered with an
+#: error (libvirt gives up after 5 seconds).
+CHILD_ANSWER_TIMEOUT = 10.0
+
 
 # ============================================================================
 # Log: the logging module, imported when there is something to write
@@ -1943,6 +1977,12 @@ BUILTINS = {
 MOUNT_ESCAPE = re.compile(b'\\\\([0-7]{3})')
 
 
+def unescape_mount(field):
+    """A field of /proc/mounts or mountinfo, its octal escapes undone."""
+    return MOUNT_ESCAPE.sub(lambda m: struct.pack('B', int(m.group(1), 8)),
+                            field)
+
+
 def disk_usage(mounts_path='/proc/mounts'):
     """Sizes of mounted local filesystems, like df; devices, mount points
     and types as bytes, as the kernel gives them.
@@ -1953,9 +1993,7 @@ def disk_usage(mounts_path='/proc/mounts'):
     mounts = {}
     order = []
     for line in (read_bytes(mounts_path) or b'').splitlines():
-        fields = [MOUNT_ESCAPE.sub(
-            lambda m: struct.pack('B', int(m.group(1), 8)), field)
-            for field in line.split()[:3]]
+        fields = [unescape_mount(field) for field in line.split()[:3]]
         if (len(fields) == 3 and fields[2] not in SKIPPED_FILESYSTEMS and
                 not fields[2].startswith(b'fuse')):
             if fields[1] not in mounts:
@@ -2087,6 +2125,386 @@ def parse_address_message(body, families):
     return index, families[family], socket.inet_ntop(family, raw), prefix
 
 
+def logged_in_users():
+    """The users logged in, as guest-get-users lists them: one entry per
+    name, in the order of its first utmp record, with its earliest login
+    time in seconds (a float, as qemu-ga computes it).
+
+    The file is read in the loop: /var/run is a tmpfs (or the root
+    filesystem, on the oldest guests), whose reads cannot hang.  A
+    trailing partial record is left out, as glibc leaves it out.
+    """
+    data = read_bytes(UTMP_PATH) or b''
+    users = []
+    earliest = {}
+    for start in range(0, len(data) - UTMP_RECORD.size + 1, UTMP_RECORD.size):
+        kind, name, seconds, microseconds = UTMP_RECORD.unpack_from(
+            data, start)
+        if kind != USER_PROCESS:
+            continue
+        name = wire_text(name.split(b'\0', 1)[0])
+        login = float(seconds) + microseconds / 1000000.0
+        if name not in earliest:
+            earliest[name] = {'user': name, 'login-time': login}
+            users.append(earliest[name])
+        elif login < earliest[name]['login-time']:
+            earliest[name]['login-time'] = login
+    return users
+
+
+def block_mounts():
+    """The mounts of block devices, as qemu-ga 7.2 lists them: from
+    mountinfo, those whose device number has a major (btrfs, whose
+    number has none, by its device file's).
+
+    :returns: ``(mountpoint, type, major, minor)`` tuples, bytes and ints.
+    """
+    mounts = []
+    for line in (read_bytes(MOUNTINFO_PATH) or b'').splitlines():
+        fields = line.split()
+        if b'-' not in fields[6:] or len(fields) < 7:
+            continue
+        dash = fields.index(b'-', 6)
+        number = fields[2].split(b':')
+        if dash + 1 >= len(fields) or len(number) != 2 or not (
+                number[0].isdigit() and number[1].isdigit()):
+            continue
+        fstype = fields[dash + 1]
+        major, minor = int(number[0]), int(number[1])
+        if not major:
+            if fstype != b'btrfs' or dash + 2 >= len(fields):
+                continue
+            try:
+                device = os.stat(unescape_mount(fields[dash + 2]))
+            except OSError:
+                continue
+            if not stat.S_ISBLK(device.st_mode):
+                continue
+            major, minor = os.major(device.st_rdev), os.minor(device.st_rdev)
+        mounts.append((unescape_mount(fields[4]), fstype, major, minor))
+    return mounts
+
+
+def filesystems():
+    """guest-get-fsinfo's answer: the block devices' filesystems, the last
+    mounted first, as qemu-ga lists them.  Run in a child: statvfs() of a
+    dead device's filesystem can hang."""
+    found = []
+    for mountpoint, fstype, major, minor in block_mounts():
+        info = {'mountpoint': wire_text(mountpoint),
+                'type': wire_text(fstype), 'disk': []}
+        add_disks(os.path.join(SYS, 'dev', 'block', '{0}:{1}'.format(
+            major, minor)), info)
+        try:
+            usage = os.statvfs(mountpoint)
+        except OSError:
+            pass
+        else:  # root's reserve counts in neither
+            used = usage.f_blocks - usage.f_bfree
+            info['used-bytes'] = used * usage.f_frsize
+            info['total-bytes'] = (used + usage.f_bavail) * usage.f_frsize
+        found.insert(0, info)
+    return found
+
+
+def add_disks(device, info):
+    """Name the filesystem on ``device`` (a sysfs path) in ``info`` and add
+    the disks under it: the device itself, or for a virtual device (LVM,
+    RAID, dm-crypt) those it is made of, in turn."""
+    if not os.path.exists(device):  # a container's /sys may lack it
+        info.setdefault('name', wire_text(os.path.basename(device)))
+        return
+    syspath = os.path.realpath(device)
+    info.setdefault('name', wire_text(os.path.basename(syspath)))
+    if '/devices/virtual/block/' not in syspath:
+        disk = disk_address(syspath)
+        if disk:
+            info['disk'].insert(0, disk)
+        return
+    slaves = os.path.join(syspath, 'slaves')
+    for name in list_directory(slaves):
+        if os.path.islink(os.path.join(slaves, name)):
+            add_disks(os.path.join(slaves, name), info)
+
+
+def list_directory(path):
+    """A directory's entries in its own order ([] if it cannot be read)."""
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def disk_address(syspath):
+    """Where a disk sits, as qemu-ga's guest-get-fsinfo describes it (None
+    when nothing is known): its controller's PCI address, its bus type
+    and numbers, its device file and its serial number (both from udev,
+    as qemu-ga's libudev has them)."""
+    disk = {'pci-controller': {'domain': -1, 'bus': -1, 'slot': -1,
+                               'function': -1},
+            'bus-type': 'unknown', 'bus': 0, 'target': 0, 'unit': 0}
+    for member, value in (('dev', device_file(syspath)),
+                          ('serial', udev_property(syspath, 'ID_SERIAL'))):
+        if value:
+            disk[member] = value
+    if '/devices/pci' in syspath:
+        known = describe_pci_disk(syspath, disk)
+    elif '/virtio' in syspath and '/block' in syspath:
+        known = True  # virtio without PCI (virtio-mmio)
+        target = SCSI_TARGET.search(syspath)
+        if target:
+            disk['bus'], disk['target'], disk['unit'] = map(
+                int, target.groups())
+        disk['bus-type'] = 'scsi' if target else 'virtio'
+    else:  # s390 channel devices among others: qemu-ga reads ccw-address
+        known = False
+    if known or 'dev' in disk or 'serial' in disk:
+        return disk
+    return None
+
+
+def describe_pci_disk(syspath, disk):
+    """Fill in a disk behind a PCI controller qemu-ga knows: the first
+    device on the sysfs path, bridges passed, whose driver is in
+    DISK_DRIVERS.  Returns whether its bus was understood."""
+    start = syspath.find('/devices/pci') + 12
+    address = PCI_ADDRESS.match(syspath, syspath.find('/', start))
+    while address:
+        driver = os.path.basename(os.path.realpath(
+            syspath[:address.end()] + '/driver'))
+        if driver in DISK_DRIVERS:
+            break
+        address = PCI_ADDRESS.match(syspath, address.end())
+    if not address:
+        return False
+    target = SCSI_TARGET.search(syspath)
+    target = target and [int(number) for number in target.groups()]
+    host = controller_index(syspath)
+    pci = disk['pci-controller']
+    pci['domain'], pci['bus'], pci['slot'], pci['function'] = [
+        int(number, 16) for number in address.groups()]
+    if driver == 'nvme':
+        disk['bus-type'] = 'nvme'
+    elif driver == 'virtio-pci':
+        disk['bus-type'] = 'scsi' if target else 'virtio'
+        if target:
+            disk['unit'] = target[2]
+    elif not target or (driver != 'sym53c8xx' and host is None):
+        return False
+    elif driver == 'sym53c8xx':
+        disk['bus-type'], disk['unit'] = 'scsi', target[1]
+    elif driver == 'ata_piix':  # a host per IDE bus
+        disk['bus-type'], disk['bus'], disk['unit'] = 'ide', host, target[1]
+    else:  # ahci: a host per port
+        disk['bus-type'], disk['unit'] = 'sata', host
+    return True
+
+
+def controller_index(syspath):
+    """The rank of the disk's ataN (else hostN) among its controller's
+    first eight, in number order (None when it has none): qemu-ga's bus
+    number for IDE, its unit for SATA."""
+    for kind in ('ata', 'host'):
+        match = re.search('/' + kind + '([0-9]+)', syspath)
+        if match:
+            break
+    if not match:
+        return None
+    numbers = []
+    for name in list_directory(syspath[:match.start()]):
+        number = re.match(kind + '([0-9]+)', name)
+        if number and len(numbers) < 8:
+            numbers.append(int(number.group(1)))
+    numbers.sort()
+    host = int(match.group(1))
+    return numbers.index(host) if host in numbers else None
+
+
+def udev_fields(syspath):
+    """A block device's uevent fields (DEVNAME, MAJOR, MINOR...)."""
+    fields = {}
+    for line in (read_bytes(os.path.join(syspath, 'uevent')) or
+                 b'').splitlines():
+        key, _, value = line.partition(b'=')
+        fields[key] = value
+    return fields
+
+
+def device_file(syspath):
+    """The device file udev names for it: /dev/ and the kernel's name."""
+    name = udev_fields(syspath).get(b'DEVNAME')
+    return name and wire_text(b'/dev/' + name)
+
+
+def udev_property(syspath, key):
+    """A property udev's rules gave the block device, from its database
+    (ID_SERIAL, DM_NAME...); None when udev has none."""
+    fields = udev_fields(syspath)
+    number = [fields.get(name, b'').decode('ascii', 'replace')
+              for name in (b'MAJOR', b'MINOR')]
+    prefix = b'E:' + key.encode('ascii') + b'='
+    for line in (read_bytes(os.path.join(UDEV_DATA, 'b{0}:{1}'.format(
+            *number))) or b'').splitlines():
+        if line.startswith(prefix):
+            return wire_text(line[len(prefix):])
+    return None
+
+
+def disks():
+    """guest-get-disks' answer, as qemu-ga lists them: each disk of
+    /sys/block with a size (its partitions before it, the last disk
+    first), with the disks it is made of, its address, and its
+    device-mapper name.  sysfs and udev's database only: read in the
+    loop, as their reads cannot hang."""
+    block = os.path.join(SYS, 'block')
+    try:
+        names = os.listdir(block)
+    except OSError as e:
+        raise RequestError('Can\'t open directory "/sys/block": {0}'.format(
+            os.strerror(e.errno)))
+    found = []
+    for name in names:
+        syspath = os.path.join(block, name)
+        device = device_file(syspath)
+        if (not os.path.islink(syspath) or not device or
+                read_bytes(os.path.join(syspath, 'size')) in (None, b'0\n')):
+            continue
+        disk = {'name': device, 'partition': False}
+        alias = udev_property(syspath, 'DM_NAME')
+        if alias:
+            disk['alias'] = alias
+        found.insert(0, disk)
+        if '/devices/virtual/block/' not in os.path.realpath(syspath):
+            info = {'disk': []}
+            add_disks(syspath, info)
+            if info['disk']:
+                disk['address'] = info['disk'][0]
+        slaves = os.path.join(syspath, 'slaves')
+        if os.path.isdir(slaves):
+            disk['dependencies'] = []
+            for slave in list_directory(slaves):
+                slave_device = device_file(os.path.join(slaves, slave))
+                if slave_device:
+                    disk['dependencies'].insert(0, slave_device)
+        for entry in list_directory(syspath):
+            partition = os.path.join(syspath, entry)
+            if not (entry.startswith(name) and
+                    PARTITION.match(entry[len(name):]) and
+                    os.path.isdir(partition) and
+                    not os.path.islink(partition)):
+                continue
+            partition = device_file(partition)
+            if partition:
+                found.insert(0, {'name': partition, 'partition': True,
+                                 'dependencies': [device]})
+    return found
+
+
+def reply_of(args):
+    """A built-in run by Server._answer_in_child: the reply that
+    ``args[0](*args[1:])`` makes, as one JSON line."""
+    try:
+        reply = {'return': args[0](*args[1:])}
+    except RequestError as e:
+        reply = {'error': {'class': e.error_class, 'desc': e.desc}}
+    return encode_message(reply), 0
+
+
+def processor_ids():
+    """The processors' numbers, in the order of SYS_CPU's entries (qemu-ga's
+    order: the directory's, not the numbers')."""
+    try:
+        names = os.listdir(SYS_CPU)
+    except OSError as e:
+        raise RequestError('failed to list entries: {0}: {1}'.format(
+            SYS_CPU, os.strerror(e.errno)))
+    return [int(match.group(1)) for match in map(CPU_DIRECTORY.match, names)
+            if match]
+
+
+def open_cpu_online(logical_id, flags):
+    """A processor's ``online`` file opened, and its path for messages.
+
+    :returns: ``(path, fd)``, fd None where the file is missing: a
+        processor (cpu0, mostly) that cannot be taken offline.
+    :raises RequestError: in qemu-ga's words, for a processor that does
+        not exist or a file that cannot be opened.
+    """
+    directory = '{0}/cpu{1}/'.format(SYS_CPU, logical_id)
+    path = directory + '/online'  # qemu-ga's messages show the "//"
+    try:
+        os.close(os.open(directory, os.O_RDONLY | os.O_DIRECTORY))
+    except OSError as e:
+        raise RequestError(sysfs_error('open', directory, e))
+    try:
+        return path, os.open(path, flags)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise RequestError(sysfs_error('open', path, e))
+        return path, None
+
+
+def sysfs_error(call, path, error):
+    return '{0}("{1}"): {2}'.format(call, path, os.strerror(error.errno))
+
+
+def read_online(path, fd):
+    """Whether the processor is online: its ``online`` file's first byte."""
+    try:
+        status = os.read(fd, 1)
+    except OSError as e:
+        raise RequestError(sysfs_error('pread', path, e))
+    if not status:
+        raise RequestError('pread("{0}"): unexpected EOF'.format(path))
+    return status != b'0'
+
+
+def vcpu_state(logical_id):
+    """One guest-get-vcpus entry."""
+    path, fd = open_cpu_online(logical_id, os.O_RDONLY)
+    if fd is None:
+        return {'logical-id': logical_id, 'online': True,
+                'can-offline': False}
+    try:
+        return {'logical-id': logical_id, 'online': read_online(path, fd),
+                'can-offline': True}
+    finally:
+        os.close(fd)
+
+
+def set_vcpus(vcpus):
+    """Bring processors on- or offline, in order, until one fails.
+
+    :returns: how many were done; the first one's error when none was.
+    """
+    for done, vcpu in enumerate(vcpus):
+        try:
+            set_vcpu(vcpu['logical-id'], vcpu['online'])
+        except RequestError:
+            if not done:
+                raise
+            return done
+    return len(vcpus)
+
+
+def set_vcpu(logical_id, online):
+    path, fd = open_cpu_online(logical_id, os.O_RDWR)
+    if fd is None:
+        if not online:
+            raise RequestError("logical processor #{0} can't be offlined"
+                               .format(logical_id))
+        return
+    try:
+        if read_online(path, fd) != online:
+            try:
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, b'1' if online else b'0')
+            except OSError as e:
+                raise RequestError(sysfs_error('pwrite', path, e))
+    finally:
+        os.close(fd)
+
+
 # ============================================================================
 # Serving requests: one Server per channel, on the guest and on the host
 # ============================================================================
@@ -2118,6 +2536,13 @@ class Server(object):
         ('guest-get-osinfo', 'rpc_osinfo', ()),
         ('guest-get-time', 'rpc_time', ()),
         ('guest-get-timezone', 'rpc_timezone', ()),
+        ('guest-get-users', 'rpc_users', ()),
+        ('guest-get-vcpus', 'rpc_vcpus', ()),
+        ('guest-get-fsinfo', 'rpc_fsinfo', ()),
+        ('guest-get-disks', 'rpc_disks', ()),
+        ('guest-set-vcpus', 'rpc_set_vcpus', (('vcpus', (
+            ('logical-id', 'int', True), ('online', 'bool', True),
+            ('can-offline', 'bool', False)), True),)),
         ('guest-network-get-interfaces', 'rpc_network_interfaces', ()),
         ('negotiator-list-commands', 'rpc_list_commands', ()),
         ('negotiator-execute', 'rpc_execute', (
@@ -2324,6 +2749,24 @@ class Server(object):
         zone, offset = local_timezone()
         return {'zone': wire_text(zone), 'offset': offset}
 
+    def rpc_users(self, arguments, request_id):
+        return logged_in_users()
+
+    def rpc_vcpus(self, arguments, request_id):
+        """sysfs only: its reads cannot hang."""
+        return [vcpu_state(logical_id) for logical_id in processor_ids()]
+
+    def rpc_set_vcpus(self, arguments, request_id):
+        """In a child: taking a processor offline may take a while."""
+        return self._answer_in_child(request_id, set_vcpus,
+                                     arguments['vcpus'])
+
+    def rpc_fsinfo(self, arguments, request_id):
+        return self._answer_in_child(request_id, filesystems)
+
+    def rpc_disks(self, arguments, request_id):
+        return disks()
+
     def rpc_network_interfaces(self, arguments, request_id):
         return network_interfaces()
 
@@ -2361,6 +2804,60 @@ class Server(object):
         log.debug('%s: running %s as pid %d', self.channel.name,
                   self._command, self.process.pid)
         return None
+
+    def _answer_in_child(self, request_id, compute, *args):
+        """Reply with what ``compute(*args)`` returns, or the RequestError
+        it raises, computed in a forked child (a Builtin): work that may
+        block (a statvfs() of a dead disk) holds up only the child, the
+        reply goes out when it exits, and after CHILD_ANSWER_TIMEOUT
+        seconds it is abandoned to Children and the request answered with
+        an error."""
+        output = {'out-data': [], 'err-data': []}
+
+        def finish(result):
+            timer.cancel()
+            self.process = None
+            if result.get('exitcode') == 0:
+                reply = json.loads(b''.join(output['out-data']).decode(
+                    'ascii'))
+            else:
+                log.warning('%s: the child answering a request failed (%s): '
+                            '%s', self.channel.name, describe_result(result),
+                            printable(output_text(b''.join(
+                                output['err-data'])).strip()))
+                reply = {'error': {'class': 'GenericError', 'desc':
+                                   'negotiator failed while answering this '
+                                   'request (its log says why)'}}
+            self._reply_from_child(request_id, reply)
+
+        def give_up():
+            if self.process is not process:  # the client went meanwhile
+                return
+            process.kill()
+            self.process = None
+            self._reply_from_child(request_id, {'error': {
+                'class': 'GenericError', 'desc': 'No answer within {0:g} '
+                'seconds: the work was abandoned'.format(
+                    CHILD_ANSWER_TIMEOUT)}})
+
+        try:
+            process = self.process = Process(
+                self.loop, self.children, [reply_of, compute] + list(args),
+                None, b'', 0, lambda stream, data: output[stream].append(data),
+                finish, self.on_failure)
+        except OSError as e:  # no pipe or process to spare
+            raise RequestError('No child process to answer in: {0}'.format(
+                os.strerror(e.errno)))
+        timer = self.loop.call_later(CHILD_ANSWER_TIMEOUT, give_up,
+                                     self.on_failure)
+
+    def _reply_from_child(self, request_id, reply):
+        if 'error' in reply:
+            self._send_error(request_id, RequestError(
+                reply['error']['desc'], reply['error']['class']))
+        else:
+            self._send_return(request_id, reply['return'])
+        self.channel.deliver()
 
     def _send_output(self, pieces):
         for piece in pieces:
@@ -2416,28 +2913,48 @@ PARAMETER_TYPES = {
 }
 
 
-def check_arguments(arguments, parameters):
+def check_arguments(arguments, parameters, prefix=''):
     """Check a request's arguments, with qemu-ga's error messages.
 
     :param parameters: ``(name, type, required)`` tuples, checked in order;
-        members not named there are refused last.
+        members not named there are refused last.  A type that is a tuple
+        of such parameters is a list of objects with those members.
+    :param prefix: where ``arguments`` is, for the messages (``vcpus[0].``).
     :raises RequestError: for a missing, mistyped or unexpected member.
     """
     for name, kind, required in parameters:
+        path = prefix + name
         if name not in arguments:
             if required:
-                raise RequestError("Parameter '{0}' is missing".format(name))
+                raise RequestError("Parameter '{0}' is missing".format(path))
+            continue
+        if isinstance(kind, tuple):
+            check_object_list(arguments[name], kind, path)
             continue
         check, expected = PARAMETER_TYPES[kind]
         if not check(arguments[name]):
-            raise RequestError(
-                "Invalid parameter type for '{0}', expected: {1}".format(
-                    name, expected))
+            raise_mistyped(path, expected)
     known = [name for name, _, _ in parameters]
     for name in arguments:
         if name not in known:
-            raise RequestError(
-                u("Parameter '{0}' is unexpected").format(shown(name)))
+            raise RequestError(u("Parameter '{0}{1}' is unexpected").format(
+                prefix, shown(name)))
+
+
+def check_object_list(value, members, path):
+    """Check a list of objects as qemu-ga does: each object whole, in turn."""
+    if not isinstance(value, list):
+        raise_mistyped(path, 'array')
+    for index, item in enumerate(value):
+        where = '{0}[{1}]'.format(path, index)
+        if not isinstance(item, dict):
+            raise_mistyped(where, 'object')
+        check_arguments(item, members, where + '.')
+
+
+def raise_mistyped(path, expected):
+    raise RequestError("Invalid parameter type for '{0}', expected: {1}"
+                       .format(path, expected))
 
 
 # ============================================================================

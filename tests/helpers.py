@@ -304,3 +304,87 @@ def scripted_agent(sock, script):
             sock.sendall(script(request))
     finally:
         sock.close()
+
+
+def write(path, data):
+    """Write a file (bytes), making its directory; returns its path."""
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+    with open(path, 'wb') as handle:
+        handle.write(data)
+    return path
+
+
+#: The disks of make_block_devices(): name -> (sysfs directory,
+#: major:minor, the PCI device whose driver is the disk's controller).
+PCI = 'devices/pci0000:00/'
+DISKS = {
+    'sdb': (PCI + '0000:00:01.1/ata2/host1/target1:0:1/1:0:1:0/block/sdb',
+            '8:16', PCI + '0000:00:01.1'),
+    'sda': (PCI + '0000:00:1f.2/ata3/host2/target2:0:0/2:0:0:0/block/sda',
+            '8:0', PCI + '0000:00:1f.2'),
+    'sdc': (PCI + '0000:00:05.0/virtio2/host3/target3:0:0/3:0:0:4/block/sdc',
+            '8:32', PCI + '0000:00:05.0'),
+    'vda': (PCI + '0000:00:1c.0/0000:01:00.0/virtio3/block/vda', '252:0',
+            PCI + '0000:00:1c.0/0000:01:00.0'),
+    'dm-0': ('devices/virtual/block/dm-0', '253:0', None),
+    'loop0': ('devices/virtual/block/loop0', '7:0', None),
+}
+#: The PCI devices' drivers (a PCI bridge's is none of qemu-ga's).
+DRIVERS = {PCI + '0000:00:01.1': 'ata_piix', PCI + '0000:00:1f.2': 'ahci',
+           PCI + '0000:00:05.0': 'virtio-pci', PCI + '0000:00:1c.0':
+           'pcieport', PCI + '0000:00:1c.0/0000:01:00.0': 'virtio-pci'}
+
+
+def relative_link(root, target, name):
+    """A symbolic link ``root/name`` to ``root/target``, relative, as
+    sysfs makes them."""
+    path = os.path.join(root, name)
+    os.symlink(os.path.relpath(os.path.join(root, target),
+                               os.path.dirname(path)), path)
+
+
+def block_device(sys, name, number, directory):
+    """A block device's uevent and /sys/dev/block link."""
+    major, minor = number.split(':')
+    write(os.path.join(sys, directory, 'uevent'), 'MAJOR={0}\nMINOR={1}\n'
+          'DEVNAME={2}\n'.format(major, minor, name).encode('ascii'))
+    relative_link(sys, directory, os.path.join('dev/block', number))
+
+
+def make_block_devices(root):
+    """A fake /sys with the disks of an IDE (ata_piix: buses ata1, ata2), a
+    SATA (ahci: ports ata1, ata3, ata4), a virtio-scsi controller, and a
+    virtio-blk disk behind a PCI bridge, partitioned (vda1), an LVM volume
+    (dm-0) on vda1, and an empty loop device; and udev's database of them
+    (serial numbers, the volume's name).  (qemu-ga cannot be shown such
+    a tree: its libudev refuses a /sys that is not sysfs, by its
+    statfs() type.)
+
+    :returns: the paths of the /sys and of the database.
+    """
+    sys = os.path.join(root, 'sys')
+    for directory in ('dev/block', 'block', 'drivers'):
+        os.makedirs(os.path.join(sys, directory))
+    for name, (directory, number, controller) in DISKS.items():
+        block_device(sys, name, number, directory)
+        relative_link(sys, directory, os.path.join('block', name))
+        write(os.path.join(sys, directory, 'size'),
+              b'0\n' if name == 'loop0' else b'2048\n')
+        os.mkdir(os.path.join(sys, directory, 'slaves'))
+    for controller, driver in DRIVERS.items():
+        relative_link(sys, 'drivers/' + driver, controller + '/driver')
+    for host in ('ata1', 'host9'):
+        os.mkdir(os.path.join(sys, PCI, '0000:00:01.1', host))
+    for host in ('ata4', 'ata1'):
+        os.mkdir(os.path.join(sys, PCI, '0000:00:1f.2', host))
+    vda = DISKS['vda'][0]
+    block_device(sys, 'vda1', '252:1', vda + '/vda1')
+    relative_link(sys, vda + '/vda1', DISKS['dm-0'][0] + '/slaves/vda1')
+    udev = os.path.join(root, 'udev')
+    write(os.path.join(udev, 'b252:0'), b'S:disk/by-id/virtio-SER0\n'
+          b'E:ID_SERIAL=SER0\nE:ID_TYPE=disk\n')
+    write(os.path.join(udev, 'b252:1'), b'E:ID_SERIAL=SER0\n')
+    write(os.path.join(udev, 'b253:0'), b'E:DM_NAME=vg-root\n')
+    return sys, udev

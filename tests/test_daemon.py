@@ -728,7 +728,8 @@ def test_requests_a_guest_may_make(farm):
 
 @pytest.mark.parametrize('request_name', [
     'guest-get-osinfo', 'guest-get-host-name', 'guest-network-get-interfaces',
-    'guest-exec', 'guest-shutdown'])
+    'guest-get-users', 'guest-get-vcpus', 'guest-set-vcpus',
+    'guest-get-fsinfo', 'guest-get-disks', 'guest-exec', 'guest-shutdown'])
 def test_facts_about_the_host_are_not_offered(farm, request_name):
     assert farm.ends['caller'].call({'execute': request_name, 'id': 7}) == {
         'id': 7, 'error': {

@@ -249,6 +249,8 @@ AGENT_REQUESTS = [
     ('negotiator-list-commands', 5), ('guest-get-host-name', 3),
     ('guest-get-osinfo', 2), ('guest-network-get-interfaces', 2),
     ('guest-get-time', 2), ('guest-get-timezone', 2),
+    ('guest-get-users', 1), ('guest-get-vcpus', 1), ('guest-get-fsinfo', 2),
+    ('guest-get-disks', 1),
 ]
 DAEMON_REQUESTS = [
     ('negotiator-execute', 30), ('guest-sync', 12),

@@ -43,11 +43,13 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import time
 
 import pytest
 
+import negotiator
 from helpers import (Agent, RawClient, Workdir, connectable, run_cli,
                      wait_for)
 
@@ -99,9 +101,13 @@ def qga(qemu_ga_path):
 
 
 @contextlib.contextmanager
-def serving_qga(qemu_ga_path, env=None, args=()):
+def serving_qga(qemu_ga_path, env=None, args=(), wrapper=()):
     """The real qemu-ga on a UNIX socket, in ``env``, with ``args``: its
-    socket's path."""
+    socket's path.
+
+    :param wrapper: a command line that runs qemu-ga's as its last
+        arguments (e.g. in a mount namespace of its own).
+    """
     workdir = Workdir()
     state = workdir.join('state')
     os.mkdir(state)                     # qemu-ga exits if it is missing
@@ -109,8 +115,8 @@ def serving_qga(qemu_ga_path, env=None, args=()):
     log_path = workdir.join('qga.log')
     log_file = open(log_path, 'wb')
     process = subprocess.Popen(
-        [qemu_ga_path, '-m', 'unix-listen', '-p', sock, '-t', state] +
-        list(args),
+        list(wrapper) + [qemu_ga_path, '-m', 'unix-listen', '-p', sock,
+                         '-t', state] + list(args),
         stdin=open(os.devnull), stdout=log_file, stderr=subprocess.STDOUT,
         close_fds=True, env=env)
     try:
@@ -185,6 +191,14 @@ def sync(arguments, name='guest-sync'):
     return {'execute': name, 'arguments': arguments}
 
 
+def vcpus(value):
+    """A guest-set-vcpus request.  The differential tests send only those
+    that change nothing on this machine: refused arguments, processors
+    that do not exist, and (test_set_vcpus_as_they_are) each processor's
+    own state, which neither agent writes back."""
+    return {'execute': 'guest-set-vcpus', 'arguments': {'vcpus': value}}
+
+
 # ---------------------------------------------------------------------------
 # Replies that must be equal once parsed.
 
@@ -221,6 +235,35 @@ EXACT = [
                                       'arguments': {'x': 1}}),
     ('time-unexpected-argument', {'execute': 'guest-get-time',
                                   'arguments': {'x': 1}}),
+    ('users', {'execute': 'guest-get-users'}),
+    ('users-unexpected-argument', {'execute': 'guest-get-users',
+                                   'arguments': {'x': 1}}),
+    ('vcpus', {'execute': 'guest-get-vcpus'}),
+    ('disks', {'execute': 'guest-get-disks'}),
+    ('disks-unexpected-argument', {'execute': 'guest-get-disks',
+                                   'arguments': {'x': 1}}),
+    ('fsinfo-unexpected-argument', {'execute': 'guest-get-fsinfo',
+                                    'arguments': {'x': 1}}),
+    # guest-set-vcpus: only requests that change nothing (see below).
+    ('set-vcpus-none', vcpus([])),
+    ('set-vcpus-no-such-processor', vcpus([{'logical-id': 99999,
+                                            'online': True}])),
+    ('set-vcpus-negative-id', vcpus([{'logical-id': -1, 'online': False}])),
+    ('set-vcpus-missing', {'execute': 'guest-set-vcpus'}),
+    ('set-vcpus-not-a-list', vcpus({})),
+    ('set-vcpus-not-objects', vcpus([5])),
+    ('set-vcpus-id-missing', vcpus([{'online': True}])),
+    ('set-vcpus-online-missing', vcpus([{'logical-id': 1}])),
+    ('set-vcpus-id-string', vcpus([{'logical-id': 'x', 'online': True}])),
+    ('set-vcpus-online-int', vcpus([{'logical-id': 1, 'online': 1}])),
+    ('set-vcpus-can-offline-int', vcpus([{'logical-id': 1, 'online': True,
+                                          'can-offline': 5}])),
+    ('set-vcpus-member-unexpected', vcpus([{'logical-id': 1, 'online': True,
+                                            'x': 5}])),
+    ('set-vcpus-second-not-object', vcpus([{'logical-id': 1,
+                                            'online': True}, 7])),
+    ('set-vcpus-unexpected', {'execute': 'guest-set-vcpus', 'arguments': {
+        'vcpus': [{'logical-id': 1, 'online': True}], 'z': 1}}),
 ]
 
 
@@ -356,7 +399,9 @@ def test_guest_info(qga, agent):
     for name in ('guest-sync', 'guest-sync-delimited', 'guest-ping',
                  'guest-info', 'guest-get-host-name', 'guest-get-osinfo',
                  'guest-get-time', 'guest-get-timezone',
-                 'guest-network-get-interfaces'):
+                 'guest-network-get-interfaces', 'guest-get-users',
+                 'guest-get-vcpus', 'guest-set-vcpus', 'guest-get-fsinfo',
+                 'guest-get-disks'):
         assert name in shared
 
 
@@ -387,6 +432,138 @@ def test_blocked_requests(qemu_ga_path):
                 enabled['guest-info']) == (False, False, True)
     assert ('negotiator: --block-rpcs: guest-nosuch is not a request '
             'negotiator serves; ignored\n') in log
+
+
+def test_set_vcpus_as_they_are(qga, agent):
+    """Each processor set to the state guest-get-vcpus gives: both count
+    them all and write nothing.  A processor that cannot go offline (no
+    online file: cpu0 on x86) asked to: both refuse it, the same way."""
+    states, _ = both(qga, agent, {'execute': 'guest-get-vcpus'})
+    request = vcpus([{'logical-id': v['logical-id'], 'online': v['online']}
+                     for v in states['return']])
+    expected, actual = both(qga, agent, request)
+    assert actual == expected == {'return': len(states['return'])}
+    fixed = [v['logical-id'] for v in states['return']
+             if not v['can-offline']]
+    for logical_id in fixed:
+        expected, actual = both(qga, agent, vcpus([
+            {'logical-id': logical_id, 'online': False}]))
+        assert actual == expected
+        assert expected['error']['desc'] == (
+            "logical processor #{0} can't be offlined".format(logical_id))
+
+
+#: How far apart two looks at a filesystem's used bytes may be: others
+#: write to this machine's disk meanwhile.
+USED_SLACK = 256 * 1024 * 1024
+
+
+def same_filesystems(ours, theirs):
+    """guest-get-fsinfo replies equal but for the used bytes' drift."""
+    assert len(ours) == len(theirs), (ours, theirs)
+    for mine, other in zip(ours, theirs):
+        assert sorted(mine) == sorted(other), (mine, other)
+        assert abs(mine.pop('used-bytes', 0) -
+                   other.pop('used-bytes', 0)) < USED_SLACK
+        assert mine == other
+
+
+def test_fsinfo(qga, agent):
+    """This machine's block-device filesystems (libvirt: domfsinfo)."""
+    expected, actual = both(qga, agent, {'execute': 'guest-get-fsinfo'})
+    assert sorted(actual) == sorted(expected) == ['return']
+    same_filesystems(actual['return'], expected['return'])
+
+
+def test_fsinfo_of_odd_mount_points(qemu_ga_path, monkeypatch):
+    """qemu-ga in a mount namespace of its own, where the root filesystem
+    is also mounted on a directory whose name holds a space (\\040 in
+    mountinfo) and a byte that is not UTF-8; negotiator reads the same
+    mountinfo (qemu-ga's, through /proc).  Both list it first (the last
+    mounted); the byte is U+DCFF in negotiator's reply, by its rule for
+    bytes, and U+FFFD in qemu-ga's, whose JSON writer replaces it."""
+    workdir = Workdir()
+    try:
+        odd = workdir.join('a b').encode('ascii') + b'\xff'
+        os.mkdir(odd)
+        wrapper = ['unshare', '-m', 'sh', '-c',
+                   'mount --bind / "$0" && exec "$@"', odd]
+        with serving_qga(qemu_ga_path, wrapper=wrapper) as qga:
+            theirs = parse(exchange(qga, encode({
+                'execute': 'guest-get-fsinfo'})))['return']
+            monkeypatch.setattr(negotiator, 'MOUNTINFO_PATH',
+                                '/proc/{0}/mountinfo'.format(pid_of(qga)))
+            ours = json.loads(json.dumps(negotiator.filesystems()))
+    finally:
+        workdir.cleanup()
+    assert ours[0]['mountpoint'] == workdir.join('a b') + u'\udcff'
+    assert theirs[0]['mountpoint'] == workdir.join('a b') + u'\ufffd'
+    ours[0]['mountpoint'] = theirs[0]['mountpoint']
+    for reply in (ours[0], theirs[0]):  # negotiator's statvfs() is of the
+        del reply['used-bytes'], reply['total-bytes']  # empty directory
+    same_filesystems(ours, theirs)
+
+
+def pid_of(sock):
+    """The process whose command line names ``sock``."""
+    for pid in os.listdir('/proc'):
+        try:
+            with open('/proc/{0}/cmdline'.format(pid), 'rb') as handle:
+                if sock.encode('ascii') in handle.read().split(b'\0'):
+                    return pid
+        except (IOError, OSError):
+            continue
+    raise AssertionError('nothing serves ' + sock)
+
+
+#: A utmp record as glibc writes it on x86_64 and i386: type, pid, line,
+#: id, user, host, exit status, session, login seconds and microseconds,
+#: address, padding (384 bytes).
+UTMP = struct.Struct('=h2xi32s4s32s256shhiii16s20x')
+
+
+def utmp_record(kind, user, seconds, microseconds):
+    return UTMP.pack(kind, 1, b'pts/0', b'ts/0', user, b'host', 0, 0, 0,
+                     seconds, microseconds, b'')
+
+
+#: Logged in: alice three times (her earliest login is the middle one),
+#: bob once; carol's record is a dead process's, the first a getty's; the
+#: last record is cut short, as a crash while writing leaves it.
+UTMP_FILE = b''.join([
+    utmp_record(6, b'LOGIN', 1699999000, 0),
+    utmp_record(7, b'alice', 1700000100, 500000),
+    utmp_record(7, b'bob', 1700000050, 250),
+    utmp_record(7, b'alice', 1700000000, 999999),
+    utmp_record(8, b'carol', 1690000000, 0),
+    utmp_record(7, b'alice', 1700000200, 0),
+    utmp_record(7, b'dave', 1600000000, 0)[:100]])
+
+
+def test_users_from_a_utmp_file(qemu_ga_path, monkeypatch):
+    """guest-get-users over the same utmp file: qemu-ga reads glibc's
+    /var/run/utmp, so it runs in a mount namespace of its own whose /run
+    is a tmpfs holding the file (this machine's /run is untouched);
+    negotiator reads the file its UTMP_PATH names."""
+    workdir = Workdir()
+    try:
+        path = workdir.join('utmp')
+        with open(path, 'wb') as handle:
+            handle.write(UTMP_FILE)
+        monkeypatch.setattr(negotiator, 'UTMP_PATH', path)
+        ours = json.loads(json.dumps(negotiator.logged_in_users()))
+        wrapper = ['unshare', '-m', 'sh', '-c',
+                   'mount -t tmpfs tmpfs /run && cp "$0" /run/utmp && '
+                   'exec "$@"', path]
+        with serving_qga(qemu_ga_path, wrapper=wrapper) as qga:
+            theirs = parse(exchange(qga, encode({
+                'execute': 'guest-get-users'})))
+    finally:
+        workdir.cleanup()
+    assert theirs == {'return': [
+        {'user': 'alice', 'login-time': 1700000000.999999},
+        {'user': 'bob', 'login-time': 1700000050.00025}]}
+    assert ours == theirs['return']
 
 
 # ---------------------------------------------------------------------------
