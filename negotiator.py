@@ -289,6 +289,20 @@ VIRSH_TIMEOUT = 30.0
 #: Seconds --list-guests waits for each guest's agent to answer.
 PROBE_TIMEOUT = 2.0
 
+#: Where the guest agent looks for the tools some qemu-ga requests run
+#: (chpasswd, shutdown, hwclock), whatever PATH it was started with (an
+#: init script's may lack the sbin directories).  The environment variable
+#: NEGOTIATOR_TOOL_PATH replaces it (tests put stand-in tools there).
+TOOL_PATH = os.environ.get(
+    'NEGOTIATOR_TOOL_PATH',
+    '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin')
+#: Seconds such a tool, or guest-fstrim's FITRIM of every filesystem (a
+#: big slow disk takes minutes), may run before it is killed.
+TOOL_TIMEOUT = 600.0
+#: Bytes kept of a tool's stdout and of its stderr: its error message, or
+#: guest-fstrim's result for thousands of mounts.
+TOOL_OUTPUT = 1024 * 1024
+
 #: Where syslog listens (--syslog).
 SYSLOG_SOCKET = '/dev/log'
 
@@ -2070,6 +2084,66 @@ def parse_address_message(body, families):
     return index, families[family], socket.inet_ntop(family, raw), prefix
 
 
+# ---------------------------------------------------------------------------
+# Acting on the guest: the tools some qemu-ga requests run
+# ---------------------------------------------------------------------------
+
+def find_tool(*names):
+    """The path of the first of ``names`` that TOOL_PATH has.
+
+    :raises RequestError: naming them, when it has none (busybox guests
+        have no chpasswd).
+    """
+    for name in names:
+        for directory in TOOL_PATH.split(':'):
+            path = os.path.join(directory, name)
+            if os.path.isfile(path) and os.access(path, os.X_OK):
+                return path
+    raise RequestError("cannot find '{0}' program in PATH ({1})".format(
+        "' or '".join(names), TOOL_PATH))
+
+
+def check_tool(result, message, failure):
+    """Refuse a tool's end unless it exited with status 0.
+
+    :param message: what it wrote (bytes), added to the desc as newer
+        qemu-ga add it (7.2 sends the tool's output to /dev/null).
+    :param failure: the desc for a non-zero exit status, in qemu-ga's
+        words.
+    """
+    if result.get('timed-out'):
+        raise RequestError('child process has terminated abnormally: killed '
+                           'after {0:g} seconds'.format(TOOL_TIMEOUT))
+    if 'signal' in result:
+        raise RequestError('child process has terminated abnormally')
+    if result['exitcode']:
+        message = message.decode('utf-8', 'replace').strip()
+        raise RequestError(failure + (message and ': ' + message))
+
+
+#: What qemu-ga's base64 decoder takes (it skips the newlines).
+QEMU_BASE64_TEXT = re.compile(r'\A[A-Za-z0-9+/=\n]*\Z')
+
+
+def qemu_base64(text):
+    """The bytes base64 ``text`` stands for, as qemu-ga decodes them
+    (glib's decoder): a last group of fewer than four characters is
+    dropped, and an ``=`` drops the byte it stands in for.
+
+    :raises RequestError: for a character that is not base64.
+    """
+    if not QEMU_BASE64_TEXT.match(text):
+        raise RequestError('Base64 data contains invalid characters')
+    text = text.replace('\n', '').encode('ascii')
+    data = []
+    for start in range(0, len(text) - 3, 4):
+        group = text[start:start + 4]
+        triple = binascii.a2b_base64(group.replace(b'=', b'A'))
+        data.append(triple[:1] + triple[1:2] * (group[2:3] != b'=') +
+                    triple[2:] * (group[3:] != b'='))
+    return b''.join(data)
+
+
 # ============================================================================
 # Serving requests: one Server per channel, on the guest and on the host
 # ============================================================================
@@ -2101,6 +2175,9 @@ class Server(object):
         ('guest-get-time', 'rpc_time', ()),
         ('guest-get-timezone', 'rpc_timezone', ()),
         ('guest-network-get-interfaces', 'rpc_network_interfaces', ()),
+        ('guest-set-user-password', 'rpc_set_user_password', (
+            ('username', 'str', True), ('password', 'str', True),
+            ('crypted', 'bool', True))),
         ('negotiator-list-commands', 'rpc_list_commands', ()),
         ('negotiator-execute', 'rpc_execute', (
             ('command', 'str', True), ('args', 'strs', False),
@@ -2212,12 +2289,16 @@ class Server(object):
             self._answering = (request_id,)
             result = method(arguments, request_id)
         except RequestError as e:
-            log.log(self.ERROR_LOG_LEVEL, '%s: error reply: %s',
-                    self.channel.name, printable(e.desc))
-            self._send_error(request_id, e)
+            self._refuse(request_id, e)
             return
         if result is not None:
             self._send_return(request_id, result)
+
+    def _refuse(self, request_id, error):
+        """Send the error reply for a RequestError, and log it."""
+        log.log(self.ERROR_LOG_LEVEL, '%s: error reply: %s',
+                self.channel.name, printable(error.desc))
+        self._send_error(request_id, error)
 
     def _parse_request(self, request):
         """The request's name and arguments, checked in qemu-ga's order."""
@@ -2349,13 +2430,77 @@ class Server(object):
     def _finish_execute(self, request_id, result):
         process, self.process = self.process, None
         self._send_return(request_id, result)
-        # Logged once the reply is on its way: the line costs the caller
-        # nothing (under emulation a log line takes about 0.4 ms).
+        self._log_exit(process, result)
+
+    def _log_exit(self, process, result):
+        """Log a command's end and answer the requests waiting behind it.
+        Logged once the reply is on its way: the line costs the caller
+        nothing (under emulation a log line takes about 0.4 ms)."""
         log.info('%s: %s, pid %d, %s after %.1f ms',
                  self.channel.name, self._command,
                  process.pid, describe_result(result),
                  (monotonic() - process.started) * 1e3)
         self.channel.deliver()
+
+    def _run_tool(self, request_id, argv, failure, stdin_data=b'',
+                  reply=lambda output: {}):
+        """Answer a qemu-ga request by running a tool, when it exits:
+        requests wait behind it as behind negotiator-execute, and it has
+        TOOL_TIMEOUT.
+
+        :param argv: the tool's path (find_tool()) and arguments, or a
+            function and its arguments, run in a forked child (Builtin).
+        :param failure: the error reply's desc if the tool fails, in
+            qemu-ga's words; the tool's message is added to it.
+        :param reply: makes the reply's value from the tool's stdout
+            (None: no reply); by default qemu-ga's {} for a request that
+            returns nothing.
+        """
+        output = {'out-data': b'', 'err-data': b''}
+
+        def collect(stream, data):
+            if len(output[stream]) < TOOL_OUTPUT:
+                output[stream] += data[:TOOL_OUTPUT - len(output[stream])]
+
+        def on_exit(result):
+            process, self.process = self.process, None
+            try:
+                check_tool(result, output['err-data'] or output['out-data'],
+                           failure)
+                value = reply(output['out-data'])
+            except RequestError as e:
+                self._refuse(request_id, e)
+            else:
+                if value is None:
+                    self._answering = None
+                else:
+                    self._send_return(request_id, value)
+            self._log_exit(process, result)
+        env = dict(self.env, PATH=TOOL_PATH)
+        try:
+            self.process = Process(self.loop, self.children, argv, env,
+                                   stdin_data, TOOL_TIMEOUT, collect, on_exit,
+                                   self.on_failure)
+        except OSError as e:
+            raise RequestError('failed to create child process: ' +
+                               os.strerror(e.errno))
+        self._command = printable(wire_text(
+            argv[0].__name__ if callable(argv[0]) else argv[0]))
+
+    def rpc_set_user_password(self, arguments, request_id):
+        """chpasswd, given ``USER:PASSWORD`` on stdin, as qemu-ga runs it."""
+        password = qemu_base64(arguments['password'])
+        if b'\n' in password or b'\0' in password:
+            raise RequestError('forbidden characters in raw password')
+        username = text_argument(arguments['username'], 'username')
+        if b'\n' in username or b':' in username:
+            raise RequestError('forbidden characters in username')
+        argv = [find_tool('chpasswd')]
+        if arguments['crypted']:
+            argv.append('-e')
+        self._run_tool(request_id, argv,
+                       'child process has failed to set user password',
+                       username + b':' + password + b'\n')
 
 
 def describe_result(result):

@@ -219,6 +219,31 @@ EXACT = [
                                       'arguments': {'x': 1}}),
     ('time-unexpected-argument', {'execute': 'guest-get-time',
                                   'arguments': {'x': 1}}),
+] + [
+    # Requests that run a tool, refused before they reach it (past these
+    # checks both agents would run this machine's real one).
+    ('password-' + name, {'execute': 'guest-set-user-password',
+                          'arguments': arguments})
+    for name, arguments in [
+        ('no-arguments', {}),
+        ('no-password', {'username': 'a'}),
+        ('no-crypted', {'username': 'a', 'password': 'YQ=='}),
+        ('username-int', {'username': 5, 'password': 'YQ==',
+                          'crypted': False}),
+        ('crypted-int', {'username': 'a', 'password': 'YQ==', 'crypted': 1}),
+        ('unexpected', {'username': 'a', 'password': 'YQ==',
+                        'crypted': False, 'z': 1}),
+        ('bad-base64', {'username': 'a', 'password': 'Y!Q==',
+                        'crypted': False}),
+        ('newline-in-password', {'username': 'a', 'password': 'YQp4',
+                                 'crypted': True}),
+        ('colon-in-username', {'username': 'a:b', 'password': 'YQ==',
+                               'crypted': False}),
+        ('newline-in-username', {'username': 'a\nb', 'password': 'YQ==',
+                                 'crypted': False}),
+        ('both-bad', {'username': 'a:b', 'password': 'YQp4',
+                      'crypted': False}),
+    ]
 ]
 
 
@@ -354,7 +379,7 @@ def test_guest_info(qga, agent):
     for name in ('guest-sync', 'guest-sync-delimited', 'guest-ping',
                  'guest-info', 'guest-get-host-name', 'guest-get-osinfo',
                  'guest-get-time', 'guest-get-timezone',
-                 'guest-network-get-interfaces'):
+                 'guest-network-get-interfaces', 'guest-set-user-password'):
         assert name in shared
 
 

@@ -1,0 +1,218 @@
+# -*- coding: utf-8 -*-
+"""The qemu-ga requests that act on the guest through its own tools.
+
+Nothing here changes this machine: the agent runs with
+NEGOTIATOR_TOOL_PATH naming a directory of stand-in tools (shell scripts
+that record their arguments and standard input in files, write a chosen
+message to stderr and exit with a chosen status), and its set_clock() is
+replaced by one that records its arguments (the agent is started through
+a few lines of Python that replace it, and shorten TOOL_TIMEOUT so that a
+hung tool is killed within a second).  The tests assert what each tool
+got and the exact replies; tests/test_qemu_ga.py compares the argument
+checks with the real qemu-ga.
+
+Runs on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
+"""
+import base64
+import json
+import os
+
+import pytest
+
+import negotiator
+from helpers import ROOT, Agent, Workdir
+
+#: The agent, with set_clock() recording its arguments instead of setting
+#: this machine's clock, and a short TOOL_TIMEOUT.
+AGENT_PROGRAM = '''
+import sys
+sys.path.insert(0, {root!r})
+import negotiator
+negotiator.TOOL_TIMEOUT = 1.0
+
+def set_clock(seconds, microseconds):
+    with open({clock!r}, 'a') as handle:
+        handle.write('{{0}} {{1}}\\n'.format(seconds, microseconds))
+negotiator.set_clock = set_clock
+sys.exit(negotiator.main(sys.argv[1:]))
+'''
+
+#: A stand-in tool: records its arguments (one a line) and stdin, then
+#: writes a message to stderr and exits with a status, or hangs.
+TOOL_SCRIPT = '''#!/bin/sh
+printf '%s\\n' "$@" > {record}.argv
+/bin/cat > {record}.stdin
+{action}
+'''
+
+
+class Tools(object):
+    """The stand-in tools' directory."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def add(self, name, status=0, message='', hang=False):
+        record = os.path.join(self.path, 'record-' + name)
+        with open(record + '.message', 'w') as handle:
+            handle.write(message)
+        action = 'exec /bin/sleep 3600' if hang else (
+            '/bin/cat {0}.message >&2; exit {1}'.format(record, status))
+        path = os.path.join(self.path, name)
+        with open(path, 'w') as handle:
+            handle.write(TOOL_SCRIPT.format(record=record, action=action))
+        os.chmod(path, 0o755)
+
+    def remove(self, name):
+        os.remove(os.path.join(self.path, name))
+
+    def called(self, name):
+        """(arguments, stdin) of the last call of ``name``, then forgotten;
+        None when it was not called."""
+        record = os.path.join(self.path, 'record-' + name)
+        if not os.path.exists(record + '.argv'):
+            return None
+        with open(record + '.argv') as handle:
+            argv = handle.read().splitlines()
+        with open(record + '.stdin', 'rb') as handle:
+            stdin = handle.read()
+        os.remove(record + '.argv')
+        os.remove(record + '.stdin')
+        return argv, stdin
+
+
+@pytest.fixture(scope='module')
+def setup():
+    workdir = Workdir()
+    tools = Tools(workdir.join('tools'))
+    os.mkdir(tools.path)
+    clock = workdir.join('clock')
+    program = ('-c', AGENT_PROGRAM.format(root=ROOT, clock=clock))
+    env = dict(os.environ, NEGOTIATOR_TOOL_PATH=tools.path)
+    agent = Agent(workdir, program=program, env=env)
+    try:
+        yield agent, tools, clock
+    finally:
+        try:
+            agent.stop()
+        finally:
+            workdir.cleanup()
+
+
+@pytest.fixture
+def agent(setup):
+    return setup[0]
+
+
+@pytest.fixture
+def tools(setup):
+    """The stand-in tools, none at the start of each test."""
+    tools = setup[1]
+    for name in os.listdir(tools.path):
+        os.remove(os.path.join(tools.path, name))
+    return tools
+
+
+def call(agent, name, arguments=None):
+    """The agent's reply to one request (with id 1), on a new connection."""
+    client = agent.client()
+    try:
+        request = {'execute': name, 'id': 1}
+        if arguments is not None:
+            request['arguments'] = arguments
+        return client.call(request)
+    finally:
+        client.close()
+
+
+def error(desc):
+    return {'error': {'class': 'GenericError', 'desc': desc}, 'id': 1}
+
+
+def b64(data):
+    return base64.b64encode(data).decode('ascii')
+
+
+def missing(names, tools):
+    return error("cannot find {0} program in PATH ({1})".format(
+        ' or '.join("'{0}'".format(name) for name in names), tools.path))
+
+
+def test_a_hung_tool_is_killed_and_the_requests_behind_it_are_answered(
+        agent, tools):
+    tools.add('chpasswd', hang=True)
+    client = agent.client()
+    try:
+        client.request({'execute': 'guest-set-user-password', 'id': 1,
+                        'arguments': {'username': 'a', 'password': 'YQ==',
+                                      'crypted': False}})
+        client.request({'execute': 'guest-ping', 'id': 2})
+        assert client.read_message() == error(
+            'child process has terminated abnormally: killed after 1 '
+            'seconds')
+        assert client.read_message() == {'return': {}, 'id': 2}
+    finally:
+        client.close()
+    assert tools.called('chpasswd') == ([''], b'a:a\n')
+
+
+# ---------------------------------------------------------------------------
+# guest-set-user-password
+
+def set_password(agent, username, password, crypted=False):
+    return call(agent, 'guest-set-user-password', {
+        'username': username, 'password': password, 'crypted': crypted})
+
+
+@pytest.mark.parametrize('crypted,argv', [(False, ['']), (True, ['-e'])])
+def test_set_user_password(agent, tools, crypted, argv):
+    """chpasswd gets USER:PASSWORD and a newline on stdin, ``-e`` when
+    the password is crypted (printf prints one empty line for none)."""
+    tools.add('chpasswd')
+    password = u'pa ss:wörd$1'.encode('utf-8')
+    assert set_password(agent, u'élise', b64(password), crypted) == {
+        'return': {}, 'id': 1}
+    assert tools.called('chpasswd') == (
+        argv, u'élise:'.encode('utf-8') + password + b'\n')
+
+
+def test_set_user_password_tool_fails(agent, tools):
+    tools.add('chpasswd', 1, "chpasswd: line 1: user 'nobody2' does not "
+              'exist')
+    assert set_password(agent, 'nobody2', 'YQ==') == error(
+        "child process has failed to set user password: chpasswd: line 1: "
+        "user 'nobody2' does not exist")
+    tools.add('chpasswd', 3)
+    assert set_password(agent, 'nobody2', 'YQ==') == error(
+        'child process has failed to set user password')
+
+
+def test_set_user_password_tool_missing(agent, tools):
+    assert set_password(agent, 'root', 'YQ==') == missing(['chpasswd'],
+                                                          tools)
+
+
+@pytest.mark.parametrize('username,password,desc', [
+    ('root', 'YQ!=', 'Base64 data contains invalid characters'),
+    ('root', b64(b'a\nb'), 'forbidden characters in raw password'),
+    ('root', b64(b'a\0b'), 'forbidden characters in raw password'),
+    ('ro:ot', 'YQ==', 'forbidden characters in username'),
+    ('ro\not', 'YQ==', 'forbidden characters in username'),
+    ('ro\0ot', 'YQ==', "Parameter 'username' holds a NUL character, which "
+                       'a command line cannot carry'),
+])
+def test_set_user_password_refused(agent, tools, username, password, desc):
+    tools.add('chpasswd')
+    assert set_password(agent, username, password) == error(desc)
+    assert tools.called('chpasswd') is None
+
+
+@pytest.mark.parametrize('text,data', [
+    (u'YWJj', b'abc'), (u'YWI=', b'ab'), (u'YQ==', b'a'), (u'', b''),
+    (u'YWJ', b''), (u'YWJjZA', b'abc'), (u'YQ==\nYWI=\n', b'aab'),
+    (u'YW=j', b'a#'),
+])
+def test_qemu_base64(text, data):
+    """As glib decodes it for qemu-ga: an incomplete last group is
+    dropped, and each "=" drops the byte it stands in for."""
+    assert negotiator.qemu_base64(text) == data
