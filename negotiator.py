@@ -2121,6 +2121,12 @@ def check_tool(result, message, failure):
         raise RequestError(failure + (message and ': ' + message))
 
 
+#: guest-shutdown's modes: shutdown's option, and the tool run where
+#: there is no shutdown.
+SHUTDOWN_MODES = {'powerdown': ('-P', 'poweroff'), 'halt': ('-H', 'halt'),
+                  'reboot': ('-r', 'reboot')}
+
+
 #: What qemu-ga's base64 decoder takes (it skips the newlines).
 QEMU_BASE64_TEXT = re.compile(r'\A[A-Za-z0-9+/=\n]*\Z')
 
@@ -2178,6 +2184,7 @@ class Server(object):
         ('guest-set-user-password', 'rpc_set_user_password', (
             ('username', 'str', True), ('password', 'str', True),
             ('crypted', 'bool', True))),
+        ('guest-shutdown', 'rpc_shutdown', (('mode', 'str', False),)),
         ('negotiator-list-commands', 'rpc_list_commands', ()),
         ('negotiator-execute', 'rpc_execute', (
             ('command', 'str', True), ('args', 'strs', False),
@@ -2353,8 +2360,9 @@ class Server(object):
     def rpc_info(self, arguments, request_id):
         supported = []
         for name, _, _ in self.REQUESTS:
+            # guest-shutdown, as qemu-ga's, replies only when it fails.
             supported.append({'enabled': True, 'name': name,
-                              'success-response': True})
+                              'success-response': name != 'guest-shutdown'})
         return {'version': __version__, 'supported_commands': supported}
 
     def rpc_host_name(self, arguments, request_id):
@@ -2501,6 +2509,22 @@ class Server(object):
         self._run_tool(request_id, argv,
                        'child process has failed to set user password',
                        username + b':' + password + b'\n')
+
+    def rpc_shutdown(self, arguments, request_id):
+        """``shutdown -h -P|-H|-r +0 MESSAGE``, as qemu-ga 7.2 runs it,
+        else (busybox) poweroff, halt or reboot.  No reply when it has
+        started the shutdown, as qemu-ga."""
+        mode = arguments.get('mode', 'powerdown')
+        if mode not in SHUTDOWN_MODES:
+            raise RequestError('mode is invalid (valid values are: '
+                               'halt|powerdown|reboot')
+        option, fallback = SHUTDOWN_MODES[mode]
+        argv = [find_tool('shutdown', fallback)]
+        if os.path.basename(argv[0]) == 'shutdown':
+            argv += ['-h', option, '+0', 'hypervisor initiated shutdown']
+        self._run_tool(request_id, argv,
+                       'child process has failed to shutdown',
+                       reply=lambda output: None)
 
 
 def describe_result(result):

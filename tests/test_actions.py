@@ -216,3 +216,70 @@ def test_qemu_base64(text, data):
     """As glib decodes it for qemu-ga: an incomplete last group is
     dropped, and each "=" drops the byte it stands in for."""
     assert negotiator.qemu_base64(text) == data
+
+
+# ---------------------------------------------------------------------------
+# guest-shutdown
+
+def shut_down(agent, arguments):
+    """Ask for a shutdown, then a ping: the first line back must be the
+    ping's reply, or the shutdown's error (which has id 1)."""
+    client = agent.client()
+    try:
+        request = {'execute': 'guest-shutdown', 'id': 1}
+        if arguments is not None:
+            request['arguments'] = arguments
+        client.request(request)
+        client.request({'execute': 'guest-ping', 'id': 2})
+        reply = client.read_message()
+        if reply.get('id') == 1:
+            assert client.read_message() == {'return': {}, 'id': 2}
+        return reply
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize('arguments,option', [
+    (None, '-P'), ({'mode': 'powerdown'}, '-P'), ({'mode': 'halt'}, '-H'),
+    ({'mode': 'reboot'}, '-r')])
+def test_shutdown(agent, tools, arguments, option):
+    """No reply when shutdown succeeds, as qemu-ga."""
+    tools.add('shutdown')
+    tools.add('poweroff')
+    assert shut_down(agent, arguments) == {'return': {}, 'id': 2}
+    assert tools.called('shutdown') == (
+        ['-h', option, '+0', 'hypervisor initiated shutdown'], b'')
+    assert tools.called('poweroff') is None
+
+
+@pytest.mark.parametrize('mode,tool', [
+    ('powerdown', 'poweroff'), ('halt', 'halt'), ('reboot', 'reboot')])
+def test_shutdown_without_shutdown(agent, tools, mode, tool):
+    """A guest without shutdown (busybox) runs poweroff, halt or reboot."""
+    for name in ('poweroff', 'halt', 'reboot'):
+        tools.add(name)
+    assert shut_down(agent, {'mode': mode}) == {'return': {}, 'id': 2}
+    assert tools.called(tool) == ([''], b'')
+    assert [tools.called(name) for name in ('poweroff', 'halt', 'reboot')
+            ] == [None] * 3
+
+
+def test_shutdown_tool_missing(agent, tools):
+    tools.add('poweroff')
+    assert shut_down(agent, {'mode': 'reboot'}) == missing(
+        ['shutdown', 'reboot'], tools)
+
+
+def test_shutdown_fails(agent, tools):
+    tools.add('shutdown', 1, 'Failed to talk to init daemon.\n')
+    assert shut_down(agent, None) == error(
+        'child process has failed to shutdown: Failed to talk to init '
+        'daemon.')
+
+
+def test_shutdown_bad_mode(agent, tools):
+    tools.add('shutdown')
+    assert shut_down(agent, {'mode': 'off'}) == error(
+        'mode is invalid (valid values are: halt|powerdown|reboot')
+    assert tools.called('shutdown') is None
+

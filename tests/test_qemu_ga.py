@@ -244,6 +244,14 @@ EXACT = [
         ('both-bad', {'username': 'a:b', 'password': 'YQp4',
                       'crypted': False}),
     ]
+] + [
+    ('shutdown-' + name, {'execute': 'guest-shutdown',
+                          'arguments': arguments})
+    for name, arguments in [
+        ('bad-mode', {'mode': 'off'}), ('empty-mode', {'mode': ''}),
+        ('mode-int', {'mode': 5}), ('mode-null', {'mode': None}),
+        ('unexpected', {'mode': 'halt', 'x': 1}),
+    ]
 ]
 
 
@@ -379,7 +387,8 @@ def test_guest_info(qga, agent):
     for name in ('guest-sync', 'guest-sync-delimited', 'guest-ping',
                  'guest-info', 'guest-get-host-name', 'guest-get-osinfo',
                  'guest-get-time', 'guest-get-timezone',
-                 'guest-network-get-interfaces', 'guest-set-user-password'):
+                 'guest-network-get-interfaces', 'guest-set-user-password',
+                 'guest-shutdown'):
         assert name in shared
 
 
