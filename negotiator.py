@@ -2121,6 +2121,37 @@ def check_tool(result, message, failure):
         raise RequestError(failure + (message and ': ' + message))
 
 
+def clock_time(time_ns):
+    """A time in nanoseconds since the epoch as ``(seconds,
+    microseconds)``, cut toward zero as qemu-ga's C division does.
+
+    :raises RequestError: as qemu-ga, "Time N is too large" where a C long
+        (time_t) cannot hold its seconds (32-bit guests), "Invalid time"
+        unless its year, in local time, is 1970 to 2069.
+    """
+    seconds, nanoseconds = divmod(abs(time_ns), 10 ** 9)
+    microseconds = nanoseconds // 1000
+    if time_ns < 0:
+        seconds, microseconds = -seconds, -microseconds
+    if abs(seconds) >= 2 ** (8 * struct.calcsize('l') - 1):
+        raise RequestError('Time {0} is too large'.format(time_ns))
+    if not 1970 <= time.localtime(seconds).tm_year < 2070:
+        raise RequestError('Invalid time')
+    return seconds, microseconds
+
+
+def set_clock(seconds, microseconds):
+    """settimeofday(), as qemu-ga calls it, through ctypes: the one way
+    every Python from 2.6 on has (time.clock_settime() is 3.3+, and
+    ``date -s`` drops the microseconds or is busybox's).  Tests replace
+    this function."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.settimeofday((ctypes.c_long * 2)(seconds, microseconds), None):
+        raise RequestError('Failed to set time to guest: ' +
+                           os.strerror(ctypes.get_errno()))
+
+
 #: guest-shutdown's modes: shutdown's option, and the tool run where
 #: there is no shutdown.
 SHUTDOWN_MODES = {'powerdown': ('-P', 'poweroff'), 'halt': ('-H', 'halt'),
@@ -2185,6 +2216,7 @@ class Server(object):
             ('username', 'str', True), ('password', 'str', True),
             ('crypted', 'bool', True))),
         ('guest-shutdown', 'rpc_shutdown', (('mode', 'str', False),)),
+        ('guest-set-time', 'rpc_set_time', (('time', 'int', False),)),
         ('negotiator-list-commands', 'rpc_list_commands', ()),
         ('negotiator-execute', 'rpc_execute', (
             ('command', 'str', True), ('args', 'strs', False),
@@ -2525,6 +2557,17 @@ class Server(object):
         self._run_tool(request_id, argv,
                        'child process has failed to shutdown',
                        reply=lambda output: None)
+
+    def rpc_set_time(self, arguments, request_id):
+        """Set the system clock to ``time``, then the hardware clock from
+        it (``hwclock -w``); without a time, the system clock from the
+        hardware clock (``hwclock -s``): as qemu-ga 7.2."""
+        hwclock = find_tool('hwclock')
+        if 'time' in arguments:
+            set_clock(*clock_time(arguments['time']))
+        self._run_tool(request_id,
+                       [hwclock, '-w' if 'time' in arguments else '-s'],
+                       'hwclock failed to set hardware clock to system time')
 
 
 def describe_result(result):

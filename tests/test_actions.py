@@ -16,6 +16,7 @@ Runs on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
 import base64
 import json
 import os
+import time
 
 import pytest
 
@@ -283,3 +284,83 @@ def test_shutdown_bad_mode(agent, tools):
         'mode is invalid (valid values are: halt|powerdown|reboot')
     assert tools.called('shutdown') is None
 
+
+
+# ---------------------------------------------------------------------------
+# guest-set-time
+
+def clock_set(clock):
+    """The set_clock() calls the agent made, then forgotten."""
+    if not os.path.exists(clock):
+        return []
+    with open(clock) as handle:
+        calls = handle.read().splitlines()
+    os.remove(clock)
+    return calls
+
+
+@pytest.fixture
+def clock(setup):
+    clock_set(setup[2])
+    return setup[2]
+
+
+def test_set_time(agent, tools, clock):
+    """The system clock first, then the hardware clock from it."""
+    tools.add('hwclock')
+    assert call(agent, 'guest-set-time', {'time': 1700000000123456789}) == {
+        'return': {}, 'id': 1}
+    assert clock_set(clock) == ['1700000000 123456']
+    assert tools.called('hwclock') == (['-w'], b'')
+
+
+def test_set_time_from_hardware_clock(agent, tools, clock):
+    tools.add('hwclock')
+    assert call(agent, 'guest-set-time') == {'return': {}, 'id': 1}
+    assert clock_set(clock) == []
+    assert tools.called('hwclock') == (['-s'], b'')
+
+
+def test_set_time_hwclock_fails(agent, tools, clock):
+    tools.add('hwclock', 1, 'hwclock: Cannot access the Hardware Clock via '
+              'any known method.\n')
+    assert call(agent, 'guest-set-time', {'time': 10 ** 18}) == error(
+        'hwclock failed to set hardware clock to system time: hwclock: '
+        'Cannot access the Hardware Clock via any known method.')
+    assert clock_set(clock) == ['1000000000 0']
+
+
+def test_set_time_without_hwclock_sets_nothing(agent, tools, clock):
+    assert call(agent, 'guest-set-time', {'time': 10 ** 18}) == missing(
+        ['hwclock'], tools)
+    assert clock_set(clock) == []
+
+
+@pytest.mark.parametrize('time_ns', [-10 ** 18, 4 * 10 ** 18, 2 ** 63 - 1])
+def test_set_time_invalid(agent, tools, clock, time_ns):
+    tools.add('hwclock')
+    assert call(agent, 'guest-set-time', {'time': time_ns}) == error(
+        'Invalid time')
+    assert clock_set(clock) == []
+    assert tools.called('hwclock') is None
+
+
+@pytest.mark.parametrize('time_ns,expected', [
+    (10 ** 18, (10 ** 9, 0)), (1700000000999999999, (1700000000, 999999))])
+def test_clock_time(time_ns, expected):
+    assert negotiator.clock_time(time_ns) == expected
+
+
+def test_clock_time_cuts_toward_zero(monkeypatch):
+    """As C's division: -1.5 us is -1 us (here in UTC, where 0 s is 1970)."""
+    monkeypatch.setattr(negotiator.time, 'localtime', negotiator.time.gmtime)
+    assert negotiator.clock_time(-1500) == (0, -1)
+    assert negotiator.clock_time(-999) == (0, 0)
+
+
+def test_set_clock_reports_the_system_error():
+    """The real settimeofday(), refused by the kernel (microseconds out of
+    range) before it changes anything: it would set the clock to now."""
+    with pytest.raises(negotiator.RequestError) as caught:
+        negotiator.set_clock(int(time.time()), -1)
+    assert caught.value.desc == 'Failed to set time to guest: Invalid argument'

@@ -48,8 +48,8 @@ import time
 
 import pytest
 
-from helpers import (Agent, RawClient, Workdir, connectable, run_cli,
-                     wait_for)
+from helpers import (Agent, RawClient, Workdir, connectable, make_command,
+                     run_cli, wait_for)
 
 INSTALL_HINT = ('qemu-ga not found on PATH (nor in /usr/sbin, /sbin): '
                 'install it (Debian/Ubuntu: apt-get install '
@@ -127,8 +127,14 @@ def serving_qga(qemu_ga_path, env=None):
 
 @pytest.fixture(scope='module')
 def agent():
+    """negotiator, given a stand-in hwclock that fails: guest-set-time
+    looks for it first, as qemu-ga does for /sbin/hwclock.  Send it only
+    times that both refuse: a valid one would set this machine's clock."""
     workdir = Workdir()
-    running = Agent(workdir)
+    tools = workdir.join('tools')
+    os.mkdir(tools)
+    make_command(tools, 'hwclock', '#!/bin/sh\nexit 1\n')
+    running = Agent(workdir, env=dict(os.environ, NEGOTIATOR_TOOL_PATH=tools))
     try:
         yield running
     finally:
@@ -251,6 +257,15 @@ EXACT = [
         ('bad-mode', {'mode': 'off'}), ('empty-mode', {'mode': ''}),
         ('mode-int', {'mode': 5}), ('mode-null', {'mode': None}),
         ('unexpected', {'mode': 'halt', 'x': 1}),
+    ]
+] + [
+    ('set-time-' + name, {'execute': 'guest-set-time',
+                          'arguments': arguments})
+    for name, arguments in [
+        ('1938', {'time': -10 ** 18}), ('2096', {'time': 4 * 10 ** 18}),
+        ('int64-max', {'time': 2 ** 63 - 1}), ('string', {'time': '1'}),
+        ('float', {'time': 1.5e18}), ('null', {'time': None}),
+        ('unexpected', {'time': -10 ** 18, 'x': 1}),
     ]
 ]
 
@@ -388,7 +403,7 @@ def test_guest_info(qga, agent):
                  'guest-info', 'guest-get-host-name', 'guest-get-osinfo',
                  'guest-get-time', 'guest-get-timezone',
                  'guest-network-get-interfaces', 'guest-set-user-password',
-                 'guest-shutdown'):
+                 'guest-shutdown', 'guest-set-time'):
         assert name in shared
 
 
