@@ -1940,6 +1940,12 @@ BUILTINS = {
 MOUNT_ESCAPE = re.compile(b'\\\\([0-7]{3})')
 
 
+def unescape_mount(field):
+    """A field of /proc/mounts or mountinfo, its octal escapes decoded."""
+    return MOUNT_ESCAPE.sub(lambda m: struct.pack('B', int(m.group(1), 8)),
+                            field)
+
+
 def disk_usage(mounts_path='/proc/mounts'):
     """Sizes of mounted local filesystems, like df; devices, mount points
     and types as bytes, as the kernel gives them.
@@ -1950,9 +1956,7 @@ def disk_usage(mounts_path='/proc/mounts'):
     mounts = {}
     order = []
     for line in (read_bytes(mounts_path) or b'').splitlines():
-        fields = [MOUNT_ESCAPE.sub(
-            lambda m: struct.pack('B', int(m.group(1), 8)), field)
-            for field in line.split()[:3]]
+        fields = [unescape_mount(field) for field in line.split()[:3]]
         if (len(fields) == 3 and fields[2] not in SKIPPED_FILESYSTEMS and
                 not fields[2].startswith(b'fuse')):
             if fields[1] not in mounts:
@@ -2152,6 +2156,69 @@ def set_clock(seconds, microseconds):
                            os.strerror(ctypes.get_errno()))
 
 
+#: The ioctl that discards a filesystem's free blocks: _IOWR('X', 121,
+#: struct fstrim_range), the range being three 64-bit numbers: start,
+#: length and minimum extent (the kernel writes back the bytes trimmed and
+#: the minimum it used).
+FITRIM = 0xc0185879
+
+
+def trim_filesystems(args):
+    """guest-fstrim's work, in a forked child: FITRIM on each mount point
+    of trimmed_mounts(), the last mounted first as qemu-ga lists them.
+
+    :param args: ``[minimum]``, the smallest extent to discard, in bytes.
+    :returns: the reply's value, as JSON.
+    """
+    paths = []
+    for path in reversed(trimmed_mounts()):
+        result = {'path': wire_text(path)}
+        paths.append(result)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            result['error'] = 'failed to open: ' + os.strerror(e.errno)
+            continue
+        try:
+            _, trimmed, minimum = struct.unpack('=QQQ', fcntl.ioctl(
+                fd, FITRIM, struct.pack('=QQQ', 0, 2 ** 64 - 1,
+                                        args[0] % 2 ** 64)))
+            result.update(trimmed=trimmed, minimum=minimum)
+        except (IOError, OSError) as e:
+            result['error'] = (
+                'trim not supported' if e.errno in (errno.ENOTTY,
+                                                    errno.EOPNOTSUPP)
+                else 'failed to trim: ' + os.strerror(e.errno))
+        finally:
+            os.close(fd)
+    return JSON_ENCODER.encode({'paths': paths}).encode('ascii'), 0
+
+
+def trimmed_mounts(mountinfo='/proc/self/mountinfo'):
+    """The mount points (bytes) guest-fstrim trims, as qemu-ga 7.2 picks
+    them: those whose device number is a block device's (btrfs gives 0:
+    then its device's), in the order they were mounted."""
+    mounts = []
+    for line in (read_bytes(mountinfo) or b'').splitlines():
+        head, _, tail = line.partition(b' - ')
+        head, tail = head.split(), tail.split()
+        if len(head) < 5 or len(tail) < 2:
+            continue
+        if head[2].startswith(b'0:') and (
+                tail[0] != b'btrfs' or
+                not is_block_device(unescape_mount(tail[1]))):
+            continue
+        mounts.append(unescape_mount(head[4]))
+    return mounts
+
+
+def is_block_device(path):
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 #: guest-shutdown's modes: shutdown's option, and the tool run where
 #: there is no shutdown.
 SHUTDOWN_MODES = {'powerdown': ('-P', 'poweroff'), 'halt': ('-H', 'halt'),
@@ -2217,6 +2284,7 @@ class Server(object):
             ('crypted', 'bool', True))),
         ('guest-shutdown', 'rpc_shutdown', (('mode', 'str', False),)),
         ('guest-set-time', 'rpc_set_time', (('time', 'int', False),)),
+        ('guest-fstrim', 'rpc_fstrim', (('minimum', 'int', False),)),
         ('negotiator-list-commands', 'rpc_list_commands', ()),
         ('negotiator-execute', 'rpc_execute', (
             ('command', 'str', True), ('args', 'strs', False),
@@ -2568,6 +2636,14 @@ class Server(object):
         self._run_tool(request_id,
                        [hwclock, '-w' if 'time' in arguments else '-s'],
                        'hwclock failed to set hardware clock to system time')
+
+    def rpc_fstrim(self, arguments, request_id):
+        """FITRIM on every mounted filesystem, as qemu-ga 7.2, in a forked
+        child: a trim may take minutes, or hang on a sick disk."""
+        self._run_tool(request_id,
+                       [trim_filesystems, arguments.get('minimum', 0)],
+                       'child process has failed to trim',
+                       reply=decode_message)
 
 
 def describe_result(result):

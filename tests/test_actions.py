@@ -364,3 +364,38 @@ def test_set_clock_reports_the_system_error():
     with pytest.raises(negotiator.RequestError) as caught:
         negotiator.set_clock(int(time.time()), -1)
     assert caught.value.desc == 'Failed to set time to guest: Invalid argument'
+
+
+# ---------------------------------------------------------------------------
+# guest-fstrim (tests/test_qemu_ga.py compares its replies with qemu-ga's)
+
+def block_device():
+    """A block device of this machine, or None."""
+    for name in sorted(os.listdir('/dev')):
+        path = os.path.join('/dev', name)
+        if negotiator.is_block_device(path):
+            return path
+    return None
+
+
+def test_trimmed_mounts(workdir):
+    """Mounts of a block device, by their device number (btrfs: its
+    device's), in mountinfo's order, escapes decoded."""
+    device = block_device()
+    if device is None:
+        pytest.skip('no block device to stand for a btrfs device')
+    mountinfo = workdir.join('mountinfo')
+    with open(mountinfo, 'w') as handle:
+        handle.write(
+            '27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n'
+            '22 27 0:21 / /proc rw,relatime - proc proc rw\n'
+            '30 27 0:27 / /dev/shm rw,relatime - tmpfs tmpfs rw\n'
+            '31 27 8:1 / /mnt/a\\040b rw shared:1 master:2 - xfs /dev/sda1 '
+            'rw\n'
+            '32 27 0:40 / /srv rw - btrfs {0} rw\n'
+            '33 27 0:41 / /home rw - btrfs /nonexistent rw\n'
+            '34 27 0:42 / /net rw - nfs4 server:/ rw\n'
+            '35 27 8:2 /x /data rw - ext4 /dev/sda2 rw\n'
+            'garbage\n'.format(device))
+    assert negotiator.trimmed_mounts(mountinfo) == [
+        b'/', b'/mnt/a b', b'/srv', b'/data']

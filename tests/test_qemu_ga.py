@@ -267,6 +267,12 @@ EXACT = [
         ('float', {'time': 1.5e18}), ('null', {'time': None}),
         ('unexpected', {'time': -10 ** 18, 'x': 1}),
     ]
+] + [
+    ('fstrim-' + name, {'execute': 'guest-fstrim', 'arguments': arguments})
+    for name, arguments in [
+        ('string', {'minimum': '1'}), ('2**63', {'minimum': 2 ** 63}),
+        ('null', {'minimum': None}), ('unexpected', {'x': 1}),
+    ]
 ]
 
 
@@ -364,6 +370,25 @@ def test_time(qga, agent):
         assert reply['return'] % 1000 == 0
 
 
+@pytest.mark.parametrize('arguments', [{}, {'minimum': 4096},
+                                       {'minimum': -1}])
+def test_fstrim(qga, agent, arguments):
+    """FITRIM for real, by both (harmless: it only discards blocks that
+    no file uses): the same mount points in the same order, with the same
+    members, minimum and error; only the bytes trimmed differ from one
+    trim to the next."""
+    expected, actual = both(qga, agent, {'execute': 'guest-fstrim',
+                                         'arguments': arguments})
+    assert sorted(actual) == sorted(expected) == ['return']
+    theirs, ours = expected['return']['paths'], actual['return']['paths']
+    assert [sorted(path) for path in ours] == [sorted(path) for path in
+                                               theirs]
+    for path in ours + theirs:
+        assert isinstance(path.pop('trimmed', 0), INTEGERS)
+    assert ours == theirs
+    assert theirs, 'no filesystem to trim on this machine'
+
+
 @pytest.mark.parametrize('zone', ['UTC', 'Europe/Paris', 'America/New_York',
                                   'Asia/Kolkata', 'EST5EDT', 'XYZ+3'])
 def test_timezone_in_other_zones(qemu_ga_path, zone):
@@ -403,7 +428,7 @@ def test_guest_info(qga, agent):
                  'guest-info', 'guest-get-host-name', 'guest-get-osinfo',
                  'guest-get-time', 'guest-get-timezone',
                  'guest-network-get-interfaces', 'guest-set-user-password',
-                 'guest-shutdown', 'guest-set-time'):
+                 'guest-shutdown', 'guest-set-time', 'guest-fstrim'):
         assert name in shared
 
 
