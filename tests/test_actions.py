@@ -399,3 +399,13 @@ def test_trimmed_mounts(workdir):
             'garbage\n'.format(device))
     assert negotiator.trimmed_mounts(mountinfo) == [
         b'/', b'/mnt/a b', b'/srv', b'/data']
+
+
+def test_the_host_daemon_serves_none_of_them():
+    """They act on the machine the agent runs on: never a guest's call
+    to the host."""
+    served = [name for name, _, _ in negotiator.DaemonServer.REQUESTS]
+    for name in ('guest-set-user-password', 'guest-shutdown',
+                 'guest-set-time', 'guest-fstrim'):
+        assert name in [n for n, _, _ in negotiator.Server.REQUESTS]
+        assert name not in served
