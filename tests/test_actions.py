@@ -14,7 +14,6 @@ checks with the real qemu-ga.
 Runs on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
 """
 import base64
-import json
 import os
 import time
 
