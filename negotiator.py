@@ -306,6 +306,20 @@ MAX_PARALLEL = 256
 #: (which gives up by itself 2 s past it).
 CALL_GRACE = 5.0
 
+#: Where the guest agent looks for the tools some qemu-ga requests run
+#: (chpasswd, shutdown, hwclock), whatever PATH it was started with (an
+#: init script's may lack the sbin directories).  The environment variable
+#: NEGOTIATOR_TOOL_PATH replaces it (tests put stand-in tools there).
+TOOL_PATH = os.environ.get(
+    'NEGOTIATOR_TOOL_PATH',
+    '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin')
+#: Seconds such a tool, or guest-fstrim's FITRIM of every filesystem (a
+#: big slow disk takes minutes), may run before it is killed.
+TOOL_TIMEOUT = 600.0
+#: Bytes kept of a tool's stdout and of its stderr: its error message, or
+#: guest-fstrim's result for thousands of mounts.
+TOOL_OUTPUT = 1024 * 1024
+
 #: Where syslog listens (--syslog).
 SYSLOG_SOCKET = '/dev/log'
 
@@ -372,9 +386,9 @@ SCSI_TARGET = re.compile(r'/target[0-9]+:[0-9]+:[0-9]+/[0-9]+:([0-9]+):'
                          r'([0-9]+):([0-9]+)')
 #: What follows a disk's name in its partitions' (sda1, nvme0n1p1).
 PARTITION = re.compile('p?[0-9]')
-#: Seconds a request answered in a child (Server._answer_in_child) may
-#: take: then the child is abandoned and the request answered with an
-#: error (libvirt gives up after 5 seconds).
+#: Seconds guest-get-fsinfo and guest-set-vcpus may take in their child
+#: (Server._answer_from_child): then it is abandoned and the request
+#: answered with an error (libvirt gives up after 5 seconds).
 CHILD_ANSWER_TIMEOUT = 10.0
 
 
@@ -2401,13 +2415,24 @@ def disks():
 
 
 def reply_of(args):
-    """A built-in run by Server._answer_in_child: the reply that
-    ``args[0](*args[1:])`` makes, as one JSON line."""
+    """A function's work for Server._answer_from_child, in its forked
+    child: the reply that ``args[0](*args[1:])`` makes, as one JSON line."""
     try:
         reply = {'return': args[0](*args[1:])}
     except RequestError as e:
         reply = {'error': {'class': e.error_class, 'desc': e.desc}}
     return encode_message(reply), 0
+
+
+def value_of_reply(output):
+    """The value of the reply reply_of() wrote, or its RequestError."""
+    if len(output) >= TOOL_OUTPUT:
+        raise RequestError('the answer is longer than {0} bytes'.format(
+            TOOL_OUTPUT))
+    reply = json.loads(output.decode('ascii'))
+    if 'error' in reply:
+        raise RequestError(reply['error']['desc'], reply['error']['class'])
+    return reply['return']
 
 
 def processor_ids():
@@ -2505,6 +2530,162 @@ def set_vcpu(logical_id, online):
         os.close(fd)
 
 
+# ---------------------------------------------------------------------------
+# Acting on the guest: the tools some qemu-ga requests run
+# ---------------------------------------------------------------------------
+
+def find_tool(*names):
+    """The path of the first of ``names`` that TOOL_PATH has.
+
+    :raises RequestError: naming them, when it has none (busybox guests
+        have no chpasswd).
+    """
+    for name in names:
+        for directory in TOOL_PATH.split(':'):
+            path = os.path.join(directory, name)
+            if os.path.isfile(path) and os.access(path, os.X_OK):
+                return path
+    raise RequestError("cannot find '{0}' program in PATH ({1})".format(
+        "' or '".join(names), TOOL_PATH))
+
+
+def check_tool(result, message, failure):
+    """Refuse a tool's end unless it exited with status 0.
+
+    :param message: what it wrote (bytes), added to the desc as newer
+        qemu-ga add it (7.2 sends the tool's output to /dev/null).
+    :param failure: the desc for a non-zero exit status, in qemu-ga's
+        words.
+    """
+    if 'signal' in result:
+        raise RequestError('child process has terminated abnormally')
+    if result['exitcode']:
+        message = message.decode('utf-8', 'replace').strip()
+        raise RequestError(failure + (message and ': ' + message))
+
+
+def clock_time(time_ns):
+    """A time in nanoseconds since the epoch as ``(seconds,
+    microseconds)``, cut toward zero as qemu-ga's C division does.
+
+    :raises RequestError: as qemu-ga, "Time N is too large" where a C long
+        (time_t) cannot hold its seconds (32-bit guests), "Invalid time"
+        unless its year, in local time, is 1970 to 2069.
+    """
+    seconds, nanoseconds = divmod(abs(time_ns), 10 ** 9)
+    microseconds = nanoseconds // 1000
+    if time_ns < 0:
+        seconds, microseconds = -seconds, -microseconds
+    if abs(seconds) >= 2 ** (8 * struct.calcsize('l') - 1):
+        raise RequestError('Time {0} is too large'.format(time_ns))
+    if not 1970 <= time.localtime(seconds).tm_year < 2070:
+        raise RequestError('Invalid time')
+    return seconds, microseconds
+
+
+def set_clock(seconds, microseconds):
+    """settimeofday(), as qemu-ga calls it, through ctypes: the one way
+    every Python from 2.6 on has (time.clock_settime() is 3.3+, and
+    ``date -s`` drops the microseconds or is busybox's).  Tests replace
+    this function."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.settimeofday((ctypes.c_long * 2)(seconds, microseconds), None):
+        raise RequestError('Failed to set time to guest: ' +
+                           os.strerror(ctypes.get_errno()))
+
+
+#: The ioctl that discards a filesystem's free blocks: _IOWR('X', 121,
+#: struct fstrim_range), the range being three 64-bit numbers: start,
+#: length and minimum extent (the kernel writes back the bytes trimmed and
+#: the minimum it used).
+FITRIM = 0xc0185879
+
+
+def trim_filesystems(minimum):
+    """guest-fstrim's work, in a forked child: FITRIM on each mount point
+    of trimmed_mounts(), the last mounted first as qemu-ga lists them.
+
+    :param minimum: the smallest extent to discard, in bytes.
+    """
+    paths = []
+    for path in reversed(trimmed_mounts()):
+        result = {'path': wire_text(path)}
+        paths.append(result)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            result['error'] = 'failed to open: ' + os.strerror(e.errno)
+            continue
+        try:
+            _, trimmed, minimum = struct.unpack('=QQQ', fcntl.ioctl(
+                fd, FITRIM, struct.pack('=QQQ', 0, 2 ** 64 - 1,
+                                        minimum % 2 ** 64)))
+            result.update(trimmed=trimmed, minimum=minimum)
+        except (IOError, OSError) as e:
+            result['error'] = (
+                'trim not supported' if e.errno in (errno.ENOTTY,
+                                                    errno.EOPNOTSUPP)
+                else 'failed to trim: ' + os.strerror(e.errno))
+        finally:
+            os.close(fd)
+    return {'paths': paths}
+
+
+def trimmed_mounts(mountinfo='/proc/self/mountinfo'):
+    """The mount points (bytes) guest-fstrim trims, as qemu-ga 7.2 picks
+    them: those whose device number is a block device's (btrfs gives 0:
+    then its device's), in the order they were mounted."""
+    mounts = []
+    for line in (read_bytes(mountinfo) or b'').splitlines():
+        head, _, tail = line.partition(b' - ')
+        head, tail = head.split(), tail.split()
+        if len(head) < 5 or len(tail) < 2:
+            continue
+        if head[2].startswith(b'0:') and (
+                tail[0] != b'btrfs' or
+                not is_block_device(unescape_mount(tail[1]))):
+            continue
+        mounts.append(unescape_mount(head[4]))
+    return mounts
+
+
+def is_block_device(path):
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+#: guest-shutdown's modes: shutdown's option, and the tool run where
+#: there is no shutdown.
+SHUTDOWN_MODES = {'powerdown': ('-P', 'poweroff'), 'halt': ('-H', 'halt'),
+                  'reboot': ('-r', 'reboot')}
+
+
+#: What qemu-ga's base64 decoder takes (it skips the newlines).
+QEMU_BASE64_TEXT = re.compile(r'\A[A-Za-z0-9+/=\n]*\Z')
+
+
+def qemu_base64(text):
+    """The bytes base64 ``text`` stands for, as qemu-ga decodes them
+    (glib's decoder): a last group of fewer than four characters is
+    dropped, and an ``=`` drops the byte it stands in for.
+
+    :raises RequestError: for a character that is not base64.
+    """
+    if not QEMU_BASE64_TEXT.match(text):
+        raise RequestError('Base64 data contains invalid characters')
+    text = text.replace('\n', '').encode('ascii')
+    data = []
+    for start in range(0, len(text) - 3, 4):
+        group = text[start:start + 4]
+        triple = binascii.a2b_base64(group.replace(b'=', b'A'))
+        data.append(triple[:1] + triple[1:2] * (group[2:3] != b'=') +
+                    triple[2:] * (group[3:] != b'='))
+    return b''.join(data)
+
+
 # ============================================================================
 # Serving requests: one Server per channel, on the guest and on the host
 # ============================================================================
@@ -2544,6 +2725,12 @@ class Server(object):
             ('logical-id', 'int', True), ('online', 'bool', True),
             ('can-offline', 'bool', False)), True),)),
         ('guest-network-get-interfaces', 'rpc_network_interfaces', ()),
+        ('guest-set-user-password', 'rpc_set_user_password', (
+            ('username', 'str', True), ('password', 'str', True),
+            ('crypted', 'bool', True))),
+        ('guest-shutdown', 'rpc_shutdown', (('mode', 'str', False),)),
+        ('guest-set-time', 'rpc_set_time', (('time', 'int', False),)),
+        ('guest-fstrim', 'rpc_fstrim', (('minimum', 'int', False),)),
         ('negotiator-list-commands', 'rpc_list_commands', ()),
         ('negotiator-execute', 'rpc_execute', (
             ('command', 'str', True), ('args', 'strs', False),
@@ -2656,12 +2843,16 @@ class Server(object):
             self._answering = (request_id,)
             result = method(arguments, request_id)
         except RequestError as e:
-            log.log(self.ERROR_LOG_LEVEL, '%s: error reply: %s',
-                    self.channel.name, printable(e.desc))
-            self._send_error(request_id, e)
+            self._refuse(request_id, e)
             return
         if result is not None:
             self._send_return(request_id, result)
+
+    def _refuse(self, request_id, error):
+        """Send the error reply for a RequestError, and log it."""
+        log.log(self.ERROR_LOG_LEVEL, '%s: error reply: %s',
+                self.channel.name, printable(error.desc))
+        self._send_error(request_id, error)
 
     def _parse_request(self, request):
         """The request's name and arguments, checked in qemu-ga's order."""
@@ -2719,8 +2910,10 @@ class Server(object):
     def rpc_info(self, arguments, request_id):
         supported = []
         for name, _, _ in self.REQUESTS:
+            # guest-shutdown, as qemu-ga's, replies only when it fails.
             supported.append({'enabled': name not in self.refused,
-                              'name': name, 'success-response': True})
+                              'name': name,
+                              'success-response': name != 'guest-shutdown'})
         return {'version': __version__, 'supported_commands': supported}
 
     def rpc_host_name(self, arguments, request_id):
@@ -2758,11 +2951,16 @@ class Server(object):
 
     def rpc_set_vcpus(self, arguments, request_id):
         """In a child: taking a processor offline may take a while."""
-        return self._answer_in_child(request_id, set_vcpus,
-                                     arguments['vcpus'])
+        self._answer_from_child(
+            request_id, [set_vcpus, arguments['vcpus']],
+            'child process has failed to set processors',
+            timeout=CHILD_ANSWER_TIMEOUT)
 
     def rpc_fsinfo(self, arguments, request_id):
-        return self._answer_in_child(request_id, filesystems)
+        self._answer_from_child(
+            request_id, [filesystems],
+            'child process has failed to list filesystems',
+            timeout=CHILD_ANSWER_TIMEOUT)
 
     def rpc_disks(self, arguments, request_id):
         return disks()
@@ -2805,60 +3003,6 @@ class Server(object):
                   self._command, self.process.pid)
         return None
 
-    def _answer_in_child(self, request_id, compute, *args):
-        """Reply with what ``compute(*args)`` returns, or the RequestError
-        it raises, computed in a forked child (a Builtin): work that may
-        block (a statvfs() of a dead disk) holds up only the child, the
-        reply goes out when it exits, and after CHILD_ANSWER_TIMEOUT
-        seconds it is abandoned to Children and the request answered with
-        an error."""
-        output = {'out-data': [], 'err-data': []}
-
-        def finish(result):
-            timer.cancel()
-            self.process = None
-            if result.get('exitcode') == 0:
-                reply = json.loads(b''.join(output['out-data']).decode(
-                    'ascii'))
-            else:
-                log.warning('%s: the child answering a request failed (%s): '
-                            '%s', self.channel.name, describe_result(result),
-                            printable(output_text(b''.join(
-                                output['err-data'])).strip()))
-                reply = {'error': {'class': 'GenericError', 'desc':
-                                   'negotiator failed while answering this '
-                                   'request (its log says why)'}}
-            self._reply_from_child(request_id, reply)
-
-        def give_up():
-            if self.process is not process:  # the client went meanwhile
-                return
-            process.kill()
-            self.process = None
-            self._reply_from_child(request_id, {'error': {
-                'class': 'GenericError', 'desc': 'No answer within {0:g} '
-                'seconds: the work was abandoned'.format(
-                    CHILD_ANSWER_TIMEOUT)}})
-
-        try:
-            process = self.process = Process(
-                self.loop, self.children, [reply_of, compute] + list(args),
-                None, b'', 0, lambda stream, data: output[stream].append(data),
-                finish, self.on_failure)
-        except OSError as e:  # no pipe or process to spare
-            raise RequestError('No child process to answer in: {0}'.format(
-                os.strerror(e.errno)))
-        timer = self.loop.call_later(CHILD_ANSWER_TIMEOUT, give_up,
-                                     self.on_failure)
-
-    def _reply_from_child(self, request_id, reply):
-        if 'error' in reply:
-            self._send_error(request_id, RequestError(
-                reply['error']['desc'], reply['error']['class']))
-        else:
-            self._send_return(request_id, reply['return'])
-        self.channel.deliver()
-
     def _send_output(self, pieces):
         for piece in pieces:
             self.channel.send_raw(piece)
@@ -2868,13 +3012,134 @@ class Server(object):
     def _finish_execute(self, request_id, result):
         process, self.process = self.process, None
         self._send_return(request_id, result)
-        # Logged once the reply is on its way: the line costs the caller
-        # nothing (under emulation a log line takes about 0.4 ms).
+        self._log_exit(process, result)
+
+    def _log_exit(self, process, result):
+        """Log a command's end and answer the requests waiting behind it.
+        Logged once the reply is on its way: the line costs the caller
+        nothing (under emulation a log line takes about 0.4 ms)."""
         log.info('%s: %s, pid %d, %s after %.1f ms',
                  self.channel.name, self._command,
                  process.pid, describe_result(result),
                  (monotonic() - process.started) * 1e3)
         self.channel.deliver()
+
+    def _answer_from_child(self, request_id, argv, failure, stdin_data=b'',
+                           reply=lambda output: {}, timeout=None):
+        """Answer a request when a child exits: a tool, or a function whose
+        work may take long or hang (a statvfs() or FITRIM of a dead disk)
+        and then holds up only that child.  Requests wait behind it as
+        behind negotiator-execute.  After ``timeout`` seconds the child is
+        killed and left to Children (one stuck in the kernel dies only
+        when its call returns), and the request answered with an error.
+
+        :param timeout: seconds, TOOL_TIMEOUT by default.
+        :param argv: the tool's path (find_tool()) and arguments, or a
+            function and its arguments: its value, or its RequestError,
+            is the reply.
+        :param failure: the error reply's desc if the child fails, in
+            qemu-ga's words; its message is added to it.
+        :param reply: makes the reply's value from a tool's stdout (None:
+            no reply); by default qemu-ga's {} for a request that returns
+            nothing.
+        """
+        output = {'out-data': b'', 'err-data': b''}
+        timeout = timeout or TOOL_TIMEOUT
+        if callable(argv[0]):
+            argv = [reply_of] + list(argv)
+            reply = value_of_reply
+
+        def collect(stream, data):
+            if len(output[stream]) < TOOL_OUTPUT:
+                output[stream] += data[:TOOL_OUTPUT - len(output[stream])]
+
+        def on_exit(result):
+            timer.cancel()
+            process, self.process = self.process, None
+            try:
+                check_tool(result, output['err-data'] or output['out-data'],
+                           failure)
+                value = reply(output['out-data'])
+            except RequestError as e:
+                self._refuse(request_id, e)
+            else:
+                if value is None:
+                    self._answering = None
+                else:
+                    self._send_return(request_id, value)
+            self._log_exit(process, result)
+
+        def give_up():
+            if self.process is not process:  # the client went meanwhile
+                return
+            process.kill()
+            self.process = None
+            self._refuse(request_id, RequestError(
+                'child process has terminated abnormally: killed after '
+                '{0:g} seconds'.format(timeout)))
+            self._log_exit(process, {'signal': signal.SIGKILL,
+                                     'timed-out': True})
+
+        env = dict(self.env, PATH=TOOL_PATH)
+        try:
+            process = self.process = Process(
+                self.loop, self.children, argv, env, stdin_data, 0, collect,
+                on_exit, self.on_failure)
+        except OSError as e:
+            raise RequestError('failed to create child process: ' +
+                               os.strerror(e.errno))
+        timer = self.loop.call_later(timeout, give_up, self.on_failure)
+        self._command = printable(wire_text(
+            argv[1].__name__ if callable(argv[0]) else argv[0]))
+
+    def rpc_set_user_password(self, arguments, request_id):
+        """chpasswd, given ``USER:PASSWORD`` on stdin, as qemu-ga runs it."""
+        password = qemu_base64(arguments['password'])
+        if b'\n' in password or b'\0' in password:
+            raise RequestError('forbidden characters in raw password')
+        username = text_argument(arguments['username'], 'username')
+        if b'\n' in username or b':' in username:
+            raise RequestError('forbidden characters in username')
+        argv = [find_tool('chpasswd')]
+        if arguments['crypted']:
+            argv.append('-e')
+        self._answer_from_child(
+            request_id, argv, 'child process has failed to set user '
+            'password', username + b':' + password + b'\n')
+
+    def rpc_shutdown(self, arguments, request_id):
+        """``shutdown -h -P|-H|-r +0 MESSAGE``, as qemu-ga 7.2 runs it,
+        else (busybox) poweroff, halt or reboot.  No reply when it has
+        started the shutdown, as qemu-ga."""
+        mode = arguments.get('mode', 'powerdown')
+        if mode not in SHUTDOWN_MODES:
+            raise RequestError('mode is invalid (valid values are: '
+                               'halt|powerdown|reboot')
+        option, fallback = SHUTDOWN_MODES[mode]
+        argv = [find_tool('shutdown', fallback)]
+        if os.path.basename(argv[0]) == 'shutdown':
+            argv += ['-h', option, '+0', 'hypervisor initiated shutdown']
+        self._answer_from_child(
+            request_id, argv, 'child process has failed to shutdown',
+            reply=lambda output: None)
+
+    def rpc_set_time(self, arguments, request_id):
+        """Set the system clock to ``time``, then the hardware clock from
+        it (``hwclock -w``); without a time, the system clock from the
+        hardware clock (``hwclock -s``): as qemu-ga 7.2."""
+        hwclock = find_tool('hwclock')
+        if 'time' in arguments:
+            set_clock(*clock_time(arguments['time']))
+        self._answer_from_child(
+            request_id, [hwclock, '-w' if 'time' in arguments else '-s'],
+            'hwclock failed to set hardware clock to system time')
+
+    def rpc_fstrim(self, arguments, request_id):
+        """FITRIM on every mounted filesystem, as qemu-ga 7.2, in a forked
+        child: a trim may take minutes, or hang on a sick disk."""
+        self._answer_from_child(
+            request_id, [trim_filesystems, arguments.get('minimum', 0)],
+            'child process has failed to trim')
 
 
 def describe_result(result):

@@ -28,6 +28,11 @@ if REPO_ROOT in sys.path:
     sys.path.remove(REPO_ROOT)
 sys.path.insert(0, REPO_ROOT)
 
+# No agent a test starts may run this machine's chpasswd, shutdown or
+# hwclock: agents look for those tools in this directory, which does not
+# exist, unless a test gives them stand-ins (tests/test_actions.py).
+os.environ['NEGOTIATOR_TOOL_PATH'] = os.path.join(TESTS_DIR, 'no-tools')
+
 # hide_six/six.py raises ImportError on import: never collect it.
 collect_ignore = ['hide_six']
 

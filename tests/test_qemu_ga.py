@@ -50,8 +50,8 @@ import time
 import pytest
 
 import negotiator
-from helpers import (Agent, RawClient, Workdir, connectable, run_cli,
-                     wait_for)
+from helpers import (Agent, RawClient, Workdir, connectable, make_command,
+                     run_cli, wait_for)
 
 INSTALL_HINT = ('qemu-ga not found on PATH (nor in /usr/sbin, /sbin): '
                 'install it (Debian/Ubuntu: apt-get install '
@@ -135,8 +135,14 @@ def serving_qga(qemu_ga_path, env=None, args=(), wrapper=()):
 
 @pytest.fixture(scope='module')
 def agent():
+    """negotiator, given a stand-in hwclock that fails: guest-set-time
+    looks for it first, as qemu-ga does for /sbin/hwclock.  Send it only
+    times that both refuse: a valid one would set this machine's clock."""
     workdir = Workdir()
-    running = Agent(workdir)
+    tools = workdir.join('tools')
+    os.mkdir(tools)
+    make_command(tools, 'hwclock', '#!/bin/sh\nexit 1\n')
+    running = Agent(workdir, env=dict(os.environ, NEGOTIATOR_TOOL_PATH=tools))
     try:
         yield running
     finally:
@@ -264,6 +270,54 @@ EXACT = [
                                             'online': True}, 7])),
     ('set-vcpus-unexpected', {'execute': 'guest-set-vcpus', 'arguments': {
         'vcpus': [{'logical-id': 1, 'online': True}], 'z': 1}}),
+] + [
+    # Requests that run a tool, refused before they reach it (past these
+    # checks both agents would run this machine's real one).
+    ('password-' + name, {'execute': 'guest-set-user-password',
+                          'arguments': arguments})
+    for name, arguments in [
+        ('no-arguments', {}),
+        ('no-password', {'username': 'a'}),
+        ('no-crypted', {'username': 'a', 'password': 'YQ=='}),
+        ('username-int', {'username': 5, 'password': 'YQ==',
+                          'crypted': False}),
+        ('crypted-int', {'username': 'a', 'password': 'YQ==', 'crypted': 1}),
+        ('unexpected', {'username': 'a', 'password': 'YQ==',
+                        'crypted': False, 'z': 1}),
+        ('bad-base64', {'username': 'a', 'password': 'Y!Q==',
+                        'crypted': False}),
+        ('newline-in-password', {'username': 'a', 'password': 'YQp4',
+                                 'crypted': True}),
+        ('colon-in-username', {'username': 'a:b', 'password': 'YQ==',
+                               'crypted': False}),
+        ('newline-in-username', {'username': 'a\nb', 'password': 'YQ==',
+                                 'crypted': False}),
+        ('both-bad', {'username': 'a:b', 'password': 'YQp4',
+                      'crypted': False}),
+    ]
+] + [
+    ('shutdown-' + name, {'execute': 'guest-shutdown',
+                          'arguments': arguments})
+    for name, arguments in [
+        ('bad-mode', {'mode': 'off'}), ('empty-mode', {'mode': ''}),
+        ('mode-int', {'mode': 5}), ('mode-null', {'mode': None}),
+        ('unexpected', {'mode': 'halt', 'x': 1}),
+    ]
+] + [
+    ('set-time-' + name, {'execute': 'guest-set-time',
+                          'arguments': arguments})
+    for name, arguments in [
+        ('1938', {'time': -10 ** 18}), ('2096', {'time': 4 * 10 ** 18}),
+        ('int64-max', {'time': 2 ** 63 - 1}), ('string', {'time': '1'}),
+        ('float', {'time': 1.5e18}), ('null', {'time': None}),
+        ('unexpected', {'time': -10 ** 18, 'x': 1}),
+    ]
+] + [
+    ('fstrim-' + name, {'execute': 'guest-fstrim', 'arguments': arguments})
+    for name, arguments in [
+        ('string', {'minimum': '1'}), ('2**63', {'minimum': 2 ** 63}),
+        ('null', {'minimum': None}), ('unexpected', {'x': 1}),
+    ]
 ]
 
 
@@ -361,6 +415,25 @@ def test_time(qga, agent):
         assert reply['return'] % 1000 == 0
 
 
+@pytest.mark.parametrize('arguments', [{}, {'minimum': 4096},
+                                       {'minimum': -1}])
+def test_fstrim(qga, agent, arguments):
+    """FITRIM for real, by both (harmless: it only discards blocks that
+    no file uses): the same mount points in the same order, with the same
+    members, minimum and error; only the bytes trimmed differ from one
+    trim to the next."""
+    expected, actual = both(qga, agent, {'execute': 'guest-fstrim',
+                                         'arguments': arguments})
+    assert sorted(actual) == sorted(expected) == ['return']
+    theirs, ours = expected['return']['paths'], actual['return']['paths']
+    assert [sorted(path) for path in ours] == [sorted(path) for path in
+                                               theirs]
+    for path in ours + theirs:
+        assert isinstance(path.pop('trimmed', 0), INTEGERS)
+    assert ours == theirs
+    assert theirs, 'no filesystem to trim on this machine'
+
+
 @pytest.mark.parametrize('zone', ['UTC', 'Europe/Paris', 'America/New_York',
                                   'Asia/Kolkata', 'EST5EDT', 'XYZ+3'])
 def test_timezone_in_other_zones(qemu_ga_path, zone):
@@ -401,7 +474,8 @@ def test_guest_info(qga, agent):
                  'guest-get-time', 'guest-get-timezone',
                  'guest-network-get-interfaces', 'guest-get-users',
                  'guest-get-vcpus', 'guest-set-vcpus', 'guest-get-fsinfo',
-                 'guest-get-disks'):
+                 'guest-get-disks', 'guest-set-user-password',
+                 'guest-shutdown', 'guest-set-time', 'guest-fstrim'):
         assert name in shared
 
 

@@ -220,7 +220,8 @@ def test_a_child_that_hangs_is_abandoned(cpus, monkeypatch):
     with serving() as ask:
         assert ask(set_vcpus((1, True))) == {'error': {
             'class': 'GenericError',
-            'desc': 'No answer within 0.3 seconds: the work was abandoned'}}
+            'desc': 'child process has terminated abnormally: killed after 0.3 '
+                    'seconds'}}
         assert ask({'execute': 'guest-ping'}) == {'return': {}}
         assert ask(set_vcpus((2, True))) == {'return': 1}
 
@@ -339,15 +340,15 @@ def test_a_child_abandoned_by_its_client_stays_silent(cpus, monkeypatch):
 
 
 def test_a_child_that_fails_gets_an_error_reply(machine, monkeypatch):
-    """A fault of ours in the child (not a RequestError) is logged and
-    answered with an error; the agent answers on."""
+    """A fault of ours in the child (not a RequestError) is answered with
+    an error that says what it was; the agent answers on."""
     def broken():
         raise ValueError('broken')
     monkeypatch.setattr(negotiator, 'filesystems', broken)
     with serving() as ask:
         assert ask({'execute': 'guest-get-fsinfo'}) == {'error': {
-            'class': 'GenericError', 'desc': 'negotiator failed while '
-            'answering this request (its log says why)'}}
+            'class': 'GenericError', 'desc': 'child process has failed to '
+            'list filesystems: ValueError: broken'}}
         assert ask({'execute': 'guest-ping'}) == {'return': {}}
 
 
@@ -359,6 +360,6 @@ def test_no_child_to_answer_in(machine, monkeypatch):
     monkeypatch.setattr(os, 'fork', no_fork)
     with serving() as ask:
         assert ask({'execute': 'guest-get-fsinfo'}) == {'error': {
-            'class': 'GenericError', 'desc': 'No child process to answer '
-            'in: Resource temporarily unavailable'}}
+            'class': 'GenericError', 'desc': 'failed to create child '
+            'process: Resource temporarily unavailable'}}
         assert ask({'execute': 'guest-ping'}) == {'return': {}}
