@@ -242,6 +242,14 @@ MAX_VALUES = 65536
 MAX_ID_SIZE = 1024
 #: Bytes read from a pipe or a socket at once.
 READ_SIZE = 65536
+#: Bytes of each output stream kept of a program that guest-exec started
+#: (qemu-ga's GUEST_EXEC_MAX_OUTPUT); what follows is read and dropped.
+MAX_CAPTURE = 16 * 1024 * 1024
+#: Programs that guest-exec started and the agent keeps, running or with
+#: their end not fetched yet by guest-exec-status; guest-exec is refused
+#: beyond (qemu-ga keeps any number).  Each holds up to 2 * MAX_CAPTURE
+#: bytes of output.
+MAX_EXECS = 16
 #: A command's output pipe that fills up is enlarged to this (Linux's limit
 #: for users), and reads from it grow up to it while they come back full:
 #: a command that writes a lot costs fewer wake-ups per megabyte, and one
@@ -643,6 +651,22 @@ def decode_bytes(text, name):
     if len(text) % 4 or not BASE64_TEXT.match(text):
         raise RequestError("Parameter '{0}' is not valid base64".format(name))
     return binascii.a2b_base64(text.encode('ascii'))
+
+
+#: What qemu-ga takes as base64 at all (it decodes any string of these).
+BASE64_CHARACTERS = re.compile(r'\A[A-Za-z0-9+/=]*\Z')
+#: The quotes around a path in qemu-ga's (GLib's) messages.
+OPENING_QUOTE = b'\xe2\x80\x9c'.decode('utf-8')
+CLOSING_QUOTE = b'\xe2\x80\x9d'.decode('utf-8')
+
+
+def decode_qga_bytes(text, name='input-data'):
+    """decode_bytes() of a qemu-ga request's member, with qemu-ga's error
+    for a character that base64 has not (a wrong length or padding, which
+    qemu-ga decodes into some bytes, is refused as not base64)."""
+    if not BASE64_CHARACTERS.match(text):
+        raise RequestError('Base64 data contains invalid characters')
+    return decode_bytes(text, name)
 
 
 #: The request id of a request that had none ("id": null is an id).
@@ -1315,6 +1339,18 @@ def text_argument(text, what):
     return data
 
 
+def environment(entries):
+    """The environment of ``NAME=value`` entries (wire text), as guest-exec
+    gives a whole one (an entry without ``=`` is left out: Popen takes a
+    mapping)."""
+    env = {}
+    for entry in entries:
+        name, equals, value = text_argument(entry, 'env').partition(b'=')
+        if equals:
+            env[name] = value
+    return env
+
+
 class CommandSet(object):
     """The commands one side offers: a directory's executables and built-ins.
 
@@ -1425,11 +1461,14 @@ class Children(object):
 
     Also holds /dev/null, opened once: the stdin of every command given no
     input (an open() per command costs a path lookup, slow in an emulated
-    guest).
+    guest); and, as the one registry all of an agent's conversations
+    share, the programs guest-exec started (``execs``, GuestExec objects
+    in start order), which outlive the conversation that started them.
     """
 
     def __init__(self):
         self.running = set()
+        self.execs = []
         self._null = None
 
     def check(self):
@@ -1731,6 +1770,87 @@ class Process(object):
                 return
             except OSError:
                 pass
+
+
+class Capture(object):
+    """A command's output kept whole, as qemu-ga's guest-exec keeps it:
+    ``limit`` bytes of each stream at most, the rest read and dropped."""
+
+    #: Each stream's member in a reply, and the member that says whether
+    #: some of it was dropped.
+    MEMBERS = (('out-data', 'out-truncated'), ('err-data', 'err-truncated'))
+
+    def __init__(self, limit=MAX_CAPTURE):
+        self.limit = limit
+        #: stream -> [chunks, their size, truncated?]
+        self._kept = {'out-data': [[], 0, False], 'err-data': [[], 0, False]}
+
+    def add(self, stream, data):
+        kept = self._kept[stream]
+        room = self.limit - kept[1]
+        if len(data) > room:
+            kept[2] = True
+            data = data[:room]
+        if data:
+            kept[0].append(data)
+            kept[1] += len(data)
+
+    def add_to(self, result):
+        """Put the output in a reply's ``result``: each stream that wrote
+        something as base64, with its truncated flag (qemu-ga's members).
+
+        :returns: ``result``.
+        """
+        for stream, truncated in self.MEMBERS:
+            chunks, size, dropped = self._kept[stream]
+            if size:
+                result[stream] = encode_bytes(b''.join(chunks))
+                result[truncated] = dropped
+        return result
+
+
+class GuestExec(object):
+    """A program guest-exec started.  It runs apart from any conversation
+    (a client polls for its end, perhaps on another connection), and its
+    end and output wait in the agent's table, ``children.execs``, until a
+    guest-exec-status reports them.
+
+    :param capture: a Capture for its output, or None to drop it.
+    """
+
+    def __init__(self, loop, children, argv, env, stdin_data, capture):
+        self.children = children
+        self.capture = capture
+        #: The reply's exitcode or signal once it has ended.
+        self.result = None
+        self.process = Process(loop, children, argv, env, stdin_data, 0,
+                               self._on_output, self._on_exit,
+                               self._on_failure)
+        self.pid = self.process.pid
+        children.execs.append(self)
+
+    def _on_output(self, stream, data):
+        if self.capture:
+            self.capture.add(stream, data)
+
+    def _on_exit(self, result):
+        log.info('guest-exec pid %d: %s', self.pid, describe_result(result))
+        self.result = result
+
+    def _on_failure(self, error):
+        log_failure('guest-exec pid {0}'.format(self.pid), 'dropping it',
+                    error)
+        self.process.kill()
+        self.children.execs.remove(self)
+
+    def status(self):
+        """guest-exec-status's reply; the end, once reported, is
+        forgotten."""
+        if self.result is None:
+            return {'exited': False}
+        self.children.execs.remove(self)
+        result = dict(self.result, exited=True)
+        return self.capture.add_to(result) if self.capture else result
 
 
 # ---------------------------------------------------------------------------
@@ -2101,6 +2221,11 @@ class Server(object):
         ('guest-get-time', 'rpc_time', ()),
         ('guest-get-timezone', 'rpc_timezone', ()),
         ('guest-network-get-interfaces', 'rpc_network_interfaces', ()),
+        ('guest-exec', 'rpc_exec', (
+            ('path', 'str', True), ('arg', 'strs', False),
+            ('env', 'strs', False), ('input-data', 'str', False),
+            ('capture-output', 'bool', False))),
+        ('guest-exec-status', 'rpc_exec_status', (('pid', 'int', True),)),
         ('negotiator-list-commands', 'rpc_list_commands', ()),
         ('negotiator-execute', 'rpc_execute', (
             ('command', 'str', True), ('args', 'strs', False),
@@ -2309,6 +2434,44 @@ class Server(object):
         return [{'name': name, 'kind': kind}
                 for name, kind in self.commands.names()]
 
+    def rpc_exec(self, arguments, request_id):
+        """Start any program, as the agent's user, as qemu-ga does: the
+        reply gives its pid at once, guest-exec-status its end."""
+        if len(self.children.execs) >= MAX_EXECS:
+            raise RequestError(
+                'guest-exec keeps {0} programs already (running, or ended '
+                'with their status not fetched yet); fetch their status '
+                'with guest-exec-status first'.format(MAX_EXECS))
+        path = arguments['path']
+        argv = [text_argument(path, 'path')] + [
+            text_argument(arg, 'arg') for arg in arguments.get('arg', ())]
+        env = self.env
+        if 'env' in arguments:
+            env = environment(arguments['env'])
+        stdin_data = decode_qga_bytes(arguments.get('input-data', ''))
+        capture = Capture() if arguments.get('capture-output') else None
+        try:
+            if not path:  # (Popen would look in every directory of PATH)
+                raise OSError(errno.ENOENT, 'an empty path')
+            started = GuestExec(self.loop, self.children, argv, env,
+                                stdin_data, capture)
+        except OSError as e:
+            raise RequestError(u(
+                "Guest agent command failed, error was 'Failed to execute "
+                "child process {0}{1}{2} ({3})'").format(
+                    OPENING_QUOTE, shown(path), CLOSING_QUOTE,
+                    os.strerror(e.errno)))
+        log.info('%s: guest-exec %s with %d argument(s) as pid %d',
+                 self.channel.name, printable(shown(path)), len(argv) - 1,
+                 started.pid)
+        return {'pid': started.pid}
+
+    def rpc_exec_status(self, arguments, request_id):
+        for started in self.children.execs:
+            if started.pid == arguments['pid']:
+                return started.status()
+        raise RequestError("Invalid parameter 'pid'")
+
     def rpc_execute(self, arguments, request_id):
         """Run a command, streaming its output as events, then reply."""
         name = arguments['command']
@@ -2379,16 +2542,12 @@ def is_seconds(value):
             not isinstance(value, bool) and 0 <= value <= MAX_TIMEOUT)
 
 
-def is_string_list(value):
-    return (isinstance(value, list) and
-            all(isinstance(item, string_types) for item in value))
-
-
 #: Parameter types: name -> (check, what the error says is expected).
 PARAMETER_TYPES = {
     'int': (is_int64, 'integer'),
     'str': (lambda value: isinstance(value, string_types), 'string'),
-    'strs': (is_string_list, 'array of strings'),
+    'strs': (lambda value: isinstance(value, list), 'array'),  # of 'str'
+
     'seconds': (is_seconds, 'number >= 0'),
     'bool': (lambda value: isinstance(value, bool), 'boolean'),
 }
@@ -2411,6 +2570,12 @@ def check_arguments(arguments, parameters):
             raise RequestError(
                 "Invalid parameter type for '{0}', expected: {1}".format(
                     name, expected))
+        if kind == 'strs':
+            for index, item in enumerate(arguments[name]):
+                if not isinstance(item, string_types):
+                    raise RequestError(
+                        "Invalid parameter type for '{0}[{1}]', expected: "
+                        'string'.format(name, index))
     known = [name for name, _, _ in parameters]
     for name in arguments:
         if name not in known:

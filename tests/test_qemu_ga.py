@@ -24,6 +24,16 @@ What qemu-ga (7.2, bookworm's) answers, which these tests rely on:
   'bad'").  So every request here is a whole value.
 - A 0xFF byte is not a reset for it: it answers with an error line
   ("JSON parse error, stray '\\uFFFD'") and goes on with what follows.
+- guest-exec {path, arg?, env?, input-data?, capture-output?} answers
+  {"pid": N} at once (a program that cannot start: "Guest agent command
+  failed, error was 'Failed to execute child process \u201cPATH\u201d
+  (No such file or directory)'"; input-data with a character outside
+  base64: "Base64 data contains invalid characters"); guest-exec-status
+  {pid} answers {"exited": false} while it runs, then once {"exited":
+  true, "exitcode" or "signal", and for each stream that wrote something
+  "out-data"/"err-data" (base64) with "out-truncated"/"err-truncated"};
+  after that, or for a pid it never started, "Invalid parameter 'pid'".
+  A list argument's bad item is named "'arg[1]', expected: string".
 - guest-info: {"version": "7.2.22", "supported_commands": [{"name",
   "enabled", "success-response"}, ...]}.  guest-network-get-interfaces
   leaves "ip-addresses" and "statistics" out for an interface without
@@ -38,6 +48,7 @@ qemu-ga missing is a FAILURE, not a skip: scripts/test installs it.
 Must stay valid on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
 """
 
+import base64
 import contextlib
 import json
 import os
@@ -183,6 +194,20 @@ def sync(arguments, name='guest-sync'):
     return {'execute': name, 'arguments': arguments}
 
 
+def exec_request(path, capture=None, input_data=None, **arguments):
+    """A guest-exec request."""
+    arguments['path'] = path
+    if capture is not None:
+        arguments['capture-output'] = capture
+    if input_data is not None:
+        arguments['input-data'] = input_data
+    return {'execute': 'guest-exec', 'arguments': arguments}
+
+
+def exec_status(pid):
+    return {'execute': 'guest-exec-status', 'arguments': {'pid': pid}}
+
+
 # ---------------------------------------------------------------------------
 # Replies that must be equal once parsed.
 
@@ -219,6 +244,22 @@ EXACT = [
                                       'arguments': {'x': 1}}),
     ('time-unexpected-argument', {'execute': 'guest-get-time',
                                   'arguments': {'x': 1}}),
+    ('exec-path-missing', {'execute': 'guest-exec', 'arguments': {}}),
+    ('exec-arg-not-list', exec_request('/bin/echo', arg='x')),
+    ('exec-arg-item', exec_request('/bin/echo', arg=['a', 1])),
+    ('exec-env-item', exec_request('/bin/echo', env=[1])),
+    ('exec-capture-not-bool', exec_request('/bin/echo', capture=1)),
+    ('exec-input-not-base64', exec_request('/bin/cat', input_data='YQ!')),
+    ('exec-unexpected-argument', exec_request('/bin/echo', x=1)),
+    ('exec-not-found', exec_request('/nonexistent/program')),
+    ('exec-not-in-path', exec_request('negotiator-no-such-program')),
+    ('exec-empty-path', exec_request('')),
+    ('exec-not-executable', exec_request('/etc/passwd')),
+    ('exec-directory', exec_request('/')),
+    ('exec-status-unknown-pid', exec_status(0)),
+    ('exec-status-pid-missing', {'execute': 'guest-exec-status'}),
+    ('exec-status-pid-string', {'execute': 'guest-exec-status',
+                                'arguments': {'pid': '1'}}),
 ]
 
 
@@ -356,6 +397,88 @@ def test_guest_info(qga, agent):
                  'guest-get-time', 'guest-get-timezone',
                  'guest-network-get-interfaces'):
         assert name in shared
+
+
+# ---------------------------------------------------------------------------
+# guest-exec: the same program started by both; pids differ, the rest not.
+
+def start_both(qga, agent, request):
+    """Start a program on both: their pids, (qemu-ga's, negotiator's)."""
+    replies = both(qga, agent, request)
+    for reply in replies:
+        assert sorted(reply) == ['return'], reply
+        assert sorted(reply['return']) == ['pid']
+        assert isinstance(reply['return']['pid'], INTEGERS)
+    return [reply['return']['pid'] for reply in replies]
+
+
+def status(path, pid):
+    """guest-exec-status's reply."""
+    return parse(exchange(path, encode(exec_status(pid))))
+
+
+def ended(path, pid):
+    """guest-exec-status's reply once the program has ended."""
+    replies = []
+
+    def fetch():
+        replies.append(status(path, pid))
+        return replies[-1] != {'return': {'exited': False}}
+    wait_for(fetch)
+    return replies[-1]
+
+
+def b64(data):
+    return base64.b64encode(data).decode('ascii')
+
+
+EXEC = [
+    ('echo-captured', exec_request('/bin/echo', arg=['hello', 'world'],
+                                   capture=True)),
+    ('echo-not-captured', exec_request('/bin/echo', arg=['x'])),
+    ('echo-capture-false', exec_request('/bin/echo', arg=['x'],
+                                        capture=False)),
+    ('failing-with-stderr', exec_request(
+        'sh', arg=['-c', 'echo out; echo err >&2; exit 3'], capture=True)),
+    ('stderr-only', exec_request('sh', arg=['-c', 'echo err >&2'],
+                                 capture=True)),
+    ('silent', exec_request('/bin/true', capture=True)),
+    ('input-data', exec_request('/bin/cat', capture=True,
+                                input_data=b64(b'\x00\xffinput\n'))),
+    ('empty-input-data', exec_request('/bin/cat', capture=True,
+                                      input_data='')),
+    ('env-replaces-environment', exec_request(
+        '/usr/bin/env', env=['A=1', 'B=x=y'], capture=True)),
+    ('killed-by-signal', exec_request('sh', arg=['-c', 'kill -9 $$'],
+                                      capture=True)),
+]
+
+
+@pytest.mark.parametrize('request_', [case[1] for case in EXEC],
+                         ids=[case[0] for case in EXEC])
+def test_exec(qga, agent, request_):
+    """The status, with the output, once each has ended; then the pid is
+    unknown to both."""
+    pids = start_both(qga, agent, request_)
+    expected, actual = ended(qga, pids[0]), ended(agent.socket, pids[1])
+    assert actual == expected
+    assert status(qga, pids[0]) == status(agent.socket, pids[1]) == {
+        'error': {'class': 'GenericError', 'desc': "Invalid parameter 'pid'"}}
+
+
+def test_exec_running(qga, agent):
+    """{"exited": false} while it runs; its end once killed (pids are
+    those of this machine's processes)."""
+    pids = start_both(qga, agent, exec_request('/bin/sleep', arg=['60'],
+                                               capture=True))
+    try:
+        assert status(qga, pids[0]) == status(agent.socket, pids[1]) == {
+            'return': {'exited': False}}
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+    assert ended(qga, pids[0]) == ended(agent.socket, pids[1]) == {
+        'return': {'exited': True, 'signal': signal.SIGKILL}}
 
 
 # ---------------------------------------------------------------------------
