@@ -250,6 +250,16 @@ MAX_CAPTURE = 16 * 1024 * 1024
 #: beyond (qemu-ga keeps any number).  Each holds up to 2 * MAX_CAPTURE
 #: bytes of output.
 MAX_EXECS = 16
+#: Files guest-file-open keeps open at once; it is refused beyond (qemu-ga
+#: keeps any number, up to its descriptor limit).
+MAX_FILES = 64
+#: The first handle guest-file-open gives; each open gives the next.
+#: qemu-ga counts from there too (and keeps its count across restarts).
+FIRST_FILE_HANDLE = 1000
+#: Bytes guest-file-read reads by default, and at most (qemu-ga's
+#: QGA_READ_COUNT_DEFAULT and GUEST_FILE_READ_COUNT_MAX).
+DEFAULT_READ_COUNT = 4096
+MAX_READ_COUNT = 48 * 1024 * 1024
 #: A command's output pipe that fills up is enlarged to this (Linux's limit
 #: for users), and reads from it grow up to it while they come back full:
 #: a command that writes a lot costs fewer wake-ups per megabyte, and one
@@ -1462,13 +1472,16 @@ class Children(object):
     Also holds /dev/null, opened once: the stdin of every command given no
     input (an open() per command costs a path lookup, slow in an emulated
     guest); and, as the one registry all of an agent's conversations
-    share, the programs guest-exec started (``execs``, GuestExec objects
-    in start order), which outlive the conversation that started them.
+    share, what outlives the conversation that made it: the programs
+    guest-exec started (``execs``, GuestExec objects in start order) and
+    the files guest-file-open opened (``files``: handle -> descriptor).
     """
 
     def __init__(self):
         self.running = set()
         self.execs = []
+        self.files = {}
+        self.next_handle = FIRST_FILE_HANDLE
         self._null = None
 
     def check(self):
@@ -1476,9 +1489,12 @@ class Children(object):
             process.loop.call(process.on_failure, process.check_exit)
 
     def close(self):
-        """Kill what still runs; let go of /dev/null."""
+        """Kill what still runs; close the files and /dev/null."""
         for process in list(self.running):
             process.kill()
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
         if self._null is not None:
             os.close(self._null)
             self._null = None
@@ -1576,10 +1592,12 @@ class Process(object):
     :param on_exit: called once with the reply's ``return`` dict.
     :param on_failure: the end of the conversation it runs for, should
         one of its callbacks raise.
+    :param stdin_fd: without ``stdin_data``, the descriptor to give the
+        child as its stdin instead of /dev/null.
     """
 
     def __init__(self, loop, children, argv, env, stdin_data, timeout,
-                 on_output, on_exit, on_failure):
+                 on_output, on_exit, on_failure, stdin_fd=None):
         self.loop = loop
         self.children = children
         self.on_output = on_output
@@ -1599,6 +1617,8 @@ class Process(object):
         try:
             if stdin_data:
                 stdin, self._stdin_fd = make_pipe(opened, 1)
+            elif stdin_fd is not None:
+                stdin = stdin_fd
             else:
                 stdin = children.null_input()
             out_fd, stdout = make_pipe(opened, 0)
@@ -1795,6 +1815,10 @@ class Capture(object):
             kept[0].append(data)
             kept[1] += len(data)
 
+    def output(self, stream):
+        """The bytes kept of ``stream``."""
+        return b''.join(self._kept[stream][0])
+
     def add_to(self, result):
         """Put the output in a reply's ``result``: each stream that wrote
         something as base64, with its truncated flag (qemu-ga's members).
@@ -1802,10 +1826,9 @@ class Capture(object):
         :returns: ``result``.
         """
         for stream, truncated in self.MEMBERS:
-            chunks, size, dropped = self._kept[stream]
-            if size:
-                result[stream] = encode_bytes(b''.join(chunks))
-                result[truncated] = dropped
+            if self._kept[stream][1]:
+                result[stream] = encode_bytes(self.output(stream))
+                result[truncated] = self._kept[stream][2]
         return result
 
 
@@ -1851,6 +1874,79 @@ class GuestExec(object):
         self.children.execs.remove(self)
         result = dict(self.result, exited=True)
         return self.capture.add_to(result) if self.capture else result
+
+
+# ---------------------------------------------------------------------------
+# guest-file-*: each operation on a file runs in a forked child, whose stdin
+# is the file (the same open file, so the same position): a file on a hung
+# filesystem holds up only the conversation that asked.
+# ---------------------------------------------------------------------------
+
+#: guest-file-open's modes (fopen()'s, as qemu-ga takes them) and their
+#: open() flags; non-blocking, as qemu-ga opens them, so that a FIFO or a
+#: device never waits.
+FILE_MODES = dict(
+    (mode, flags | os.O_NONBLOCK | os.O_NOCTTY)
+    for modes, flags in (
+        ('r rb', os.O_RDONLY),
+        ('w wb', os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+        ('a ab', os.O_WRONLY | os.O_CREAT | os.O_APPEND),
+        ('r+ rb+ r+b', os.O_RDWR),
+        ('w+ wb+ w+b', os.O_RDWR | os.O_CREAT | os.O_TRUNC),
+        ('a+ ab+ a+b', os.O_RDWR | os.O_CREAT | os.O_APPEND))
+    for mode in modes.split())
+#: guest-file-seek's whence names and their numbers (qemu-ga's QGASeek,
+#: the numbers of lseek()'s SEEK_SET, SEEK_CUR and SEEK_END).
+SEEK_NAMES = {'set': 0, 'cur': 1, 'end': 2}
+
+
+def file_operation(args):
+    """A built-in for Process: ``args[0](*args[1:])`` in the child; its
+    output, or its errno as the exit status."""
+    try:
+        return args[0](*args[1:]), 0
+    except OSError as e:
+        return b'', e.errno
+
+
+def open_file(path, flags):
+    """Open ``path`` as qemu-ga does, in the child (the agent opens it
+    again once it did): a file it creates is made alone (O_EXCL) and
+    given mode 0666 whatever the umask; then closed."""
+    created = flags & os.O_CREAT
+    try:
+        fd = os.open(path, flags | (os.O_EXCL if created else 0), 0)
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            raise
+        fd = os.open(path, flags & ~os.O_CREAT)
+        created = False
+    if created:
+        os.fchmod(fd, int('666', 8))
+    os.close(fd)
+    return b''
+
+
+def read_file(count):
+    """Up to ``count`` bytes of stdin: less only at its end."""
+    chunks = []
+    while count > 0:
+        data = os.read(0, min(count, PIPE_SIZE))
+        if not data:
+            break
+        chunks.append(data)
+        count -= len(data)
+    return b''.join(chunks)
+
+
+def write_file(data):
+    while data:
+        data = data[os.write(0, data):]
+    return b''
+
+
+def seek_file(offset, whence):
+    return ascii_number(os.lseek(0, offset, whence))
 
 
 # ---------------------------------------------------------------------------
@@ -2226,6 +2322,18 @@ class Server(object):
             ('env', 'strs', False), ('input-data', 'str', False),
             ('capture-output', 'bool', False))),
         ('guest-exec-status', 'rpc_exec_status', (('pid', 'int', True),)),
+        ('guest-file-open', 'rpc_file_open', (
+            ('path', 'str', True), ('mode', 'str', False))),
+        ('guest-file-close', 'rpc_file_close', (('handle', 'int', True),)),
+        ('guest-file-read', 'rpc_file_read', (
+            ('handle', 'int', True), ('count', 'int', False))),
+        ('guest-file-write', 'rpc_file_write', (
+            ('handle', 'int', True), ('buf-b64', 'str', True),
+            ('count', 'int', False))),
+        ('guest-file-seek', 'rpc_file_seek', (
+            ('handle', 'int', True), ('offset', 'int', True),
+            ('whence', 'whence', True))),
+        ('guest-file-flush', 'rpc_file_flush', (('handle', 'int', True),)),
         ('negotiator-list-commands', 'rpc_list_commands', ()),
         ('negotiator-execute', 'rpc_execute', (
             ('command', 'str', True), ('args', 'strs', False),
@@ -2472,6 +2580,109 @@ class Server(object):
                 return started.status()
         raise RequestError("Invalid parameter 'pid'")
 
+    def rpc_file_open(self, arguments, request_id):
+        files = self.children.files
+        if len(files) >= MAX_FILES:
+            raise RequestError(
+                'guest-file-open keeps {0} files open already; close one '
+                'with guest-file-close first'.format(MAX_FILES))
+        path, mode = arguments['path'], arguments.get('mode', 'r')
+        if mode not in FILE_MODES:
+            raise RequestError(u("invalid file open mode '{0}'").format(
+                shown(mode)))
+        name = text_argument(path, 'path')
+        failure = u("failed to open file '{0}' (mode: '{1}')").format(
+            shown(path), mode)
+
+        def opened(output):
+            fd, error = io_op(os.open, name, FILE_MODES[mode] & ~os.O_CREAT)
+            if error is not None:
+                raise RequestError(u('{0}: {1}').format(
+                    failure, os.strerror(error.errno)))
+            handle = self.children.next_handle
+            self.children.next_handle += 1
+            files[handle] = fd
+            return handle
+        return self._in_child(request_id, failure, None, open_file,
+                              [name, FILE_MODES[mode]], opened)
+
+    def rpc_file_close(self, arguments, request_id):
+        fd = self._file(arguments)
+        del self.children.files[arguments['handle']]
+        _, error = io_op(os.close, fd)
+        if error is not None:
+            raise RequestError('failed to close handle: {0}'.format(
+                os.strerror(error.errno)))
+        return {}
+
+    def rpc_file_read(self, arguments, request_id):
+        fd = self._file(arguments)
+        count = arguments.get('count', DEFAULT_READ_COUNT)
+        check_count(count, MAX_READ_COUNT)
+        return self._in_child(
+            request_id, 'failed to read file', fd, read_file, [count],
+            lambda data: {'count': len(data), 'buf-b64': encode_bytes(data),
+                          'eof': len(data) < count})
+
+    def rpc_file_write(self, arguments, request_id):
+        fd = self._file(arguments)
+        data = decode_qga_bytes(arguments['buf-b64'], 'buf-b64')
+        count = arguments.get('count', len(data))
+        check_count(count, len(data))
+        return self._in_child(
+            request_id, 'failed to write to file', fd, write_file,
+            [data[:count]], lambda output: {'count': count, 'eof': False})
+
+    def rpc_file_seek(self, arguments, request_id):
+        fd = self._file(arguments)
+        whence = SEEK_NAMES.get(arguments['whence'], arguments['whence'])
+        if whence not in SEEK_NAMES.values():
+            raise RequestError('invalid whence code {0}'.format(whence))
+        return self._in_child(
+            request_id, 'failed to seek file', fd, seek_file,
+            [arguments['offset'], whence],
+            lambda output: {'position': int(output), 'eof': False})
+
+    def rpc_file_flush(self, arguments, request_id):
+        """Nothing to do: writes are not buffered here."""
+        self._file(arguments)
+        return {}
+
+    def _file(self, arguments):
+        """The descriptor of the request's file handle."""
+        fd = self.children.files.get(arguments['handle'])
+        if fd is None:
+            raise RequestError("handle '{0}' has not been found".format(
+                arguments['handle']))
+        return fd
+
+    def _in_child(self, request_id, failure, fd, operation, args, on_done):
+        """Run a file operation in a child whose stdin is ``fd``, and
+        answer once it ends: with ``on_done(its output)``, or with the
+        error ``failure: why``."""
+        capture = Capture(MAX_READ_COUNT)
+
+        def finish(result):
+            self.process = None
+            try:
+                if result.get('exitcode') != 0:
+                    raise RequestError(u('{0}: {1}').format(failure, (
+                        os.strerror(result['exitcode']) if 'exitcode' in
+                        result else describe_result(result))))
+                self._send_return(request_id,
+                                  on_done(capture.output('out-data')))
+            except RequestError as e:
+                self._send_error(request_id, e)
+            self.channel.deliver()
+        try:
+            self.process = Process(
+                self.loop, self.children, [file_operation, operation] + args,
+                None, b'', 0, capture.add, finish, self.on_failure, fd)
+        except OSError as e:
+            raise RequestError(u('{0}: {1}').format(
+                failure, os.strerror(e.errno)))
+        return None
+
     def rpc_execute(self, arguments, request_id):
         """Run a command, streaming its output as events, then reply."""
         name = arguments['command']
@@ -2542,6 +2753,11 @@ def is_seconds(value):
             not isinstance(value, bool) and 0 <= value <= MAX_TIMEOUT)
 
 
+def is_whence(value):
+    return (isinstance(value, string_types + integer_types) and
+            not isinstance(value, bool))
+
+
 #: Parameter types: name -> (check, what the error says is expected).
 PARAMETER_TYPES = {
     'int': (is_int64, 'integer'),
@@ -2550,7 +2766,27 @@ PARAMETER_TYPES = {
 
     'seconds': (is_seconds, 'number >= 0'),
     'bool': (lambda value: isinstance(value, bool), 'boolean'),
+    'whence': (is_whence, 'GuestFileWhence'),  # an int, or a SEEK_NAMES key
 }
+
+
+def check_count(count, maximum):
+    if not 0 <= count <= maximum:
+        raise RequestError("value '{0}' is invalid for argument count"
+                           .format(count))
+
+
+def check_whence(name, value):
+    """qemu-ga's errors for a whence, a name or an integer."""
+    if isinstance(value, string_types):
+        if value not in SEEK_NAMES:
+            raise RequestError(
+                u("Parameter '{0}' does not accept value '{1}'").format(
+                    name, shown(value)))
+    elif not is_int64(value):
+        raise RequestError(
+            "Invalid parameter type for '{0}', expected: integer".format(
+                name))
 
 
 def check_arguments(arguments, parameters):
@@ -2576,6 +2812,8 @@ def check_arguments(arguments, parameters):
                     raise RequestError(
                         "Invalid parameter type for '{0}[{1}]', expected: "
                         'string'.format(name, index))
+        if kind == 'whence':
+            check_whence(name, arguments[name])
     known = [name for name, _, _ in parameters]
     for name in arguments:
         if name not in known:

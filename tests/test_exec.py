@@ -1,4 +1,5 @@
-"""guest-exec's bounds, which qemu-ga has not: programs kept, output kept.
+"""guest-exec's and guest-file-open's bounds, which qemu-ga has not:
+programs kept, output kept, files open.
 
 (What qemu-ga answers to the same requests, tests/test_qemu_ga.py
 compares.)  Must stay valid on Python 2.7 and 3.6+.
@@ -95,7 +96,32 @@ def test_capture_at_its_limit():
     assert negotiator.Capture().add_to({'exitcode': 0}) == {'exitcode': 0}
 
 
-def test_host_daemon_does_not_serve_guest_exec():
+def test_files_open_up_to_the_bound(agent):
+    """MAX_FILES handles, numbered from 1000 as qemu-ga numbers them, and
+    the next open is refused; closing one makes room."""
+    handles = [call(agent, 'guest-file-open', path='/dev/null')['return']
+               for _ in range(negotiator.MAX_FILES)]
+    try:
+        assert handles == list(range(1000, 1000 + negotiator.MAX_FILES))
+        assert call(agent, 'guest-file-open', path='/dev/null') == {
+            'error': {'class': 'GenericError',
+                      'desc': 'guest-file-open keeps {0} files open already; '
+                              'close one with guest-file-close first'.format(
+                                  negotiator.MAX_FILES)}}
+        assert call(agent, 'guest-file-close', handle=handles.pop()) == {
+            'return': {}}
+        handles.append(call(agent, 'guest-file-open', path='/dev/null',
+                            mode='w')['return'])
+        assert handles[-1] == 1000 + negotiator.MAX_FILES
+        assert call(agent, 'guest-file-write', handle=handles[-1],
+                    **{'buf-b64': 'aGk='}) == {
+                        'return': {'count': 2, 'eof': False}}
+    finally:
+        for handle in handles:
+            call(agent, 'guest-file-close', handle=handle)
+
+
+def test_host_daemon_does_not_serve_guest_exec_nor_files():
     names = [request[0] for request in negotiator.DaemonServer.REQUESTS]
-    assert 'guest-exec' not in names
-    assert 'guest-exec-status' not in names
+    for name in names:
+        assert not name.startswith(('guest-exec', 'guest-file')), name

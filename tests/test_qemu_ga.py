@@ -34,6 +34,17 @@ What qemu-ga (7.2, bookworm's) answers, which these tests rely on:
   "out-data"/"err-data" (base64) with "out-truncated"/"err-truncated"};
   after that, or for a pid it never started, "Invalid parameter 'pid'".
   A list argument's bad item is named "'arg[1]', expected: string".
+- guest-file-open {path, mode?} answers a handle, 1000 for the first (its
+  count survives restarts in its state directory); guest-file-read
+  {handle, count?} {"count", "buf-b64", "eof"} (4096 bytes by default,
+  48 MiB at most); guest-file-write {handle, buf-b64, count?} {"count",
+  "eof"}; guest-file-seek {handle, offset, whence: 0-2 or
+  "set"/"cur"/"end"} {"position", "eof"}; guest-file-flush and
+  guest-file-close {}.  Errors: "handle '5' has not been found", "failed
+  to open file 'PATH' (mode: 'r'): No such file or directory", "failed to
+  read file: Bad file descriptor", "invalid whence code 3", ...  Its files
+  are non-blocking: a FIFO without data fails at once ("Resource
+  temporarily unavailable").
 - guest-info: {"version": "7.2.22", "supported_commands": [{"name",
   "enabled", "success-response"}, ...]}.  guest-network-get-interfaces
   leaves "ip-addresses" and "statistics" out for an interface without
@@ -204,6 +215,11 @@ def exec_request(path, capture=None, input_data=None, **arguments):
     return {'execute': 'guest-exec', 'arguments': arguments}
 
 
+def file_request(name, **arguments):
+    """A guest-file-NAME request."""
+    return {'execute': 'guest-file-' + name, 'arguments': arguments}
+
+
 def exec_status(pid):
     return {'execute': 'guest-exec-status', 'arguments': {'pid': pid}}
 
@@ -260,6 +276,32 @@ EXACT = [
     ('exec-status-pid-missing', {'execute': 'guest-exec-status'}),
     ('exec-status-pid-string', {'execute': 'guest-exec-status',
                                 'arguments': {'pid': '1'}}),
+    ('file-open-missing', file_request('open', path='/nonexistent/file')),
+    ('file-open-directory-w', file_request('open', path='/', mode='w')),
+    ('file-open-bad-mode', file_request('open', path='/', mode='rw')),
+    ('file-open-mode-not-string', file_request('open', path='/', mode=1)),
+    ('file-open-path-missing', file_request('open')),
+    ('file-read-unknown', file_request('read', handle=5)),
+    ('file-read-count-first', file_request('read', handle=5, count=-1)),
+    ('file-write-unknown', file_request('write', handle=5, **{
+        'buf-b64': '!'})),
+    ('file-write-buf-missing', file_request('write', handle=5)),
+    ('file-seek-unknown', file_request('seek', handle=5, offset=0,
+                                       whence=3)),
+    ('file-seek-whence-missing', file_request('seek', handle=5, offset=0)),
+    ('file-seek-whence-name', file_request('seek', handle=5, offset=0,
+                                           whence='SET')),
+    ('file-seek-whence-bool', file_request('seek', handle=5, offset=0,
+                                           whence=True)),
+    ('file-seek-whence-null', file_request('seek', handle=5, offset=0,
+                                           whence=None)),
+    ('file-seek-whence-2**63', file_request('seek', handle=5, offset=0,
+                                            whence=2 ** 63)),
+    ('file-seek-offset-string', file_request('seek', handle=5, offset='0',
+                                             whence=0)),
+    ('file-flush-unknown', file_request('flush', handle=5)),
+    ('file-close-unknown', file_request('close', handle=5)),
+    ('file-close-handle-string', file_request('close', handle='5')),
 ]
 
 
@@ -479,6 +521,115 @@ def test_exec_running(qga, agent):
             os.kill(pid, signal.SIGKILL)
     assert ended(qga, pids[0]) == ended(agent.socket, pids[1]) == {
         'return': {'exited': True, 'signal': signal.SIGKILL}}
+
+
+# ---------------------------------------------------------------------------
+# guest-file-*: the same steps on a file of each's own; handles differ.
+
+#: Steps on a file opened "r+" holding "hello world\n": (request name,
+#: arguments but the handle).
+FILE_STEPS = [
+    ('read', {}), ('read', {}),
+    ('seek', {'offset': 0, 'whence': 'set'}),
+    ('read', {'count': 5}), ('read', {'count': 0}),
+    ('read', {'count': -1}), ('read', {'count': 48 * 1024 * 1024 + 1}),
+    ('seek', {'offset': -100, 'whence': 'cur'}),
+    ('seek', {'offset': 2, 'whence': 'end'}),
+    ('seek', {'offset': 0, 'whence': 3}),
+    ('seek', {'offset': 1, 'whence': 0}),
+    ('write', {'buf-b64': 'aGk='}),
+    ('write', {'buf-b64': 'aGVsbG8=', 'count': 3}),
+    ('write', {'buf-b64': 'aGVsbG8=', 'count': 9}),
+    ('write', {'buf-b64': 'aGVsbG8=', 'count': -1}),
+    ('write', {'buf-b64': '!!!!'}),
+    ('flush', {}),
+    ('seek', {'offset': 0, 'whence': 1}),
+    ('read', {}),
+    ('seek', {'offset': 0, 'whence': 'set'}),
+    ('read', {'count': 100}),
+    ('close', {}), ('close', {}), ('read', {}),
+]
+
+
+def file_steps(path, steps, name, mode, content=b'hello world\n'):
+    """Open a file of ``content`` ``name`` in a new directory, take the
+    steps: the replies (the handle shown as H), and the file's bytes."""
+    workdir = Workdir()
+    try:
+        target = workdir.join(name)
+        if content is not None:
+            with open(target, 'wb') as handle:
+                handle.write(content)
+        opened = parse(exchange(path, encode(file_request(
+            'open', path=target, mode=mode))))
+        handle = opened['return']
+        assert isinstance(handle, INTEGERS)
+        replies = []
+        for step, arguments in steps:
+            reply = parse(exchange(path, encode(file_request(
+                step, handle=handle, **arguments))))
+            if 'error' in reply:
+                reply['error']['desc'] = reply['error']['desc'].replace(
+                    str(handle), 'H')
+            replies.append(reply)
+        with open(target, 'rb') as written:
+            return replies, written.read(), os.stat(target).st_mode
+    finally:
+        workdir.cleanup()
+
+
+@pytest.mark.parametrize('mode,steps,content', [
+    ('r+', FILE_STEPS, b'hello world\n'),
+    ('r', [('write', {'buf-b64': 'aGk='}), ('read', {}), ('close', {})],
+     b'hello world\n'),
+    ('a+', [('write', {'buf-b64': 'aGk='}), ('seek', {'offset': 0,
+                                                      'whence': 0}),
+            ('write', {'buf-b64': 'aGk='}), ('read', {}), ('close', {})],
+     b'hello world\n'),
+    ('w', [('read', {}), ('write', {'buf-b64': 'aGk='}), ('close', {})],
+     b'hello world\n'),
+    ('wb+', [('write', {'buf-b64': 'AP8='}), ('seek', {'offset': 0,
+                                                       'whence': 'set'}),
+             ('read', {}), ('close', {})], None),
+], ids=['r+', 'r', 'a+', 'w', 'wb+-new-file'])
+def test_file_steps(qga, agent, mode, steps, content):
+    """Every reply, the file's bytes, and a new file's mode (0666 whatever
+    the umask) are the same."""
+    expected = file_steps(qga, steps, 'qga', mode, content)
+    assert file_steps(agent.socket, steps, 'ours', mode, content) == expected
+
+
+def test_file_fifo_never_blocks(qga, agent):
+    """A FIFO's reads fail at once while a writer has written nothing, and
+    end (count 0, eof) once no writer is left; writing to a FIFO that no
+    one reads fails at open."""
+    workdir = Workdir()
+    try:
+        fifo = workdir.join('fifo')
+        os.mkfifo(fifo)
+        replies = []
+        for path in (qga, agent.socket):
+            handle = parse(exchange(path, encode(file_request(
+                'open', path=fifo))))['return']
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            try:
+                replies.append([parse(exchange(path, encode(file_request(
+                    'read', handle=handle))))])
+            finally:
+                os.close(writer)
+            for request in (file_request('read', handle=handle),
+                            file_request('seek', handle=handle, offset=0,
+                                         whence=0),
+                            file_request('close', handle=handle),
+                            file_request('open', path=fifo, mode='w')):
+                replies[-1].append(parse(exchange(path, encode(request))))
+        assert replies[1] == replies[0]
+        assert replies[0][:2] == [
+            {'error': {'class': 'GenericError', 'desc': 'failed to read '
+                       'file: Resource temporarily unavailable'}},
+            {'return': {'count': 0, 'buf-b64': '', 'eof': True}}]
+    finally:
+        workdir.cleanup()
 
 
 # ---------------------------------------------------------------------------
