@@ -2338,7 +2338,8 @@ class Server(object):
         ('negotiator-execute', 'rpc_execute', (
             ('command', 'str', True), ('args', 'strs', False),
             ('input-data', 'str', False), ('timeout', 'seconds', False),
-            ('raw-output', 'bool', False))),
+            ('raw-output', 'bool', False),
+            ('capture-output', 'bool', False))),
     )
 
     #: Level of the log line for each error reply.
@@ -2684,7 +2685,9 @@ class Server(object):
         return None
 
     def rpc_execute(self, arguments, request_id):
-        """Run a command, streaming its output as events, then reply."""
+        """Run a command, streaming its output as events, then reply; or,
+        with capture-output, reply with the output (for clients such as
+        ``virsh qemu-agent-command`` that never show events)."""
         name = arguments['command']
         target = self.commands.resolve(name)
         argv = [text_argument(arg, 'args') for arg in arguments.get('args',
@@ -2693,6 +2696,7 @@ class Server(object):
         if arguments.get('input-data') is not None:
             stdin_data = decode_bytes(arguments['input-data'], 'input-data')
         events = OutputEvents(request_id, arguments.get('raw-output', False))
+        capture = Capture() if arguments.get('capture-output') else None
         env = dict(self.env)
         env['NEGOTIATOR_COMMAND'] = wire_bytes(name)
         env['NEGOTIATOR_VERSION'] = __version__
@@ -2700,9 +2704,10 @@ class Server(object):
             self.process = Process(
                 self.loop, self.children, [target] + argv, env, stdin_data,
                 arguments.get('timeout', 0),
-                lambda stream, data: self._send_output(
-                    events.pieces(stream, data)),
-                lambda result: self._finish_execute(request_id, result),
+                capture.add if capture else lambda stream, data:
+                    self._send_output(events.pieces(stream, data)),
+                lambda result: self._finish_execute(
+                    request_id, capture.add_to(result) if capture else result),
                 self.on_failure)
         except OSError as e:
             raise self.commands.start_failure(name, e)
