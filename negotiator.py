@@ -2582,11 +2582,7 @@ class Server(object):
         raise RequestError("Invalid parameter 'pid'")
 
     def rpc_file_open(self, arguments, request_id):
-        files = self.children.files
-        if len(files) >= MAX_FILES:
-            raise RequestError(
-                'guest-file-open keeps {0} files open already; close one '
-                'with guest-file-close first'.format(MAX_FILES))
+        self._check_room()
         path, mode = arguments['path'], arguments.get('mode', 'r')
         if mode not in FILE_MODES:
             raise RequestError(u("invalid file open mode '{0}'").format(
@@ -2596,13 +2592,14 @@ class Server(object):
             shown(path), mode)
 
         def opened(output):
+            self._check_room()  # (again: other conversations opened some)
             fd, error = io_op(os.open, name, FILE_MODES[mode] & ~os.O_CREAT)
             if error is not None:
                 raise RequestError(u('{0}: {1}').format(
                     failure, os.strerror(error.errno)))
             handle = self.children.next_handle
             self.children.next_handle += 1
-            files[handle] = fd
+            self.children.files[handle] = fd
             return handle
         return self._in_child(request_id, failure, None, open_file,
                               [name, FILE_MODES[mode]], opened)
@@ -2648,6 +2645,12 @@ class Server(object):
         """Nothing to do: writes are not buffered here."""
         self._file(arguments)
         return {}
+
+    def _check_room(self):
+        if len(self.children.files) >= MAX_FILES:
+            raise RequestError(
+                'guest-file-open keeps {0} files open already; close one '
+                'with guest-file-close first'.format(MAX_FILES))
 
     def _file(self, arguments):
         """The descriptor of the request's file handle."""
@@ -2767,8 +2770,7 @@ def is_whence(value):
 PARAMETER_TYPES = {
     'int': (is_int64, 'integer'),
     'str': (lambda value: isinstance(value, string_types), 'string'),
-    'strs': (lambda value: isinstance(value, list), 'array'),  # of 'str'
-
+    'strs': (lambda value: isinstance(value, list), 'array'),  # of 'str's
     'seconds': (is_seconds, 'number >= 0'),
     'bool': (lambda value: isinstance(value, bool), 'boolean'),
     'whence': (is_whence, 'GuestFileWhence'),  # an int, or a SEEK_NAMES key
