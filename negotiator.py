@@ -2762,7 +2762,8 @@ def is_seconds(value):
 
 
 def is_whence(value):
-    return (isinstance(value, string_types + integer_types) and
+    """A name or a number (check_whence() says which are refused)."""
+    return (isinstance(value, string_types + integer_types + (float,)) and
             not isinstance(value, bool))
 
 

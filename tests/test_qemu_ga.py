@@ -295,6 +295,8 @@ EXACT = [
                                            whence=True)),
     ('file-seek-whence-null', file_request('seek', handle=5, offset=0,
                                            whence=None)),
+    ('file-seek-whence-float', file_request('seek', handle=5, offset=0,
+                                            whence=1.5)),
     ('file-seek-whence-2**63', file_request('seek', handle=5, offset=0,
                                             whence=2 ** 63)),
     ('file-seek-offset-string', file_request('seek', handle=5, offset='0',
