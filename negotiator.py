@@ -249,6 +249,24 @@ MAX_VALUES = 65536
 MAX_ID_SIZE = 1024
 #: Bytes read from a pipe or a socket at once.
 READ_SIZE = 65536
+#: Bytes of each output stream kept of a program that guest-exec started
+#: (qemu-ga's GUEST_EXEC_MAX_OUTPUT); what follows is read and dropped.
+MAX_CAPTURE = 16 * 1024 * 1024
+#: Programs that guest-exec started and the agent keeps, running or with
+#: their end not fetched yet by guest-exec-status; guest-exec is refused
+#: beyond (qemu-ga keeps any number).  Each holds up to 2 * MAX_CAPTURE
+#: bytes of output.
+MAX_EXECS = 16
+#: Files guest-file-open keeps open at once; it is refused beyond (qemu-ga
+#: keeps any number, up to its descriptor limit).
+MAX_FILES = 64
+#: The first handle guest-file-open gives; each open gives the next.
+#: qemu-ga counts from there too (and keeps its count across restarts).
+FIRST_FILE_HANDLE = 1000
+#: Bytes guest-file-read reads by default, and at most (qemu-ga's
+#: QGA_READ_COUNT_DEFAULT and GUEST_FILE_READ_COUNT_MAX).
+DEFAULT_READ_COUNT = 4096
+MAX_READ_COUNT = 48 * 1024 * 1024
 #: A command's output pipe that fills up is enlarged to this (Linux's limit
 #: for users), and reads from it grow up to it while they come back full:
 #: a command that writes a lot costs fewer wake-ups per megabyte, and one
@@ -708,6 +726,22 @@ def decode_bytes(text, name):
     if len(text) % 4 or not BASE64_TEXT.match(text):
         raise RequestError("Parameter '{0}' is not valid base64".format(name))
     return binascii.a2b_base64(text.encode('ascii'))
+
+
+#: What qemu-ga takes as base64 at all (it decodes any string of these).
+BASE64_CHARACTERS = re.compile(r'\A[A-Za-z0-9+/=]*\Z')
+#: The quotes around a path in qemu-ga's (GLib's) messages.
+OPENING_QUOTE = b'\xe2\x80\x9c'.decode('utf-8')
+CLOSING_QUOTE = b'\xe2\x80\x9d'.decode('utf-8')
+
+
+def decode_qga_bytes(text, name='input-data'):
+    """decode_bytes() of a qemu-ga request's member, with qemu-ga's error
+    for a character that base64 has not (a wrong length or padding, which
+    qemu-ga decodes into some bytes, is refused as not base64)."""
+    if not BASE64_CHARACTERS.match(text):
+        raise RequestError('Base64 data contains invalid characters')
+    return decode_bytes(text, name)
 
 
 #: The request id of a request that had none ("id": null is an id).
@@ -1380,6 +1414,18 @@ def text_argument(text, what):
     return data
 
 
+def environment(entries):
+    """The environment of ``NAME=value`` entries (wire text), as guest-exec
+    gives a whole one (an entry without ``=`` is left out: Popen takes a
+    mapping)."""
+    env = {}
+    for entry in entries:
+        name, equals, value = text_argument(entry, 'env').partition(b'=')
+        if equals:
+            env[name] = value
+    return env
+
+
 class CommandSet(object):
     """The commands one side offers: a directory's executables and built-ins.
 
@@ -1490,11 +1536,17 @@ class Children(object):
 
     Also holds /dev/null, opened once: the stdin of every command given no
     input (an open() per command costs a path lookup, slow in an emulated
-    guest).
+    guest); and, as the one registry all of an agent's conversations
+    share, what outlives the conversation that made it: the programs
+    guest-exec started (``execs``, GuestExec objects in start order) and
+    the files guest-file-open opened (``files``: handle -> descriptor).
     """
 
     def __init__(self):
         self.running = set()
+        self.execs = []
+        self.files = {}
+        self.next_handle = FIRST_FILE_HANDLE
         self._null = None
 
     def check(self):
@@ -1502,9 +1554,12 @@ class Children(object):
             process.loop.call(process.on_failure, process.check_exit)
 
     def close(self):
-        """Kill what still runs; let go of /dev/null."""
+        """Kill what still runs; close the files and /dev/null."""
         for process in list(self.running):
             process.kill()
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
         if self._null is not None:
             os.close(self._null)
             self._null = None
@@ -1602,10 +1657,12 @@ class Process(object):
     :param on_exit: called once with the reply's ``return`` dict.
     :param on_failure: the end of the conversation it runs for, should
         one of its callbacks raise.
+    :param stdin_fd: without ``stdin_data``, the descriptor to give the
+        child as its stdin instead of /dev/null.
     """
 
     def __init__(self, loop, children, argv, env, stdin_data, timeout,
-                 on_output, on_exit, on_failure):
+                 on_output, on_exit, on_failure, stdin_fd=None):
         self.loop = loop
         self.children = children
         self.on_output = on_output
@@ -1625,6 +1682,8 @@ class Process(object):
         try:
             if stdin_data:
                 stdin, self._stdin_fd = make_pipe(opened, 1)
+            elif stdin_fd is not None:
+                stdin = stdin_fd
             else:
                 stdin = children.null_input()
             out_fd, stdout = make_pipe(opened, 0)
@@ -1796,6 +1855,163 @@ class Process(object):
                 return
             except OSError:
                 pass
+
+
+class Capture(object):
+    """A command's output kept whole, as qemu-ga's guest-exec keeps it:
+    ``limit`` bytes of each stream at most, the rest read and dropped."""
+
+    #: Each stream's member in a reply, and the member that says whether
+    #: some of it was dropped.
+    MEMBERS = (('out-data', 'out-truncated'), ('err-data', 'err-truncated'))
+
+    def __init__(self, limit=MAX_CAPTURE):
+        self.limit = limit
+        #: stream -> [chunks, their size, truncated?]
+        self._kept = {'out-data': [[], 0, False], 'err-data': [[], 0, False]}
+
+    def add(self, stream, data):
+        kept = self._kept[stream]
+        room = self.limit - kept[1]
+        if len(data) > room:
+            kept[2] = True
+            data = data[:room]
+        if data:
+            kept[0].append(data)
+            kept[1] += len(data)
+
+    def output(self, stream):
+        """The bytes kept of ``stream``."""
+        return b''.join(self._kept[stream][0])
+
+    def add_to(self, result):
+        """Put the output in a reply's ``result``: each stream that wrote
+        something as base64, with its truncated flag (qemu-ga's members).
+
+        :returns: ``result``.
+        """
+        for stream, truncated in self.MEMBERS:
+            if self._kept[stream][1]:
+                result[stream] = encode_bytes(self.output(stream))
+                result[truncated] = self._kept[stream][2]
+        return result
+
+
+class GuestExec(object):
+    """A program guest-exec started.  It runs apart from any conversation
+    (a client polls for its end, perhaps on another connection), and its
+    end and output wait in the agent's table, ``children.execs``, until a
+    guest-exec-status reports them.
+
+    :param capture: a Capture for its output, or None to drop it.
+    """
+
+    def __init__(self, loop, children, argv, env, stdin_data, capture):
+        self.children = children
+        self.capture = capture
+        #: The reply's exitcode or signal once it has ended.
+        self.result = None
+        self.process = Process(loop, children, argv, env, stdin_data, 0,
+                               self._on_output, self._on_exit,
+                               self._on_failure)
+        self.pid = self.process.pid
+        children.execs.append(self)
+
+    def _on_output(self, stream, data):
+        if self.capture:
+            self.capture.add(stream, data)
+
+    def _on_exit(self, result):
+        log.info('guest-exec pid %d: %s', self.pid, describe_result(result))
+        self.result = result
+
+    def _on_failure(self, error):
+        log_failure('guest-exec pid {0}'.format(self.pid), 'dropping it',
+                    error)
+        self.process.kill()
+        self.children.execs.remove(self)
+
+    def status(self):
+        """guest-exec-status's reply; the end, once reported, is
+        forgotten."""
+        if self.result is None:
+            return {'exited': False}
+        self.children.execs.remove(self)
+        result = dict(self.result, exited=True)
+        return self.capture.add_to(result) if self.capture else result
+
+
+# ---------------------------------------------------------------------------
+# guest-file-*: each operation on a file runs in a forked child, whose stdin
+# is the file (the same open file, so the same position): a file on a hung
+# filesystem holds up only the conversation that asked.
+# ---------------------------------------------------------------------------
+
+#: guest-file-open's modes (fopen()'s, as qemu-ga takes them) and their
+#: open() flags; non-blocking, as qemu-ga opens them, so that a FIFO or a
+#: device never waits.
+FILE_MODES = dict(
+    (mode, flags | os.O_NONBLOCK | os.O_NOCTTY)
+    for modes, flags in (
+        ('r rb', os.O_RDONLY),
+        ('w wb', os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+        ('a ab', os.O_WRONLY | os.O_CREAT | os.O_APPEND),
+        ('r+ rb+ r+b', os.O_RDWR),
+        ('w+ wb+ w+b', os.O_RDWR | os.O_CREAT | os.O_TRUNC),
+        ('a+ ab+ a+b', os.O_RDWR | os.O_CREAT | os.O_APPEND))
+    for mode in modes.split())
+#: guest-file-seek's whence names and their numbers (qemu-ga's QGASeek,
+#: the numbers of lseek()'s SEEK_SET, SEEK_CUR and SEEK_END).
+SEEK_NAMES = {'set': 0, 'cur': 1, 'end': 2}
+
+
+def file_operation(args):
+    """A built-in for Process: ``args[0](*args[1:])`` in the child; its
+    output, or its errno as the exit status."""
+    try:
+        return args[0](*args[1:]), 0
+    except OSError as e:
+        return b'', e.errno
+
+
+def open_file(path, flags):
+    """Open ``path`` as qemu-ga does, in the child (the agent opens it
+    again once it did): a file it creates is made alone (O_EXCL) and
+    given mode 0666 whatever the umask; then closed."""
+    created = flags & os.O_CREAT
+    try:
+        fd = os.open(path, flags | (os.O_EXCL if created else 0), 0)
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            raise
+        fd = os.open(path, flags & ~os.O_CREAT)
+        created = False
+    if created:
+        os.fchmod(fd, int('666', 8))
+    os.close(fd)
+    return b''
+
+
+def read_file(count):
+    """Up to ``count`` bytes of stdin: less only at its end."""
+    chunks = []
+    while count > 0:
+        data = os.read(0, min(count, PIPE_SIZE))
+        if not data:
+            break
+        chunks.append(data)
+        count -= len(data)
+    return b''.join(chunks)
+
+
+def write_file(data):
+    while data:
+        data = data[os.write(0, data):]
+    return b''
+
+
+def seek_file(offset, whence):
+    return ascii_number(os.lseek(0, offset, whence))
 
 
 # ---------------------------------------------------------------------------
@@ -2731,11 +2947,29 @@ class Server(object):
         ('guest-shutdown', 'rpc_shutdown', (('mode', 'str', False),)),
         ('guest-set-time', 'rpc_set_time', (('time', 'int', False),)),
         ('guest-fstrim', 'rpc_fstrim', (('minimum', 'int', False),)),
+        ('guest-exec', 'rpc_exec', (
+            ('path', 'str', True), ('arg', 'strs', False),
+            ('env', 'strs', False), ('input-data', 'str', False),
+            ('capture-output', 'bool', False))),
+        ('guest-exec-status', 'rpc_exec_status', (('pid', 'int', True),)),
+        ('guest-file-open', 'rpc_file_open', (
+            ('path', 'str', True), ('mode', 'str', False))),
+        ('guest-file-close', 'rpc_file_close', (('handle', 'int', True),)),
+        ('guest-file-read', 'rpc_file_read', (
+            ('handle', 'int', True), ('count', 'int', False))),
+        ('guest-file-write', 'rpc_file_write', (
+            ('handle', 'int', True), ('buf-b64', 'str', True),
+            ('count', 'int', False))),
+        ('guest-file-seek', 'rpc_file_seek', (
+            ('handle', 'int', True), ('offset', 'int', True),
+            ('whence', 'whence', True))),
+        ('guest-file-flush', 'rpc_file_flush', (('handle', 'int', True),)),
         ('negotiator-list-commands', 'rpc_list_commands', ()),
         ('negotiator-execute', 'rpc_execute', (
             ('command', 'str', True), ('args', 'strs', False),
             ('input-data', 'str', False), ('timeout', 'seconds', False),
-            ('raw-output', 'bool', False))),
+            ('raw-output', 'bool', False),
+            ('capture-output', 'bool', False))),
     )
 
     #: Level of the log line for each error reply.
@@ -2972,8 +3206,154 @@ class Server(object):
         return [{'name': name, 'kind': kind}
                 for name, kind in self.commands.names()]
 
+    def rpc_exec(self, arguments, request_id):
+        """Start any program, as the agent's user, as qemu-ga does: the
+        reply gives its pid at once, guest-exec-status its end."""
+        if len(self.children.execs) >= MAX_EXECS:
+            raise RequestError(
+                'guest-exec keeps {0} programs already (running, or ended '
+                'with their status not fetched yet); fetch their status '
+                'with guest-exec-status first'.format(MAX_EXECS))
+        path = arguments['path']
+        argv = [text_argument(path, 'path')] + [
+            text_argument(arg, 'arg') for arg in arguments.get('arg', ())]
+        env = self.env
+        if 'env' in arguments:
+            env = environment(arguments['env'])
+        stdin_data = decode_qga_bytes(arguments.get('input-data', ''))
+        capture = Capture() if arguments.get('capture-output') else None
+        try:
+            if not path:  # (Popen would look in every directory of PATH)
+                raise OSError(errno.ENOENT, 'an empty path')
+            started = GuestExec(self.loop, self.children, argv, env,
+                                stdin_data, capture)
+        except OSError as e:
+            raise RequestError(u(
+                "Guest agent command failed, error was 'Failed to execute "
+                "child process {0}{1}{2} ({3})'").format(
+                    OPENING_QUOTE, shown(path), CLOSING_QUOTE,
+                    os.strerror(e.errno)))
+        log.info('%s: guest-exec %s with %d argument(s) as pid %d',
+                 self.channel.name, printable(shown(path)), len(argv) - 1,
+                 started.pid)
+        return {'pid': started.pid}
+
+    def rpc_exec_status(self, arguments, request_id):
+        for started in self.children.execs:
+            if started.pid == arguments['pid']:
+                return started.status()
+        raise RequestError("Invalid parameter 'pid'")
+
+    def rpc_file_open(self, arguments, request_id):
+        self._check_room()
+        path, mode = arguments['path'], arguments.get('mode', 'r')
+        if mode not in FILE_MODES:
+            raise RequestError(u("invalid file open mode '{0}'").format(
+                shown(mode)))
+        name = text_argument(path, 'path')
+        failure = u("failed to open file '{0}' (mode: '{1}')").format(
+            shown(path), mode)
+
+        def opened(output):
+            self._check_room()  # (again: other conversations opened some)
+            fd, error = io_op(os.open, name, FILE_MODES[mode] & ~os.O_CREAT)
+            if error is not None:
+                raise RequestError(u('{0}: {1}').format(
+                    failure, os.strerror(error.errno)))
+            handle = self.children.next_handle
+            self.children.next_handle += 1
+            self.children.files[handle] = fd
+            return handle
+        return self._in_child(request_id, failure, None, open_file,
+                              [name, FILE_MODES[mode]], opened)
+
+    def rpc_file_close(self, arguments, request_id):
+        fd = self._file(arguments)
+        del self.children.files[arguments['handle']]
+        _, error = io_op(os.close, fd)
+        if error is not None:
+            raise RequestError('failed to close handle: {0}'.format(
+                os.strerror(error.errno)))
+        return {}
+
+    def rpc_file_read(self, arguments, request_id):
+        fd = self._file(arguments)
+        count = arguments.get('count', DEFAULT_READ_COUNT)
+        check_count(count, MAX_READ_COUNT)
+        return self._in_child(
+            request_id, 'failed to read file', fd, read_file, [count],
+            lambda data: {'count': len(data), 'buf-b64': encode_bytes(data),
+                          'eof': len(data) < count})
+
+    def rpc_file_write(self, arguments, request_id):
+        fd = self._file(arguments)
+        data = decode_qga_bytes(arguments['buf-b64'], 'buf-b64')
+        count = arguments.get('count', len(data))
+        check_count(count, len(data))
+        return self._in_child(
+            request_id, 'failed to write to file', fd, write_file,
+            [data[:count]], lambda output: {'count': count, 'eof': False})
+
+    def rpc_file_seek(self, arguments, request_id):
+        fd = self._file(arguments)
+        whence = SEEK_NAMES.get(arguments['whence'], arguments['whence'])
+        if whence not in SEEK_NAMES.values():
+            raise RequestError('invalid whence code {0}'.format(whence))
+        return self._in_child(
+            request_id, 'failed to seek file', fd, seek_file,
+            [arguments['offset'], whence],
+            lambda output: {'position': int(output), 'eof': False})
+
+    def rpc_file_flush(self, arguments, request_id):
+        """Nothing to do: writes are not buffered here."""
+        self._file(arguments)
+        return {}
+
+    def _check_room(self):
+        if len(self.children.files) >= MAX_FILES:
+            raise RequestError(
+                'guest-file-open keeps {0} files open already; close one '
+                'with guest-file-close first'.format(MAX_FILES))
+
+    def _file(self, arguments):
+        """The descriptor of the request's file handle."""
+        fd = self.children.files.get(arguments['handle'])
+        if fd is None:
+            raise RequestError("handle '{0}' has not been found".format(
+                arguments['handle']))
+        return fd
+
+    def _in_child(self, request_id, failure, fd, operation, args, on_done):
+        """Run a file operation in a child whose stdin is ``fd``, and
+        answer once it ends: with ``on_done(its output)``, or with the
+        error ``failure: why``."""
+        capture = Capture(MAX_READ_COUNT)
+
+        def finish(result):
+            self.process = None
+            try:
+                if result.get('exitcode') != 0:
+                    raise RequestError(u('{0}: {1}').format(failure, (
+                        os.strerror(result['exitcode']) if 'exitcode' in
+                        result else describe_result(result))))
+                self._send_return(request_id,
+                                  on_done(capture.output('out-data')))
+            except RequestError as e:
+                self._send_error(request_id, e)
+            self.channel.deliver()
+        try:
+            self.process = Process(
+                self.loop, self.children, [file_operation, operation] + args,
+                None, b'', 0, capture.add, finish, self.on_failure, fd)
+        except OSError as e:
+            raise RequestError(u('{0}: {1}').format(
+                failure, os.strerror(e.errno)))
+        return None
+
     def rpc_execute(self, arguments, request_id):
-        """Run a command, streaming its output as events, then reply."""
+        """Run a command, streaming its output as events, then reply; or,
+        with capture-output, reply with the output (for clients such as
+        ``virsh qemu-agent-command`` that never show events)."""
         name = arguments['command']
         target = self.commands.resolve(name)
         argv = [text_argument(arg, 'args') for arg in arguments.get('args',
@@ -2982,6 +3362,7 @@ class Server(object):
         if arguments.get('input-data') is not None:
             stdin_data = decode_bytes(arguments['input-data'], 'input-data')
         events = OutputEvents(request_id, arguments.get('raw-output', False))
+        capture = Capture() if arguments.get('capture-output') else None
         env = dict(self.env)
         env['NEGOTIATOR_COMMAND'] = wire_bytes(name)
         env['NEGOTIATOR_VERSION'] = __version__
@@ -2989,9 +3370,10 @@ class Server(object):
             self.process = Process(
                 self.loop, self.children, [target] + argv, env, stdin_data,
                 arguments.get('timeout', 0),
-                lambda stream, data: self._send_output(
-                    events.pieces(stream, data)),
-                lambda result: self._finish_execute(request_id, result),
+                capture.add if capture else lambda stream, data:
+                    self._send_output(events.pieces(stream, data)),
+                lambda result: self._finish_execute(
+                    request_id, capture.add_to(result) if capture else result),
                 self.on_failure)
         except OSError as e:
             raise self.commands.start_failure(name, e)
@@ -3163,19 +3545,40 @@ def is_seconds(value):
             not isinstance(value, bool) and 0 <= value <= MAX_TIMEOUT)
 
 
-def is_string_list(value):
-    return (isinstance(value, list) and
-            all(isinstance(item, string_types) for item in value))
+def is_whence(value):
+    """A name or a number (check_whence() says which are refused)."""
+    return (isinstance(value, string_types + integer_types + (float,)) and
+            not isinstance(value, bool))
 
 
 #: Parameter types: name -> (check, what the error says is expected).
 PARAMETER_TYPES = {
     'int': (is_int64, 'integer'),
     'str': (lambda value: isinstance(value, string_types), 'string'),
-    'strs': (is_string_list, 'array of strings'),
+    'strs': (lambda value: isinstance(value, list), 'array'),  # of 'str's
     'seconds': (is_seconds, 'number >= 0'),
     'bool': (lambda value: isinstance(value, bool), 'boolean'),
+    'whence': (is_whence, 'GuestFileWhence'),  # an int, or a SEEK_NAMES key
 }
+
+
+def check_count(count, maximum):
+    if not 0 <= count <= maximum:
+        raise RequestError("value '{0}' is invalid for argument count"
+                           .format(count))
+
+
+def check_whence(name, value):
+    """qemu-ga's errors for a whence, a name or an integer."""
+    if isinstance(value, string_types):
+        if value not in SEEK_NAMES:
+            raise RequestError(
+                u("Parameter '{0}' does not accept value '{1}'").format(
+                    name, shown(value)))
+    elif not is_int64(value):
+        raise RequestError(
+            "Invalid parameter type for '{0}', expected: integer".format(
+                name))
 
 
 def check_arguments(arguments, parameters, prefix=''):
@@ -3199,6 +3602,12 @@ def check_arguments(arguments, parameters, prefix=''):
         check, expected = PARAMETER_TYPES[kind]
         if not check(arguments[name]):
             raise_mistyped(path, expected)
+        if kind == 'strs':
+            for index, item in enumerate(arguments[name]):
+                if not isinstance(item, string_types):
+                    raise_mistyped('{0}[{1}]'.format(path, index), 'string')
+        if kind == 'whence':
+            check_whence(path, arguments[name])
     known = [name for name, _, _ in parameters]
     for name in arguments:
         if name not in known:

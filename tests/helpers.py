@@ -242,15 +242,18 @@ class RawClient(object):
         self.send(json.dumps(message).encode('ascii') + b'\n')
 
     def read_line(self, timeout=HANG):
-        """The next line, raw (without its newline); b'' at end of file."""
+        """The next line, raw (without its newline); b'' at end of file.
+        (Only what arrives is searched for the newline: a reply of tens of
+        megabytes is not searched again at every read.)"""
         self.sock.settimeout(timeout)
-        while b'\n' not in self.buffer:
+        chunks = [self.buffer]
+        while b'\n' not in chunks[-1]:
             data = self.sock.recv(65536)
             if not data:
-                rest, self.buffer = self.buffer, b''
-                return rest
-            self.buffer += data
-        line, self.buffer = self.buffer.split(b'\n', 1)
+                self.buffer = b''
+                return b''.join(chunks)
+            chunks.append(data)
+        line, self.buffer = b''.join(chunks).split(b'\n', 1)
         return line
 
     def read_bytes(self, size, timeout=HANG):

@@ -376,15 +376,19 @@ def test_guest_info_lists_what_is_served(agent):
     ({'execute': 'negotiator-execute',
       'arguments': {'command': 'echo-args', 'args': 'a b'}},
      {'class': 'GenericError',
-      'desc': "Invalid parameter type for 'args', expected: array of strings"}),
+      'desc': "Invalid parameter type for 'args', expected: array"}),
     ({'execute': 'negotiator-execute',
       'arguments': {'command': 'echo-args', 'args': [1]}},
      {'class': 'GenericError',
-      'desc': "Invalid parameter type for 'args', expected: array of strings"}),
+      'desc': "Invalid parameter type for 'args[0]', expected: string"}),
     ({'execute': 'negotiator-execute',
       'arguments': {'command': 'cat', 'input-data': '%%%'}},
      {'class': 'GenericError',
       'desc': "Parameter 'input-data' is not valid base64"}),
+    ({'execute': 'negotiator-execute',
+      'arguments': {'command': 'cat', 'capture-output': 'yes'}},
+     {'class': 'GenericError', 'desc': "Invalid parameter type for "
+      "'capture-output', expected: boolean"}),
     ({'execute': 'negotiator-execute',
       'arguments': {'command': 'cat', 'timeout': -1}},
      {'class': 'GenericError',
@@ -482,6 +486,34 @@ def test_execute_streams_events_then_replies(agent):
         assert sorted(event['timestamp']) == ['microseconds', 'seconds']
     assert output_of(events, 'out-data') == b'out'
     assert output_of(events, 'err-data') == b'err'
+    client.close()
+
+
+def test_captured_output_comes_in_the_reply_without_events(agent):
+    """capture-output: true, for clients that never show events (virsh
+    qemu-agent-command): the output in the reply, as guest-exec-status
+    gives it, only for the streams that wrote something."""
+    client = agent.client()
+    client.request({'execute': 'negotiator-execute', 'id': 'c', 'arguments': {
+        'command': 'both', 'capture-output': True}})
+    assert client.read_message() == {'id': 'c', 'return': {
+        'exitcode': 5, 'out-data': 'b3V0', 'out-truncated': False,
+        'err-data': 'ZXJy', 'err-truncated': False}}
+    client.request({'execute': 'negotiator-execute', 'id': 'd', 'arguments': {
+        'command': 'cat', 'capture-output': True, 'raw-output': True}})
+    assert client.read_message() == {'id': 'd', 'return': {'exitcode': 0}}
+    client.close()
+
+
+def test_captured_output_is_cut_at_the_cap(agent):
+    client = agent.client()
+    size = negotiator.MAX_CAPTURE
+    events, reply = execute(client, 'big', [str(size + 1)],
+                            **{'capture-output': True})
+    assert events == []
+    result = reply['return']
+    assert base64.b64decode(result.pop('out-data')) == b'x' * size
+    assert result == {'exitcode': 0, 'out-truncated': True}
     client.close()
 
 

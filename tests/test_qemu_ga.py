@@ -24,6 +24,27 @@ What qemu-ga (7.2, bookworm's) answers, which these tests rely on:
   'bad'").  So every request here is a whole value.
 - A 0xFF byte is not a reset for it: it answers with an error line
   ("JSON parse error, stray '\\uFFFD'") and goes on with what follows.
+- guest-exec {path, arg?, env?, input-data?, capture-output?} answers
+  {"pid": N} at once (a program that cannot start: "Guest agent command
+  failed, error was 'Failed to execute child process \u201cPATH\u201d
+  (No such file or directory)'"; input-data with a character outside
+  base64: "Base64 data contains invalid characters"); guest-exec-status
+  {pid} answers {"exited": false} while it runs, then once {"exited":
+  true, "exitcode" or "signal", and for each stream that wrote something
+  "out-data"/"err-data" (base64) with "out-truncated"/"err-truncated"};
+  after that, or for a pid it never started, "Invalid parameter 'pid'".
+  A list argument's bad item is named "'arg[1]', expected: string".
+- guest-file-open {path, mode?} answers a handle, 1000 for the first (its
+  count survives restarts in its state directory); guest-file-read
+  {handle, count?} {"count", "buf-b64", "eof"} (4096 bytes by default,
+  48 MiB at most); guest-file-write {handle, buf-b64, count?} {"count",
+  "eof"}; guest-file-seek {handle, offset, whence: 0-2 or
+  "set"/"cur"/"end"} {"position", "eof"}; guest-file-flush and
+  guest-file-close {}.  Errors: "handle '5' has not been found", "failed
+  to open file 'PATH' (mode: 'r'): No such file or directory", "failed to
+  read file: Bad file descriptor", "invalid whence code 3", ...  Its files
+  are non-blocking: a FIFO without data fails at once ("Resource
+  temporarily unavailable").
 - guest-info: {"version": "7.2.22", "supported_commands": [{"name",
   "enabled", "success-response"}, ...]}.  guest-network-get-interfaces
   leaves "ip-addresses" and "statistics" out for an interface without
@@ -38,6 +59,7 @@ qemu-ga missing is a FAILURE, not a skip: scripts/test installs it.
 Must stay valid on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
 """
 
+import base64
 import contextlib
 import json
 import os
@@ -142,7 +164,9 @@ def agent():
     tools = workdir.join('tools')
     os.mkdir(tools)
     make_command(tools, 'hwclock', '#!/bin/sh\nexit 1\n')
-    running = Agent(workdir, env=dict(os.environ, NEGOTIATOR_TOOL_PATH=tools))
+    # Refusing nothing, as Debian's qemu-ga (test_default_refusals).
+    running = Agent(workdir, ['--block-rpcs', ''],
+                    env=dict(os.environ, NEGOTIATOR_TOOL_PATH=tools))
     try:
         yield running
     finally:
@@ -203,6 +227,25 @@ def vcpus(value):
     that do not exist, and (test_set_vcpus_as_they_are) each processor's
     own state, which neither agent writes back."""
     return {'execute': 'guest-set-vcpus', 'arguments': {'vcpus': value}}
+
+
+def exec_request(path, capture=None, input_data=None, **arguments):
+    """A guest-exec request."""
+    arguments['path'] = path
+    if capture is not None:
+        arguments['capture-output'] = capture
+    if input_data is not None:
+        arguments['input-data'] = input_data
+    return {'execute': 'guest-exec', 'arguments': arguments}
+
+
+def file_request(name, **arguments):
+    """A guest-file-NAME request."""
+    return {'execute': 'guest-file-' + name, 'arguments': arguments}
+
+
+def exec_status(pid):
+    return {'execute': 'guest-exec-status', 'arguments': {'pid': pid}}
 
 
 # ---------------------------------------------------------------------------
@@ -318,6 +361,51 @@ EXACT = [
         ('string', {'minimum': '1'}), ('2**63', {'minimum': 2 ** 63}),
         ('null', {'minimum': None}), ('unexpected', {'x': 1}),
     ]
+] + [
+    ('exec-path-missing', {'execute': 'guest-exec', 'arguments': {}}),
+    ('exec-arg-not-list', exec_request('/bin/echo', arg='x')),
+    ('exec-arg-item', exec_request('/bin/echo', arg=['a', 1])),
+    ('exec-env-item', exec_request('/bin/echo', env=[1])),
+    ('exec-capture-not-bool', exec_request('/bin/echo', capture=1)),
+    ('exec-input-not-base64', exec_request('/bin/cat', input_data='YQ!')),
+    ('exec-unexpected-argument', exec_request('/bin/echo', x=1)),
+    ('exec-not-found', exec_request('/nonexistent/program')),
+    ('exec-not-in-path', exec_request('negotiator-no-such-program')),
+    ('exec-empty-path', exec_request('')),
+    ('exec-not-executable', exec_request('/etc/passwd')),
+    ('exec-directory', exec_request('/')),
+    ('exec-status-unknown-pid', exec_status(0)),
+    ('exec-status-pid-missing', {'execute': 'guest-exec-status'}),
+    ('exec-status-pid-string', {'execute': 'guest-exec-status',
+                                'arguments': {'pid': '1'}}),
+    ('file-open-missing', file_request('open', path='/nonexistent/file')),
+    ('file-open-directory-w', file_request('open', path='/', mode='w')),
+    ('file-open-bad-mode', file_request('open', path='/', mode='rw')),
+    ('file-open-mode-not-string', file_request('open', path='/', mode=1)),
+    ('file-open-path-missing', file_request('open')),
+    ('file-read-unknown', file_request('read', handle=5)),
+    ('file-read-count-first', file_request('read', handle=5, count=-1)),
+    ('file-write-unknown', file_request('write', handle=5, **{
+        'buf-b64': '!'})),
+    ('file-write-buf-missing', file_request('write', handle=5)),
+    ('file-seek-unknown', file_request('seek', handle=5, offset=0,
+                                       whence=3)),
+    ('file-seek-whence-missing', file_request('seek', handle=5, offset=0)),
+    ('file-seek-whence-name', file_request('seek', handle=5, offset=0,
+                                           whence='SET')),
+    ('file-seek-whence-bool', file_request('seek', handle=5, offset=0,
+                                           whence=True)),
+    ('file-seek-whence-null', file_request('seek', handle=5, offset=0,
+                                           whence=None)),
+    ('file-seek-whence-float', file_request('seek', handle=5, offset=0,
+                                            whence=1.5)),
+    ('file-seek-whence-2**63', file_request('seek', handle=5, offset=0,
+                                            whence=2 ** 63)),
+    ('file-seek-offset-string', file_request('seek', handle=5, offset='0',
+                                             whence=0)),
+    ('file-flush-unknown', file_request('flush', handle=5)),
+    ('file-close-unknown', file_request('close', handle=5)),
+    ('file-close-handle-string', file_request('close', handle='5')),
 ]
 
 
@@ -638,6 +726,220 @@ def test_users_from_a_utmp_file(qemu_ga_path, monkeypatch):
         {'user': 'alice', 'login-time': 1700000000.999999},
         {'user': 'bob', 'login-time': 1700000050.00025}]}
     assert ours == theirs['return']
+
+
+# ---------------------------------------------------------------------------
+# guest-exec: the same program started by both; pids differ, the rest not.
+
+def start_both(qga, agent, request):
+    """Start a program on both: their pids, (qemu-ga's, negotiator's)."""
+    replies = both(qga, agent, request)
+    for reply in replies:
+        assert sorted(reply) == ['return'], reply
+        assert sorted(reply['return']) == ['pid']
+        assert isinstance(reply['return']['pid'], INTEGERS)
+    return [reply['return']['pid'] for reply in replies]
+
+
+def status(path, pid):
+    """guest-exec-status's reply."""
+    return parse(exchange(path, encode(exec_status(pid))))
+
+
+def ended(path, pid):
+    """guest-exec-status's reply once the program has ended."""
+    replies = []
+
+    def fetch():
+        replies.append(status(path, pid))
+        return replies[-1] != {'return': {'exited': False}}
+    wait_for(fetch)
+    return replies[-1]
+
+
+def b64(data):
+    return base64.b64encode(data).decode('ascii')
+
+
+EXEC = [
+    ('echo-captured', exec_request('/bin/echo', arg=['hello', 'world'],
+                                   capture=True)),
+    ('echo-not-captured', exec_request('/bin/echo', arg=['x'])),
+    ('echo-capture-false', exec_request('/bin/echo', arg=['x'],
+                                        capture=False)),
+    ('failing-with-stderr', exec_request(
+        'sh', arg=['-c', 'echo out; echo err >&2; exit 3'], capture=True)),
+    ('stderr-only', exec_request('sh', arg=['-c', 'echo err >&2'],
+                                 capture=True)),
+    ('silent', exec_request('/bin/true', capture=True)),
+    ('input-data', exec_request('/bin/cat', capture=True,
+                                input_data=b64(b'\x00\xffinput\n'))),
+    ('empty-input-data', exec_request('/bin/cat', capture=True,
+                                      input_data='')),
+    ('env-replaces-environment', exec_request(
+        '/usr/bin/env', env=['A=1', 'B=x=y'], capture=True)),
+    ('killed-by-signal', exec_request('sh', arg=['-c', 'kill -9 $$'],
+                                      capture=True)),
+]
+
+
+@pytest.mark.parametrize('request_', [case[1] for case in EXEC],
+                         ids=[case[0] for case in EXEC])
+def test_exec(qga, agent, request_):
+    """The status, with the output, once each has ended; then the pid is
+    unknown to both."""
+    pids = start_both(qga, agent, request_)
+    expected, actual = ended(qga, pids[0]), ended(agent.socket, pids[1])
+    assert actual == expected
+    assert status(qga, pids[0]) == status(agent.socket, pids[1]) == {
+        'error': {'class': 'GenericError', 'desc': "Invalid parameter 'pid'"}}
+
+
+def test_exec_running(qga, agent):
+    """{"exited": false} while it runs; its end once killed (pids are
+    those of this machine's processes)."""
+    pids = start_both(qga, agent, exec_request('/bin/sleep', arg=['60'],
+                                               capture=True))
+    try:
+        assert status(qga, pids[0]) == status(agent.socket, pids[1]) == {
+            'return': {'exited': False}}
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+    assert ended(qga, pids[0]) == ended(agent.socket, pids[1]) == {
+        'return': {'exited': True, 'signal': signal.SIGKILL}}
+
+
+# ---------------------------------------------------------------------------
+# guest-file-*: the same steps on a file of each's own; handles differ.
+
+#: Steps on a file opened "r+" holding "hello world\n": (request name,
+#: arguments but the handle).
+FILE_STEPS = [
+    ('read', {}), ('read', {}),
+    ('seek', {'offset': 0, 'whence': 'set'}),
+    ('read', {'count': 5}), ('read', {'count': 0}),
+    ('read', {'count': -1}), ('read', {'count': 48 * 1024 * 1024 + 1}),
+    ('seek', {'offset': -100, 'whence': 'cur'}),
+    ('seek', {'offset': 2, 'whence': 'end'}),
+    ('seek', {'offset': 0, 'whence': 3}),
+    ('seek', {'offset': 1, 'whence': 0}),
+    ('write', {'buf-b64': 'aGk='}),
+    ('write', {'buf-b64': 'aGVsbG8=', 'count': 3}),
+    ('write', {'buf-b64': 'aGVsbG8=', 'count': 9}),
+    ('write', {'buf-b64': 'aGVsbG8=', 'count': -1}),
+    ('write', {'buf-b64': '!!!!'}),
+    ('flush', {}),
+    ('seek', {'offset': 0, 'whence': 1}),
+    ('read', {}),
+    ('seek', {'offset': 0, 'whence': 'set'}),
+    ('read', {'count': 100}),
+    ('close', {}), ('close', {}), ('read', {}),
+]
+
+
+def file_steps(path, steps, name, mode, content=b'hello world\n'):
+    """Open a file of ``content`` ``name`` in a new directory, take the
+    steps: the replies (the handle shown as H), and the file's bytes."""
+    workdir = Workdir()
+    try:
+        target = workdir.join(name)
+        if content is not None:
+            with open(target, 'wb') as handle:
+                handle.write(content)
+        opened = parse(exchange(path, encode(file_request(
+            'open', path=target, mode=mode))))
+        handle = opened['return']
+        assert isinstance(handle, INTEGERS)
+        replies = []
+        for step, arguments in steps:
+            reply = parse(exchange(path, encode(file_request(
+                step, handle=handle, **arguments))))
+            if 'error' in reply:
+                reply['error']['desc'] = reply['error']['desc'].replace(
+                    str(handle), 'H')
+            replies.append(reply)
+        with open(target, 'rb') as written:
+            return replies, written.read(), os.stat(target).st_mode
+    finally:
+        workdir.cleanup()
+
+
+@pytest.mark.parametrize('mode,steps,content', [
+    ('r+', FILE_STEPS, b'hello world\n'),
+    ('r', [('write', {'buf-b64': 'aGk='}), ('read', {}), ('close', {})],
+     b'hello world\n'),
+    ('a+', [('write', {'buf-b64': 'aGk='}), ('seek', {'offset': 0,
+                                                      'whence': 0}),
+            ('write', {'buf-b64': 'aGk='}), ('read', {}), ('close', {})],
+     b'hello world\n'),
+    ('w', [('read', {}), ('write', {'buf-b64': 'aGk='}), ('close', {})],
+     b'hello world\n'),
+    ('wb+', [('write', {'buf-b64': 'AP8='}), ('seek', {'offset': 0,
+                                                       'whence': 'set'}),
+             ('read', {}), ('close', {})], None),
+], ids=['r+', 'r', 'a+', 'w', 'wb+-new-file'])
+def test_file_steps(qga, agent, mode, steps, content):
+    """Every reply, the file's bytes, and a new file's mode (0666 whatever
+    the umask) are the same."""
+    expected = file_steps(qga, steps, 'qga', mode, content)
+    assert file_steps(agent.socket, steps, 'ours', mode, content) == expected
+
+
+def test_file_fifo_never_blocks(qga, agent):
+    """A FIFO's reads fail at once while a writer has written nothing, and
+    end (count 0, eof) once no writer is left; writing to a FIFO that no
+    one reads fails at open."""
+    workdir = Workdir()
+    try:
+        fifo = workdir.join('fifo')
+        os.mkfifo(fifo)
+        replies = []
+        for path in (qga, agent.socket):
+            handle = parse(exchange(path, encode(file_request(
+                'open', path=fifo))))['return']
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            try:
+                replies.append([parse(exchange(path, encode(file_request(
+                    'read', handle=handle))))])
+            finally:
+                os.close(writer)
+            for request in (file_request('read', handle=handle),
+                            file_request('seek', handle=handle, offset=0,
+                                         whence=0),
+                            file_request('close', handle=handle),
+                            file_request('open', path=fifo, mode='w')):
+                replies[-1].append(parse(exchange(path, encode(request))))
+        assert replies[1] == replies[0]
+        assert replies[0][:2] == [
+            {'error': {'class': 'GenericError', 'desc': 'failed to read '
+                       'file: Resource temporarily unavailable'}},
+            {'return': {'count': 0, 'buf-b64': '', 'eof': True}}]
+    finally:
+        workdir.cleanup()
+
+
+def test_default_refusals(qemu_ga_path):
+    """Without -a or -b, negotiator refuses what qemu-ga as RHEL ships it
+    (-b with its sysconfig list) refuses, the same way."""
+    blocked = ','.join(negotiator.DEFAULT_BLOCKED_RPCS)
+    workdir = Workdir()
+    running = Agent(workdir)
+    try:
+        with serving_qga(qemu_ga_path, args=['-b', blocked]) as qga:
+            replies = [both(qga, running, message) for message in [
+                exec_request('/bin/true'), exec_status(1),
+                file_request('open', path='/etc/hostname')] + [
+                file_request(name, handle=1000)
+                for name in ('read', 'write', 'seek', 'flush', 'close')]]
+    finally:
+        running.stop()
+        workdir.cleanup()
+    for expected, actual in replies:
+        assert actual == expected
+    assert replies[0][1] == {'error': {'class': 'CommandNotFound',
+                                       'desc': 'Command guest-exec has been '
+                                       'disabled'}}
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""guest-exec's and guest-file-open's bounds, which qemu-ga has not:
+programs kept, output kept, files open.
+
+(What qemu-ga answers to the same requests, tests/test_qemu_ga.py
+compares.)  Must stay valid on Python 2.7 and 3.6+.
+"""
+
+import base64
+import os
+import signal
+
+import pytest
+
+import negotiator
+from helpers import Agent, Workdir, wait_for
+
+
+@pytest.fixture(scope='module')
+def agent():
+    workdir = Workdir()
+    running = Agent(workdir)
+    try:
+        yield running
+    finally:
+        try:
+            running.stop()
+        finally:
+            workdir.cleanup()
+
+
+def call(agent, name, **arguments):
+    client = agent.client()
+    try:
+        return client.call({'execute': name, 'arguments': arguments})
+    finally:
+        client.close()
+
+
+def start(agent, path, *args):
+    reply = call(agent, 'guest-exec', path=path, arg=list(args),
+                 **{'capture-output': True})
+    return reply['return']['pid']
+
+
+def ended(agent, pid):
+    replies = []
+
+    def fetch():
+        replies.append(call(agent, 'guest-exec-status', pid=pid))
+        return replies[-1] != {'return': {'exited': False}}
+    wait_for(fetch)
+    return replies[-1]['return']
+
+
+def test_programs_kept_up_to_the_bound(agent):
+    """MAX_EXECS programs running, or ended and not fetched, and the next
+    is refused; fetching an end makes room."""
+    pids = [start(agent, '/bin/sleep', '60')
+            for _ in range(negotiator.MAX_EXECS - 1)]
+    pids.append(start(agent, '/bin/true'))
+    try:
+        assert call(agent, 'guest-exec', path='/bin/true') == {'error': {
+            'class': 'GenericError',
+            'desc': 'guest-exec keeps {0} programs already (running, or '
+                    'ended with their status not fetched yet); fetch their '
+                    'status with guest-exec-status first'.format(
+                        negotiator.MAX_EXECS)}}
+        assert ended(agent, pids.pop()) == {'exited': True, 'exitcode': 0}
+        pids.append(start(agent, '/bin/sleep', '60'))
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        assert ended(agent, pid) == {'exited': True, 'signal': 9}
+
+
+def test_output_kept_up_to_the_cap(agent):
+    """qemu-ga's cap: MAX_CAPTURE bytes of a stream, then out-truncated."""
+    pid = start(agent, 'head', '-c', str(negotiator.MAX_CAPTURE + 1),
+                '/dev/zero')
+    result = ended(agent, pid)
+    assert base64.b64decode(result.pop('out-data')) == (
+        b'\0' * negotiator.MAX_CAPTURE)
+    assert result == {'exited': True, 'exitcode': 0, 'out-truncated': True}
+
+
+def test_capture_at_its_limit():
+    capture = negotiator.Capture(limit=4)
+    capture.add('out-data', b'ab')
+    capture.add('out-data', b'cd')
+    capture.add('err-data', b'12345')
+    capture.add('err-data', b'6')
+    assert capture.add_to({}) == {
+        'out-data': 'YWJjZA==', 'out-truncated': False,
+        'err-data': 'MTIzNA==', 'err-truncated': True}
+    assert negotiator.Capture().add_to({'exitcode': 0}) == {'exitcode': 0}
+
+
+def test_files_open_up_to_the_bound(agent):
+    """MAX_FILES handles, numbered from 1000 as qemu-ga numbers them, and
+    the next open is refused; closing one makes room."""
+    handles = [call(agent, 'guest-file-open', path='/dev/null')['return']
+               for _ in range(negotiator.MAX_FILES)]
+    try:
+        assert handles == list(range(1000, 1000 + negotiator.MAX_FILES))
+        assert call(agent, 'guest-file-open', path='/dev/null') == {
+            'error': {'class': 'GenericError',
+                      'desc': 'guest-file-open keeps {0} files open already; '
+                              'close one with guest-file-close first'.format(
+                                  negotiator.MAX_FILES)}}
+        assert call(agent, 'guest-file-close', handle=handles.pop()) == {
+            'return': {}}
+        handles.append(call(agent, 'guest-file-open', path='/dev/null',
+                            mode='w')['return'])
+        assert handles[-1] == 1000 + negotiator.MAX_FILES
+        assert call(agent, 'guest-file-write', handle=handles[-1],
+                    **{'buf-b64': 'aGk='}) == {
+                        'return': {'count': 2, 'eof': False}}
+    finally:
+        for handle in handles:
+            call(agent, 'guest-file-close', handle=handle)
+
+
+def test_host_daemon_does_not_serve_guest_exec_nor_files():
+    names = [request[0] for request in negotiator.DaemonServer.REQUESTS]
+    for name in names:
+        assert not name.startswith(('guest-exec', 'guest-file')), name
