@@ -1966,12 +1966,14 @@ SEEK_NAMES = {'set': 0, 'cur': 1, 'end': 2}
 
 
 def file_operation(args):
-    """A built-in for Process: ``args[0](*args[1:])`` in the child; its
-    output, or its errno as the exit status."""
+    """A guest-file-* operation in its child: ``args[0](*args[1:])``, its
+    output, or the words of its errno on stderr (as qemu-ga's error
+    reply ends with them) and exit status 1."""
     try:
         return args[0](*args[1:]), 0
     except OSError as e:
-        return b'', e.errno
+        os.write(2, os.strerror(e.errno).encode('ascii'))
+        return b'', 1
 
 
 def open_file(path, flags):
@@ -3186,15 +3188,15 @@ class Server(object):
     def rpc_set_vcpus(self, arguments, request_id):
         """In a child: taking a processor offline may take a while."""
         self._answer_from_child(
-            request_id, [set_vcpus, arguments['vcpus']],
+            request_id, [reply_of, set_vcpus, arguments['vcpus']],
             'child process has failed to set processors',
-            timeout=CHILD_ANSWER_TIMEOUT)
+            reply=value_of_reply, timeout=CHILD_ANSWER_TIMEOUT)
 
     def rpc_fsinfo(self, arguments, request_id):
         self._answer_from_child(
-            request_id, [filesystems],
+            request_id, [reply_of, filesystems],
             'child process has failed to list filesystems',
-            timeout=CHILD_ANSWER_TIMEOUT)
+            reply=value_of_reply, timeout=CHILD_ANSWER_TIMEOUT)
 
     def rpc_disks(self, arguments, request_id):
         return disks()
@@ -3264,8 +3266,9 @@ class Server(object):
             self.children.next_handle += 1
             self.children.files[handle] = fd
             return handle
-        return self._in_child(request_id, failure, None, open_file,
-                              [name, FILE_MODES[mode]], opened)
+        self._answer_from_child(
+            request_id, [file_operation, open_file, name, FILE_MODES[mode]],
+            failure, reply=opened)
 
     def rpc_file_close(self, arguments, request_id):
         fd = self._file(arguments)
@@ -3280,29 +3283,31 @@ class Server(object):
         fd = self._file(arguments)
         count = arguments.get('count', DEFAULT_READ_COUNT)
         check_count(count, MAX_READ_COUNT)
-        return self._in_child(
-            request_id, 'failed to read file', fd, read_file, [count],
-            lambda data: {'count': len(data), 'buf-b64': encode_bytes(data),
-                          'eof': len(data) < count})
+        self._answer_from_child(
+            request_id, [file_operation, read_file, count],
+            'failed to read file', stdin_fd=fd, keep=MAX_READ_COUNT,
+            reply=lambda data: {'count': len(data), 'eof': len(data) < count,
+                                'buf-b64': encode_bytes(data)})
 
     def rpc_file_write(self, arguments, request_id):
         fd = self._file(arguments)
         data = decode_qga_bytes(arguments['buf-b64'], 'buf-b64')
         count = arguments.get('count', len(data))
         check_count(count, len(data))
-        return self._in_child(
-            request_id, 'failed to write to file', fd, write_file,
-            [data[:count]], lambda output: {'count': count, 'eof': False})
+        self._answer_from_child(
+            request_id, [file_operation, write_file, data[:count]],
+            'failed to write to file', stdin_fd=fd,
+            reply=lambda output: {'count': count, 'eof': False})
 
     def rpc_file_seek(self, arguments, request_id):
         fd = self._file(arguments)
         whence = SEEK_NAMES.get(arguments['whence'], arguments['whence'])
         if whence not in SEEK_NAMES.values():
             raise RequestError('invalid whence code {0}'.format(whence))
-        return self._in_child(
-            request_id, 'failed to seek file', fd, seek_file,
-            [arguments['offset'], whence],
-            lambda output: {'position': int(output), 'eof': False})
+        self._answer_from_child(
+            request_id, [file_operation, seek_file, arguments['offset'],
+                         whence], 'failed to seek file', stdin_fd=fd,
+            reply=lambda output: {'position': int(output), 'eof': False})
 
     def rpc_file_flush(self, arguments, request_id):
         """Nothing to do: writes are not buffered here."""
@@ -3322,33 +3327,6 @@ class Server(object):
             raise RequestError("handle '{0}' has not been found".format(
                 arguments['handle']))
         return fd
-
-    def _in_child(self, request_id, failure, fd, operation, args, on_done):
-        """Run a file operation in a child whose stdin is ``fd``, and
-        answer once it ends: with ``on_done(its output)``, or with the
-        error ``failure: why``."""
-        capture = Capture(MAX_READ_COUNT)
-
-        def finish(result):
-            self.process = None
-            try:
-                if result.get('exitcode') != 0:
-                    raise RequestError(u('{0}: {1}').format(failure, (
-                        os.strerror(result['exitcode']) if 'exitcode' in
-                        result else describe_result(result))))
-                self._send_return(request_id,
-                                  on_done(capture.output('out-data')))
-            except RequestError as e:
-                self._send_error(request_id, e)
-            self.channel.deliver()
-        try:
-            self.process = Process(
-                self.loop, self.children, [file_operation, operation] + args,
-                None, b'', 0, capture.add, finish, self.on_failure, fd)
-        except OSError as e:
-            raise RequestError(u('{0}: {1}').format(
-                failure, os.strerror(e.errno)))
-        return None
 
     def rpc_execute(self, arguments, request_id):
         """Run a command, streaming its output as events, then reply; or,
@@ -3407,41 +3385,38 @@ class Server(object):
         self.channel.deliver()
 
     def _answer_from_child(self, request_id, argv, failure, stdin_data=b'',
-                           reply=lambda output: {}, timeout=None):
+                           reply=lambda output: {}, timeout=None,
+                           stdin_fd=None, keep=TOOL_OUTPUT):
         """Answer a request when a child exits: a tool, or a function whose
-        work may take long or hang (a statvfs() or FITRIM of a dead disk)
-        and then holds up only that child.  Requests wait behind it as
-        behind negotiator-execute.  After ``timeout`` seconds the child is
-        killed and left to Children (one stuck in the kernel dies only
-        when its call returns), and the request answered with an error.
+        work may take long or hang (a statvfs(), FITRIM or read of a dead
+        disk) and then holds up only that child.  Requests wait behind it
+        as behind negotiator-execute.  After ``timeout`` seconds (default
+        TOOL_TIMEOUT) the child is killed and left to Children (one stuck
+        in the kernel dies only when its call returns), and the request
+        answered with an error.
 
-        :param timeout: seconds, TOOL_TIMEOUT by default.
         :param argv: the tool's path (find_tool()) and arguments, or a
-            function and its arguments: its value, or its RequestError,
-            is the reply.
+            function and its arguments, run in a forked child (Builtin):
+            ``[reply_of, function, ...]`` with ``reply=value_of_reply``
+            makes the function's value, or its RequestError, the reply.
         :param failure: the error reply's desc if the child fails, in
-            qemu-ga's words; its message is added to it.
-        :param reply: makes the reply's value from a tool's stdout (None:
-            no reply); by default qemu-ga's {} for a request that returns
-            nothing.
+            qemu-ga's words; its message (stderr, else stdout) is added.
+        :param reply: makes the reply's value from the child's stdout
+            (None: no reply); by default qemu-ga's {} for a request that
+            returns nothing.
+        :param stdin_fd: the child's stdin, instead of ``stdin_data``.
+        :param keep: bytes of each output stream kept.
         """
-        output = {'out-data': b'', 'err-data': b''}
+        output = Capture(keep)
         timeout = timeout or TOOL_TIMEOUT
-        if callable(argv[0]):
-            argv = [reply_of] + list(argv)
-            reply = value_of_reply
-
-        def collect(stream, data):
-            if len(output[stream]) < TOOL_OUTPUT:
-                output[stream] += data[:TOOL_OUTPUT - len(output[stream])]
 
         def on_exit(result):
             timer.cancel()
             process, self.process = self.process, None
             try:
-                check_tool(result, output['err-data'] or output['out-data'],
-                           failure)
-                value = reply(output['out-data'])
+                check_tool(result, output.output('err-data') or
+                           output.output('out-data'), failure)
+                value = reply(output.output('out-data'))
             except RequestError as e:
                 self._refuse(request_id, e)
             else:
@@ -3465,14 +3440,15 @@ class Server(object):
         env = dict(self.env, PATH=TOOL_PATH)
         try:
             process = self.process = Process(
-                self.loop, self.children, argv, env, stdin_data, 0, collect,
-                on_exit, self.on_failure)
+                self.loop, self.children, argv, env, stdin_data, 0,
+                output.add, on_exit, self.on_failure, stdin_fd)
         except OSError as e:
             raise RequestError('failed to create child process: ' +
                                os.strerror(e.errno))
         timer = self.loop.call_later(timeout, give_up, self.on_failure)
+        functions = [item for item in argv if callable(item)]
         self._command = printable(wire_text(
-            argv[1].__name__ if callable(argv[0]) else argv[0]))
+            functions[-1].__name__ if functions else argv[0]))
 
     def rpc_set_user_password(self, arguments, request_id):
         """chpasswd, given ``USER:PASSWORD`` on stdin, as qemu-ga runs it."""
@@ -3520,8 +3496,9 @@ class Server(object):
         """FITRIM on every mounted filesystem, as qemu-ga 7.2, in a forked
         child: a trim may take minutes, or hang on a sick disk."""
         self._answer_from_child(
-            request_id, [trim_filesystems, arguments.get('minimum', 0)],
-            'child process has failed to trim')
+            request_id, [reply_of, trim_filesystems,
+                         arguments.get('minimum', 0)],
+            'child process has failed to trim', reply=value_of_reply)
 
 
 def describe_result(result):
@@ -3957,10 +3934,7 @@ def refused_requests(requests, allowed, blocked):
     refused = set(blocked or ())
     if allowed is not None:
         refused.update(set(served) - set(allowed))
-    refused = frozenset(refused.intersection(served))
-    if refused:
-        log.info('refusing the requests %s', ', '.join(sorted(refused)))
-    return refused
+    return frozenset(refused.intersection(served))
 
 
 def run_guest(options):
@@ -3987,6 +3961,8 @@ def run_guest(options):
         service.start()
         log.info('negotiator %s guest agent started (commands: %s)',
                  __version__, options.commands_dir)
+        if refused:
+            log.info('refusing the requests %s', ', '.join(sorted(refused)))
         if not os.path.isdir(options.commands_dir):
             log.warning('commands directory %s does not exist: only the '
                         'built-in commands are offered', options.commands_dir)

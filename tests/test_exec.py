@@ -18,7 +18,7 @@ from helpers import Agent, Workdir, wait_for
 @pytest.fixture(scope='module')
 def agent():
     workdir = Workdir()
-    running = Agent(workdir)
+    running = Agent(workdir, ['--block-rpcs', ''])  # refused by default
     try:
         yield running
     finally:

@@ -347,7 +347,8 @@ def test_guest_info_lists_what_is_served(agent):
     assert sorted(names) == sorted(
         name for name, _, _ in negotiator.Server.REQUESTS)
     for entry in info['supported_commands']:
-        assert entry == {'name': entry['name'], 'enabled': True,
+        assert entry == {'name': entry['name'], 'enabled': entry['name']
+                         not in negotiator.DEFAULT_BLOCKED_RPCS,
                          'success-response': entry['name'] !=
                          'guest-shutdown'}
     client.close()
