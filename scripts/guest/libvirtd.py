@@ -358,8 +358,15 @@ class Domain(qemu.Guest):
                 pass
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main():
     import argparse
+    # SIGTERM, and SIGINT even where a shell left it ignored, stop it all.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     p = argparse.ArgumentParser(description='libvirtd and a test domain')
     p.add_argument('--python', default='3', choices=['2', '3'])
     p.add_argument('--name', default='negotiator-test')
