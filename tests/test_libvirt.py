@@ -180,6 +180,22 @@ def test_host_runs_a_guest_command_by_the_domains_name(domain):
         0, b'a b\0\0', b'')
 
 
+def test_list_guests_finds_the_domains_ports(libvirtd, domain):
+    """Through virsh list and dumpxml of the real libvirtd: the paths
+    libvirt chose, negotiator's two channels (not qemu-ga's)."""
+    status, out, err = host('--connect', libvirtd.uri, '--list-guests',
+                            '--json')
+    assert (status, err) == (0, b'')
+    guests = [guest for guest in json.loads(out.decode())['guests']
+              if guest['name'] == NAME]
+    assert guests[0]['agent'].pop('round-trip-ms') > 0
+    assert guests == [{
+        'name': NAME, 'state': 'running',
+        'ports': {'negotiator-host-to-guest.0': domain.socket,
+                  'negotiator-guest-to-host.0': domain.guest_to_host_socket},
+        'agent': {'version': negotiator.__version__}, 'error': None}]
+
+
 def test_host_daemon_finds_the_domain_and_serves_its_calls(libvirtd,
                                                            domain):
     """`host --daemon` finds the domain's negotiator-guest-to-host.0 by

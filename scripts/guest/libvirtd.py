@@ -91,6 +91,8 @@ CHANNEL_XML = """    <channel type='unix'>
     </channel>
 """
 
+#: What is running, stopped at the interpreter's exit, last started first
+#: (domains before the libvirtd that runs them).
 _LIVE = []
 
 
@@ -294,7 +296,7 @@ class Domain(qemu.Guest):
         t0 = time.time()
         self.libvirtd.virsh('create', path)
         self.created = True
-        qemu._LIVE.add(self)
+        _LIVE.append(self)
         self.sockets = self.channel_sockets()
         if wait:
             self.wait_console('negotiator-guest: starting', t0)
@@ -350,6 +352,7 @@ class Domain(qemu.Guest):
         if not getattr(self, 'created', False):
             return
         self.created = False
+        _LIVE.remove(self)
         if self.libvirtd.virsh('destroy', self.name, check=False).returncode:
             try:
                 with open(PID_FILE.format(self.name)) as f:
