@@ -57,8 +57,8 @@ QEMU_LOG = '/var/log/libvirt/qemu/{0}.log'
 QEMU_USER = 'libvirt-qemu:x:64055:64055:Libvirt Qemu:/var/lib/libvirt:' \
             '/usr/sbin/nologin\n'
 QEMU_GROUP = 'libvirt-qemu:x:64055:libvirt-qemu\n'
-#: qemu.conf: QEMU as root; no private /dev for it (there is no udev).
-QEMU_CONF = 'user = "root"\ngroup = "root"\nnamespaces = []\n'
+#: qemu.conf: QEMU as root (no user of its own here).
+QEMU_CONF = 'user = "root"\ngroup = "root"\n'
 #: Run in the private mount namespace: $1-$3 over /etc's files, libvirtd.
 BIND_AND_RUN = ('mount --bind "$1" /etc/passwd && '
                 'mount --bind "$2" /etc/group && '
