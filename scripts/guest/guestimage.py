@@ -36,7 +36,10 @@ GUEST_COMMANDS_DIR = '/usr/lib/negotiator/commands'
 GUEST_NEGOTIATOR = '/usr/lib/negotiator/negotiator.py'
 
 #: Modules wanted in the guest; their dependencies are added from .modinfo.
-WANTED_MODULES = ['virtio_pci', 'virtio_console']
+#: The disk's (virtio_blk, ext4 and the crc32c its checksums ask the crypto
+#: API for by name, which no modinfo lists) serve the libvirt domain's disk.
+WANTED_MODULES = ['virtio_pci', 'virtio_console', 'virtio_blk', 'ext4',
+                  'crc32c_generic']
 #: Interpreters copied into the guest: (name in /usr/bin, candidates).
 PYTHONS = [
     ('python3', [os.environ.get('GUEST_PYTHON3', ''),

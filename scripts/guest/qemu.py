@@ -176,12 +176,14 @@ class Guest(object):
         guestimage.concatenate(initrd, [built['base'], overlay])
         return built['kernel'], initrd
 
-    def command_line(self, kernel, initrd):
+    def kernel_command_line(self):
         append = ['console=ttyS0', 'quiet', 'panic=-1',
                   'negotiator.python=' + self.python]
         if self.verbose:
             append.append('negotiator.verbose=1')
-        append += self.kernel_args
+        return ' '.join(append + self.kernel_args)
+
+    def command_line(self, kernel, initrd):
         args = ['qemu-system-x86_64', '-accel', self.accel,
                 '-m', str(self.memory), '-smp', '1',
                 '-nodefaults', '-no-user-config', '-display', 'none',
@@ -189,7 +191,7 @@ class Guest(object):
                 '-chardev', 'file,id=console,append=on,path=' +
                 self.console_log, '-serial', 'chardev:console',
                 '-kernel', kernel, '-initrd', initrd,
-                '-append', ' '.join(append),
+                '-append', self.kernel_command_line(),
                 '-device', 'virtio-serial-pci,id=vser0']
         if not self.reboot:
             args.append('-no-reboot')
