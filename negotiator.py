@@ -252,10 +252,14 @@ READ_SIZE = 65536
 #: Bytes of each output stream kept of a program that guest-exec started
 #: (qemu-ga's GUEST_EXEC_MAX_OUTPUT); what follows is read and dropped.
 MAX_CAPTURE = 16 * 1024 * 1024
+#: Bytes of each stream negotiator-execute's capture-output keeps: its
+#: reply (base64: four thirds) stays under the 10 MiB libvirt takes from
+#: an agent (past that, libvirt drops the agent of that guest).
+MAX_REPLY_CAPTURE = 3 * 1024 * 1024
 #: Programs that guest-exec started and the agent keeps, running or with
-#: their end not fetched yet by guest-exec-status; guest-exec is refused
-#: beyond (qemu-ga keeps any number).  Each holds up to 2 * MAX_CAPTURE
-#: bytes of output.
+#: their end not fetched yet by guest-exec-status; beyond, the oldest
+#: ended one is forgotten, or guest-exec refused while all run (qemu-ga
+#: keeps any number).  Each holds up to 2 * MAX_CAPTURE bytes of output.
 MAX_EXECS = 16
 #: Files guest-file-open keeps open at once; it is refused beyond (qemu-ga
 #: keeps any number, up to its descriptor limit).
@@ -728,20 +732,22 @@ def decode_bytes(text, name):
     return binascii.a2b_base64(text.encode('ascii'))
 
 
-#: What qemu-ga takes as base64 at all (it decodes any string of these).
-BASE64_CHARACTERS = re.compile(r'\A[A-Za-z0-9+/=]*\Z')
+#: What qemu-ga takes as base64 at all: glib decodes any string of these,
+#: skipping newlines (line-wrapped base64 has them: Perl's, Proxmox's).
+BASE64_CHARACTERS = re.compile(r'\A[A-Za-z0-9+/=\n]*\Z')
 #: The quotes around a path in qemu-ga's (GLib's) messages.
 OPENING_QUOTE = b'\xe2\x80\x9c'.decode('utf-8')
 CLOSING_QUOTE = b'\xe2\x80\x9d'.decode('utf-8')
 
 
-def decode_qga_bytes(text, name='input-data'):
-    """decode_bytes() of a qemu-ga request's member, with qemu-ga's error
-    for a character that base64 has not (a wrong length or padding, which
-    qemu-ga decodes into some bytes, is refused as not base64)."""
+def decode_qga_bytes(text, name):
+    """decode_bytes() of a qemu-ga request's member, read as qemu-ga reads
+    it: newlines skipped, and qemu-ga's error for a character that base64
+    has not.  A wrong length or padding, which glib decodes into bytes
+    nobody meant, is refused as not base64."""
     if not BASE64_CHARACTERS.match(text):
         raise RequestError('Base64 data contains invalid characters')
-    return decode_bytes(text, name)
+    return decode_bytes(text.replace('\n', ''), name)
 
 
 #: The request id of a request that had none ("id": null is an id).
@@ -1659,10 +1665,13 @@ class Process(object):
         one of its callbacks raise.
     :param stdin_fd: without ``stdin_data``, the descriptor to give the
         child as its stdin instead of /dev/null.
+    :param on_timeout: called ``timeout`` seconds on instead of killing
+        the process group and reporting a timed-out end.
     """
 
     def __init__(self, loop, children, argv, env, stdin_data, timeout,
-                 on_output, on_exit, on_failure, stdin_fd=None):
+                 on_output, on_exit, on_failure, stdin_fd=None,
+                 on_timeout=None):
         self.loop = loop
         self.children = children
         self.on_output = on_output
@@ -1716,8 +1725,8 @@ class Process(object):
             loop.add_writer(self._stdin_fd, self._feed_stdin, on_failure)
         self._timer = None
         if timeout:
-            self._timer = loop.call_later(timeout, self._on_timeout,
-                                          on_failure)
+            self._timer = loop.call_later(
+                timeout, on_timeout or self._on_timeout, on_failure)
 
     def _feed_stdin(self, hung_up):
         start = self._stdin_sent
@@ -1841,6 +1850,8 @@ class Process(object):
         The child stays registered until SIGCHLD lets check_exit() reap it.
         """
         self.killed = True
+        if self._timer is not None:
+            self._timer.cancel()
         self._kill_group()
         for fd in list(self._pipes):
             self._close_pipe(fd)
@@ -1895,6 +1906,24 @@ class Capture(object):
                 result[stream] = encode_bytes(self.output(stream))
                 result[truncated] = self._kept[stream][2]
         return result
+
+
+def make_room_for_exec(execs):
+    """Below MAX_EXECS programs kept, forgetting the oldest that has ended
+    with its end not fetched, if need be.
+
+    :raises RequestError: when all that are kept still run.
+    """
+    if len(execs) < MAX_EXECS:
+        return
+    for started in execs:
+        if started.result is not None:
+            log.info('guest-exec pid %d: its end was never fetched; '
+                     'forgotten', started.pid)
+            execs.remove(started)
+            return
+    raise RequestError('guest-exec runs {0} programs already: wait for one '
+                       'to end'.format(MAX_EXECS))
 
 
 class GuestExec(object):
@@ -1979,7 +2008,11 @@ def file_operation(args):
 def open_file(path, flags):
     """Open ``path`` as qemu-ga does, in the child (the agent opens it
     again once it did): a file it creates is made alone (O_EXCL) and
-    given mode 0666 whatever the umask; then closed."""
+    given mode 0666 whatever the umask; then closed.
+
+    :returns: its device and inode numbers, so that the agent can tell
+        that it opened the same file.
+    """
     created = flags & os.O_CREAT
     try:
         fd = os.open(path, flags | (os.O_EXCL if created else 0), 0)
@@ -1990,8 +2023,9 @@ def open_file(path, flags):
         created = False
     if created:
         os.fchmod(fd, int('666', 8))
+    opened = os.fstat(fd)
     os.close(fd)
-    return b''
+    return ascii_number(opened.st_dev) + b' ' + ascii_number(opened.st_ino)
 
 
 def read_file(count):
@@ -2881,28 +2915,6 @@ SHUTDOWN_MODES = {'powerdown': ('-P', 'poweroff'), 'halt': ('-H', 'halt'),
                   'reboot': ('-r', 'reboot')}
 
 
-#: What qemu-ga's base64 decoder takes (it skips the newlines).
-QEMU_BASE64_TEXT = re.compile(r'\A[A-Za-z0-9+/=\n]*\Z')
-
-
-def qemu_base64(text):
-    """The bytes base64 ``text`` stands for, as qemu-ga decodes them
-    (glib's decoder): a last group of fewer than four characters is
-    dropped, and an ``=`` drops the byte it stands in for.
-
-    :raises RequestError: for a character that is not base64.
-    """
-    if not QEMU_BASE64_TEXT.match(text):
-        raise RequestError('Base64 data contains invalid characters')
-    text = text.replace('\n', '').encode('ascii')
-    data = []
-    for start in range(0, len(text) - 3, 4):
-        group = text[start:start + 4]
-        triple = binascii.a2b_base64(group.replace(b'=', b'A'))
-        data.append(triple[:1] + triple[1:2] * (group[2:3] != b'=') +
-                    triple[2:] * (group[3:] != b'='))
-    return b''.join(data)
-
 
 # ============================================================================
 # Serving requests: one Server per channel, on the guest and on the host
@@ -3058,6 +3070,7 @@ class Server(object):
                      self.channel.name, self.process.pid)
             self.process.kill()
             self.process = None
+        self._answering = None
 
     # -- answering ---------------------------------------------------------
 
@@ -3211,18 +3224,15 @@ class Server(object):
     def rpc_exec(self, arguments, request_id):
         """Start any program, as the agent's user, as qemu-ga does: the
         reply gives its pid at once, guest-exec-status its end."""
-        if len(self.children.execs) >= MAX_EXECS:
-            raise RequestError(
-                'guest-exec keeps {0} programs already (running, or ended '
-                'with their status not fetched yet); fetch their status '
-                'with guest-exec-status first'.format(MAX_EXECS))
+        make_room_for_exec(self.children.execs)
         path = arguments['path']
         argv = [text_argument(path, 'path')] + [
             text_argument(arg, 'arg') for arg in arguments.get('arg', ())]
         env = self.env
         if 'env' in arguments:
             env = environment(arguments['env'])
-        stdin_data = decode_qga_bytes(arguments.get('input-data', ''))
+        stdin_data = decode_qga_bytes(arguments.get('input-data', ''),
+                                      'input-data')
         capture = Capture() if arguments.get('capture-output') else None
         try:
             if not path:  # (Popen would look in every directory of PATH)
@@ -3262,6 +3272,12 @@ class Server(object):
             if error is not None:
                 raise RequestError(u('{0}: {1}').format(
                     failure, os.strerror(error.errno)))
+            found = os.fstat(fd)
+            if output.split() != [ascii_number(found.st_dev),
+                                  ascii_number(found.st_ino)]:
+                os.close(fd)  # replaced meanwhile (a symbolic link?)
+                raise RequestError(u('{0}: the file was replaced while it '
+                                     'was opened').format(failure))
             handle = self.children.next_handle
             self.children.next_handle += 1
             self.children.files[handle] = fd
@@ -3340,7 +3356,9 @@ class Server(object):
         if arguments.get('input-data') is not None:
             stdin_data = decode_bytes(arguments['input-data'], 'input-data')
         events = OutputEvents(request_id, arguments.get('raw-output', False))
-        capture = Capture() if arguments.get('capture-output') else None
+        capture = None
+        if arguments.get('capture-output'):
+            capture = Capture(MAX_REPLY_CAPTURE)
         env = dict(self.env)
         env['NEGOTIATOR_COMMAND'] = wire_bytes(name)
         env['NEGOTIATOR_VERSION'] = __version__
@@ -3411,7 +3429,6 @@ class Server(object):
         timeout = timeout or TOOL_TIMEOUT
 
         def on_exit(result):
-            timer.cancel()
             process, self.process = self.process, None
             try:
                 check_tool(result, output.output('err-data') or
@@ -3427,8 +3444,6 @@ class Server(object):
             self._log_exit(process, result)
 
         def give_up():
-            if self.process is not process:  # the client went meanwhile
-                return
             process.kill()
             self.process = None
             self._refuse(request_id, RequestError(
@@ -3440,19 +3455,18 @@ class Server(object):
         env = dict(self.env, PATH=TOOL_PATH)
         try:
             process = self.process = Process(
-                self.loop, self.children, argv, env, stdin_data, 0,
-                output.add, on_exit, self.on_failure, stdin_fd)
+                self.loop, self.children, argv, env, stdin_data, timeout,
+                output.add, on_exit, self.on_failure, stdin_fd, give_up)
         except OSError as e:
             raise RequestError('failed to create child process: ' +
                                os.strerror(e.errno))
-        timer = self.loop.call_later(timeout, give_up, self.on_failure)
         functions = [item for item in argv if callable(item)]
         self._command = printable(wire_text(
             functions[-1].__name__ if functions else argv[0]))
 
     def rpc_set_user_password(self, arguments, request_id):
         """chpasswd, given ``USER:PASSWORD`` on stdin, as qemu-ga runs it."""
-        password = qemu_base64(arguments['password'])
+        password = decode_qga_bytes(arguments['password'], 'password')
         if b'\n' in password or b'\0' in password:
             raise RequestError('forbidden characters in raw password')
         username = text_argument(arguments['username'], 'username')
@@ -3963,6 +3977,12 @@ def run_guest(options):
                  __version__, options.commands_dir)
         if refused:
             log.info('refusing the requests %s', ', '.join(sorted(refused)))
+        exposed = [name for name, _, _ in Server.REQUESTS
+                   if name in DEFAULT_BLOCKED_RPCS and name not in refused]
+        if exposed:
+            log.warning('serving %s: the host may run any program, and read '
+                        'and write any file, as this agent\'s user',
+                        ', '.join(exposed))
         if not os.path.isdir(options.commands_dir):
             log.warning('commands directory %s does not exist: only the '
                         'built-in commands are offered', options.commands_dir)
@@ -4922,8 +4942,25 @@ class Fleet(object):
     def _start_more(self):
         while self.waiting and self.running < self.options.parallel:
             name, path = self.waiting.pop(0)
-            self._start(name, path)
-            self.running += 1
+            try:
+                self._start(name, path)
+            except OSError as e:  # out of processes or descriptors
+                if self.running:  # again once a call has ended
+                    self.waiting.insert(0, (name, path))
+                    return
+                self._not_started(name, e)
+            else:
+                self.running += 1
+
+    def _not_started(self, name, error):
+        why = 'cannot start the call: {0}'.format(os.strerror(error.errno))
+        if self.options.json:
+            print_json({'guest': wire_text(name), 'status': EXIT_CONNECT,
+                        'error': {'class': 'OSError', 'desc': why}})
+        else:
+            write_lines(2, wire_bytes(name) + b': ', b'negotiator: ' +
+                        why.encode('ascii') + b'\n')
+        self.status = max(self.status, EXIT_CONNECT)
 
     def _start(self, name, path):
         prefix = wire_bytes(name) + b': '
@@ -5021,9 +5058,14 @@ class DaemonServer(Server):
     :param on_abuse: called with the reason to cut the guest off.
     """
 
-    REQUESTS = tuple(request for request in Server.REQUESTS if request[0] in (
-        'guest-sync-delimited', 'guest-sync', 'guest-ping', 'guest-info',
-        'negotiator-list-commands', 'negotiator-execute'))
+    #: No capture-output: the daemon would hold a guest's output whole;
+    #: guest --call streams it.
+    REQUESTS = tuple(
+        (name, method, tuple(parameter for parameter in parameters
+                             if parameter[0] != 'capture-output'))
+        for name, method, parameters in Server.REQUESTS if name in (
+            'guest-sync-delimited', 'guest-sync', 'guest-ping', 'guest-info',
+            'negotiator-list-commands', 'negotiator-execute'))
     ERROR_LOG_LEVEL = DEBUG
 
     def __init__(self, loop, fd, name, commands, children, env, on_disconnect,

@@ -3,6 +3,8 @@
 Everything here runs on Python 2.7 and 3.6+ (no f-strings).
 """
 
+import contextlib
+import errno
 import json
 import os
 import select
@@ -391,3 +393,61 @@ def make_block_devices(root):
     write(os.path.join(udev, 'b252:1'), b'E:ID_SERIAL=SER0\n')
     write(os.path.join(udev, 'b253:0'), b'E:DM_NAME=vg-root\n')
     return sys, udev
+
+
+@contextlib.contextmanager
+def serving_here(refused=()):
+    """An agent's Server in this process, on one end of a socketpair (what
+    the test patches in negotiator applies to it, and to its children):
+    yields ask(message) -> reply, with ask.send and ask.wait."""
+    import negotiator  # (not at the top: conftest sets up its import)
+    loop = negotiator.Loop()
+    children = negotiator.Children()
+    loop.on_signal(signal.SIGCHLD, children.check)
+    ours, theirs = socket.socketpair()
+    negotiator.set_nonblocking(ours.fileno())
+    server = negotiator.Server(loop, ours.fileno(), 'test',
+                               negotiator.CommandSet('/nonexistent', {}),
+                               children, refused=refused)
+    received = []
+
+    def turn():
+        loop.call_later(0.01, lambda: None)
+        loop.run_once()
+        try:
+            received.append(theirs.recv(65536))
+        except socket.error as e:
+            assert e.errno == errno.EAGAIN
+
+    def send(message):
+        """Send a request (a dict), or bytes as they are."""
+        if isinstance(message, dict):
+            message = json.dumps(message).encode('ascii') + b'\n'
+        theirs.sendall(message)
+
+    def wait(seconds):
+        """Serve for a while, all replies kept for ask()."""
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            turn()
+
+    def ask(message):
+        """The next reply, after sending ``message``."""
+        send(message)
+        deadline = time.time() + HANG
+        while b'\n' not in b''.join(received):
+            assert time.time() < deadline, 'no reply'
+            turn()
+        line, rest = b''.join(received).split(b'\n', 1)
+        received[:] = [rest]
+        return json.loads(line.decode('ascii'))
+    ask.send, ask.wait = send, wait
+    theirs.setblocking(False)
+    try:
+        yield ask
+    finally:
+        server.close()
+        children.close()
+        loop.close()
+        ours.close()
+        theirs.close()

@@ -209,13 +209,24 @@ def test_set_user_password_refused(agent, tools, username, password, desc):
 
 @pytest.mark.parametrize('text,data', [
     (u'YWJj', b'abc'), (u'YWI=', b'ab'), (u'YQ==', b'a'), (u'', b''),
-    (u'YWJ', b''), (u'YWJjZA', b'abc'), (u'YQ==\nYWI=\n', b'aab'),
-    (u'YW=j', b'a#'),
+    (u'YWJj\nZA==\n', b'abcd'),
 ])
-def test_qemu_base64(text, data):
-    """As glib decodes it for qemu-ga: an incomplete last group is
-    dropped, and each "=" drops the byte it stands in for."""
-    assert negotiator.qemu_base64(text) == data
+def test_qemu_ga_base64(text, data):
+    """As qemu-ga reads it, newlines (line-wrapped base64) skipped."""
+    assert negotiator.decode_qga_bytes(text, 'x') == data
+
+
+@pytest.mark.parametrize('text,desc', [
+    (u'YQ!=', 'Base64 data contains invalid characters'),
+    (u'YWJ', "Parameter 'x' is not valid base64"),
+    (u'YW=j', "Parameter 'x' is not valid base64"),
+    (u'YQ==YWI=', "Parameter 'x' is not valid base64"),
+])
+def test_qemu_ga_base64_refused(text, desc):
+    """What glib would decode into bytes nobody meant is refused."""
+    with pytest.raises(negotiator.RequestError) as caught:
+        negotiator.decode_qga_bytes(text, 'x')
+    assert caught.value.desc == desc
 
 
 # ---------------------------------------------------------------------------

@@ -436,3 +436,16 @@ def test_request_lists_are_refused_when_calling_the_host():
     assert (status, out) == (2, b'')
     assert err.endswith(b'error: --allow-rpcs and --block-rpcs are options '
                         b'of the agent, not of --call, --list or --ping\n')
+
+
+def test_serving_what_is_refused_by_default_is_warned_of(workdir):
+    """A block list replaces the default one: the agent says what that
+    lets the host do."""
+    log = Agent(workdir, ['-b', 'guest-shutdown']).stop()
+    assert ('negotiator: serving guest-exec, guest-exec-status, '
+            'guest-file-open, guest-file-close, guest-file-read, '
+            'guest-file-write, guest-file-seek, guest-file-flush: the host '
+            "may run any program, and read and write any file, as this "
+            "agent's user\n") in log
+    assert 'serving guest-exec' not in Agent(workdir, socket=workdir.join(
+        'b.sock')).stop()

@@ -723,6 +723,11 @@ def test_requests_a_guest_may_make(farm):
     assert end.call({'execute': 'negotiator-list-commands', 'id': 4}) == {
         'id': 4, 'return': [{'name': name, 'kind': 'user'}
                             for name in COMMAND_NAMES]}
+    # Output streams: the daemon never holds a guest's output whole.
+    assert end.call({'execute': 'negotiator-execute', 'id': 5, 'arguments': {
+        'command': COMMAND_NAMES[0], 'capture-output': True}}) == {
+        'id': 5, 'error': {'class': 'GenericError',
+                           'desc': "Parameter 'capture-output' is unexpected"}}
     assert end.nothing_within(0)
 
 

@@ -12,7 +12,7 @@ import signal
 import pytest
 
 import negotiator
-from helpers import Agent, Workdir, wait_for
+from helpers import Agent, Workdir, process_state, serving_here, wait_for
 
 
 @pytest.fixture(scope='module')
@@ -53,20 +53,20 @@ def ended(agent, pid):
 
 
 def test_programs_kept_up_to_the_bound(agent):
-    """MAX_EXECS programs running, or ended and not fetched, and the next
-    is refused; fetching an end makes room."""
+    """MAX_EXECS programs kept: the next forgets the oldest that ended
+    without its end fetched, or is refused while all run."""
     pids = [start(agent, '/bin/sleep', '60')
             for _ in range(negotiator.MAX_EXECS - 1)]
-    pids.append(start(agent, '/bin/true'))
+    done = start(agent, '/bin/true')
     try:
+        wait_for(lambda: process_state(done) is None)  # ended, reaped
+        pids.append(start(agent, '/bin/sleep', '60'))
+        assert call(agent, 'guest-exec-status', pid=done) == {'error': {
+            'class': 'GenericError', 'desc': "Invalid parameter 'pid'"}}
         assert call(agent, 'guest-exec', path='/bin/true') == {'error': {
             'class': 'GenericError',
-            'desc': 'guest-exec keeps {0} programs already (running, or '
-                    'ended with their status not fetched yet); fetch their '
-                    'status with guest-exec-status first'.format(
-                        negotiator.MAX_EXECS)}}
-        assert ended(agent, pids.pop()) == {'exited': True, 'exitcode': 0}
-        pids.append(start(agent, '/bin/sleep', '60'))
+            'desc': 'guest-exec runs {0} programs already: wait for one to '
+                    'end'.format(negotiator.MAX_EXECS)}}
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
@@ -125,3 +125,17 @@ def test_host_daemon_does_not_serve_guest_exec_nor_files():
     names = [request[0] for request in negotiator.DaemonServer.REQUESTS]
     for name in names:
         assert not name.startswith(('guest-exec', 'guest-file')), name
+
+
+def test_a_file_replaced_while_it_is_opened_is_refused(monkeypatch):
+    """guest-file-open's child opens the file, then the agent again: a file
+    that is not the one the child opened (a symbolic link swapped in) is
+    refused, not handed out."""
+    monkeypatch.setattr(negotiator, 'open_file', lambda path, flags: b'0 0')
+    with serving_here() as ask:
+        assert ask({'execute': 'guest-file-open', 'arguments': {
+            'path': '/dev/null'}}) == {'error': {
+                'class': 'GenericError', 'desc': "failed to open file "
+                "'/dev/null' (mode: 'r'): the file was replaced while it was "
+                "opened"}}
+        assert ask({'execute': 'guest-ping'}) == {'return': {}}

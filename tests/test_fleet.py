@@ -8,6 +8,7 @@ its environment, so that a command can say where it ran.
 Must stay valid on Python 2.7 and 3.6+.
 """
 
+import errno
 import json
 import os
 import socket
@@ -183,3 +184,41 @@ def test_a_line_without_end_is_written_in_pieces():
     finally:
         wd.cleanup()
     assert data == (b'g: ' + b'x' * size + b'y\n' + b'g: 1\ng: 2\ng: 3\n')
+
+
+def run_all_here(fleet, args):
+    """run_all() in this process: its exit status."""
+    options, command = negotiator.host_parser().parse_args(
+        ['--all', '--channel-dir', fleet.channels, '-n'] + args)
+    return negotiator.run_all(options, command)
+
+
+def test_out_of_descriptors_a_call_waits_for_another_to_end(
+        fleet, monkeypatch, capfd):
+    """Every other start fails (EMFILE): each is tried again once a call
+    has ended, and every guest is served."""
+    real_process = negotiator.Process
+    starts = []
+
+    def scarce(*args, **kwargs):
+        starts.append(1)
+        if len(starts) % 2 == 0:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_process(*args, **kwargs)
+    monkeypatch.setattr(negotiator, 'Process', scarce)
+    assert run_all_here(fleet, ['where']) == 3
+    out, err = capfd.readouterr()
+    assert out.count('\n') == 6 and 'c: end c\n' in out
+    assert len(starts) == 5
+
+
+def test_a_call_that_cannot_start_with_none_running_fails(fleet, monkeypatch,
+                                                          capfd):
+    def no_process(*args, **kwargs):
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+    monkeypatch.setattr(negotiator, 'Process', no_process)
+    assert run_all_here(fleet, ['where']) == 255
+    out, err = capfd.readouterr()
+    assert (out, sorted(err.splitlines(True))) == ('', [
+        '{0}: negotiator: cannot start the call: {1}\n'.format(
+            name, os.strerror(errno.EAGAIN)) for name in 'abc'])

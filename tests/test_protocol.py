@@ -508,7 +508,7 @@ def test_captured_output_comes_in_the_reply_without_events(agent):
 
 def test_captured_output_is_cut_at_the_cap(agent):
     client = agent.client()
-    size = negotiator.MAX_CAPTURE
+    size = negotiator.MAX_REPLY_CAPTURE
     events, reply = execute(client, 'big', [str(size + 1)],
                             **{'capture-output': True})
     assert events == []

@@ -7,21 +7,16 @@ the files they read are made to order: utmp records, a /sys tree.
 Must stay valid on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
 """
 
-import contextlib
 import errno
-import json
 import os
 import shutil
-import signal
-import socket
 import struct
 import tempfile
-import time
 
 import pytest
 
 import negotiator
-from helpers import HANG, make_block_devices, write
+from helpers import make_block_devices, serving_here, write
 
 #: glibc's utmp record on x86_64 and i386 (see tests/test_qemu_ga.py).
 UTMP = struct.Struct('=h2xi32s4s32s256shhiii16s20x')
@@ -74,61 +69,6 @@ def test_utmp_user_names_are_wire_text(scratch, monkeypatch):
 # guest-get-vcpus and guest-set-vcpus over a fake /sys/devices/system/cpu,
 # through an agent's Server in this process.
 
-@contextlib.contextmanager
-def serving():
-    """A Server on one end of a socketpair; yields ask(message) -> reply."""
-    loop = negotiator.Loop()
-    children = negotiator.Children()
-    loop.on_signal(signal.SIGCHLD, children.check)
-    ours, theirs = socket.socketpair()
-    negotiator.set_nonblocking(ours.fileno())
-    server = negotiator.Server(loop, ours.fileno(), 'test',
-                               negotiator.CommandSet('/nonexistent', {}),
-                               children)
-    received = []
-
-    def turn():
-        loop.call_later(0.01, lambda: None)
-        loop.run_once()
-        try:
-            received.append(theirs.recv(65536))
-        except socket.error as e:
-            assert e.errno == errno.EAGAIN
-
-    def send(message):
-        """Send a request (a dict), or bytes as they are."""
-        if isinstance(message, dict):
-            message = json.dumps(message).encode('ascii') + b'\n'
-        theirs.sendall(message)
-
-    def wait(seconds):
-        """Serve for a while, all replies kept for ask()."""
-        deadline = time.time() + seconds
-        while time.time() < deadline:
-            turn()
-
-    def ask(message):
-        """The next reply, after sending ``message``."""
-        send(message)
-        deadline = time.time() + HANG
-        while b'\n' not in b''.join(received):
-            assert time.time() < deadline, 'no reply'
-            turn()
-        line, rest = b''.join(received).split(b'\n', 1)
-        received[:] = [rest]
-        return json.loads(line.decode('ascii'))
-    ask.send, ask.wait = send, wait
-    theirs.setblocking(False)
-    try:
-        yield ask
-    finally:
-        server.close()
-        children.close()
-        loop.close()
-        ours.close()
-        theirs.close()
-
-
 @pytest.fixture
 def cpus(scratch, monkeypatch):
     """cpu0 without an online file (it cannot go offline), cpu1 online,
@@ -158,7 +98,7 @@ def set_vcpus(*vcpus):
 
 def test_get_vcpus_reads_online_files(cpus):
     os.remove(os.path.join(cpus, 'cpu3', 'online'))
-    with serving() as ask:
+    with serving_here() as ask:
         reply = ask({'execute': 'guest-get-vcpus'})
     assert sorted(reply['return'], key=lambda v: v['logical-id']) == [
         {'logical-id': 0, 'online': True, 'can-offline': False},
@@ -171,7 +111,7 @@ def test_get_vcpus_reads_online_files(cpus):
 
 
 def test_get_vcpus_errors(cpus):
-    with serving() as ask:
+    with serving_here() as ask:
         assert ask({'execute': 'guest-get-vcpus'}) == {'error': {
             'class': 'GenericError', 'desc': 'pread("{0}/cpu3//online"): '
             'unexpected EOF'.format(cpus)}}
@@ -182,7 +122,7 @@ def test_get_vcpus_errors(cpus):
 
 
 def test_set_vcpus_writes_only_changes(cpus):
-    with serving() as ask:
+    with serving_here() as ask:
         assert ask(set_vcpus((1, False), (2, True), (0, True))) == {
             'return': 3}
         assert (online_file(cpus, 1), online_file(cpus, 2)) == (
@@ -193,7 +133,7 @@ def test_set_vcpus_writes_only_changes(cpus):
 
 def test_set_vcpus_stops_at_the_first_failure(cpus):
     """Its error is the reply only when it is the first processor's."""
-    with serving() as ask:
+    with serving_here() as ask:
         assert ask(set_vcpus((1, False), (0, False), (2, True))) == {
             'return': 1}
         assert (online_file(cpus, 1), online_file(cpus, 2)) == (
@@ -217,7 +157,7 @@ def test_a_child_that_hangs_is_abandoned(cpus, monkeypatch):
     monkeypatch.setattr(negotiator, 'CHILD_ANSWER_TIMEOUT', 0.3)
     os.remove(os.path.join(cpus, 'cpu1', 'online'))
     os.mkfifo(os.path.join(cpus, 'cpu1', 'online'))
-    with serving() as ask:
+    with serving_here() as ask:
         assert ask(set_vcpus((1, True))) == {'error': {
             'class': 'GenericError',
             'desc': 'child process has terminated abnormally: killed after 0.3 '
@@ -294,7 +234,7 @@ def test_fsinfo_of_each_kind_of_disk(machine):
 
 
 def test_fsinfo_is_answered_from_a_child(machine):
-    with serving() as ask:
+    with serving_here() as ask:
         reply = ask({'execute': 'guest-get-fsinfo', 'id': 5})
     assert reply['id'] == 5
     assert [fs['name'] for fs in reply['return']] == [
@@ -329,7 +269,7 @@ def test_a_child_abandoned_by_its_client_stays_silent(cpus, monkeypatch):
     monkeypatch.setattr(negotiator, 'CHILD_ANSWER_TIMEOUT', 0.3)
     os.remove(os.path.join(cpus, 'cpu1', 'online'))
     os.mkfifo(os.path.join(cpus, 'cpu1', 'online'))
-    with serving() as ask:
+    with serving_here() as ask:
         ask.send(set_vcpus((1, True)))
         ask.send(b'\xff')
         assert ask({'execute': 'guest-ping', 'id': 1}) == {
@@ -345,7 +285,7 @@ def test_a_child_that_fails_gets_an_error_reply(machine, monkeypatch):
     def broken():
         raise ValueError('broken')
     monkeypatch.setattr(negotiator, 'filesystems', broken)
-    with serving() as ask:
+    with serving_here() as ask:
         assert ask({'execute': 'guest-get-fsinfo'}) == {'error': {
             'class': 'GenericError', 'desc': 'child process has failed to '
             'list filesystems: ValueError: broken'}}
@@ -358,7 +298,7 @@ def test_no_child_to_answer_in(machine, monkeypatch):
     def no_fork():
         raise OSError(errno.EAGAIN, 'no process')
     monkeypatch.setattr(os, 'fork', no_fork)
-    with serving() as ask:
+    with serving_here() as ask:
         assert ask({'execute': 'guest-get-fsinfo'}) == {'error': {
             'class': 'GenericError', 'desc': 'failed to create child '
             'process: Resource temporarily unavailable'}}
