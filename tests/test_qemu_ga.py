@@ -65,6 +65,7 @@ import json
 import os
 import re
 import signal
+import stat
 import struct
 import subprocess
 import time
@@ -248,6 +249,16 @@ def exec_status(pid):
     return {'execute': 'guest-exec-status', 'arguments': {'pid': pid}}
 
 
+#: A user that neither agent finds.
+NO_USER = 'negotiator-no-such-user'
+
+
+def ssh_request(verb, **arguments):
+    """A guest-ssh-VERB-authorized-keys request."""
+    return {'execute': 'guest-ssh-{0}-authorized-keys'.format(verb),
+            'arguments': arguments}
+
+
 # ---------------------------------------------------------------------------
 # Replies that must be equal once parsed.
 
@@ -406,6 +417,33 @@ EXACT = [
     ('file-flush-unknown', file_request('flush', handle=5)),
     ('file-close-unknown', file_request('close', handle=5)),
     ('file-close-handle-string', file_request('close', handle='5')),
+] + [
+    # Refused before they reach a home: a user that does not exist (the
+    # real homes are never touched; test_ssh_keys sends the others).
+    ('ssh-' + name, ssh_request(verb, **arguments))
+    for name, verb, arguments in [
+        ('get-no-username', 'get', {}),
+        ('get-username-int', 'get', {'username': 5}),
+        ('get-unknown-user', 'get', {'username': NO_USER}),
+        ('get-unexpected', 'get', {'username': NO_USER, 'keys': []}),
+        ('add-no-keys', 'add', {'username': NO_USER}),
+        ('add-keys-not-list', 'add', {'username': NO_USER, 'keys': 'k'}),
+        ('add-key-int', 'add', {'username': NO_USER, 'keys': ['k', 1]}),
+        ('add-reset-int', 'add', {'username': NO_USER, 'keys': [],
+                                  'reset': 1}),
+        ('add-comment', 'add', {'username': NO_USER, 'keys': ['#k']}),
+        ('add-newline', 'add', {'username': NO_USER,
+                                'keys': ['k', 'a\nb', '#c']}),
+        ('add-unknown-user', 'add', {'username': NO_USER,
+                                     'keys': ['', ' #k'], 'reset': True}),
+        ('add-unexpected', 'add', {'username': NO_USER, 'keys': [],
+                                   'x': 1}),
+        ('remove-reset', 'remove', {'username': NO_USER, 'keys': [],
+                                    'reset': True}),
+        ('remove-newline', 'remove', {'username': NO_USER,
+                                      'keys': ['k\n']}),
+        ('remove-unknown-user', 'remove', {'username': '', 'keys': ['k']}),
+    ]
 ]
 
 
@@ -563,7 +601,10 @@ def test_guest_info(qga, agent):
                  'guest-network-get-interfaces', 'guest-get-users',
                  'guest-get-vcpus', 'guest-set-vcpus', 'guest-get-fsinfo',
                  'guest-get-disks', 'guest-set-user-password',
-                 'guest-shutdown', 'guest-set-time', 'guest-fstrim'):
+                 'guest-shutdown', 'guest-set-time', 'guest-fstrim',
+                 'guest-ssh-get-authorized-keys',
+                 'guest-ssh-add-authorized-keys',
+                 'guest-ssh-remove-authorized-keys'):
         assert name in shared
 
 
@@ -726,6 +767,163 @@ def test_users_from_a_utmp_file(qemu_ga_path, monkeypatch):
         {'user': 'alice', 'login-time': 1700000000.999999},
         {'user': 'bob', 'login-time': 1700000050.00025}]}
     assert ours == theirs['return']
+
+
+# ---------------------------------------------------------------------------
+# guest-ssh-*: a user of the tests' own, whose home is a temporary directory.
+
+#: The tests' user, and its uid and gid.
+SSH_USER, SSH_ID = 'negotiator-ssh', 4321
+
+#: An authorized_keys file: a comment, a blank line, spaces, a duplicate.
+KEYS = b'algo key1 c\n# a comment\n\n  algo key2 c \t\nalgo key1 c\nalgo key3\n'
+
+
+@pytest.fixture(scope='module')
+def ssh_pair(qemu_ga_path):
+    """qemu-ga and negotiator, each in a mount namespace of its own whose
+    /etc/passwd and /etc/group are copies that add SSH_USER, its home in a
+    temporary directory: neither agent can reach this machine's users'
+    homes.  Yields (qemu-ga's socket, negotiator's Agent, the home)."""
+    workdir = Workdir()
+    os.chmod(workdir.path, 0o755)   # the user must reach its home
+    home = workdir.join('home')
+    for name, entry in (
+            ('passwd', '{0}:x:{1}:{1}::{2}:/bin/sh\n'.format(
+                SSH_USER, SSH_ID, home)),
+            ('group', '{0}:x:{1}:\n'.format(SSH_USER, SSH_ID))):
+        with open('/etc/' + name, 'rb') as handle:
+            data = handle.read()
+        with open(workdir.join(name), 'wb') as handle:
+            handle.write(data + entry.encode('ascii'))
+    wrapper = ['unshare', '-m', 'sh', '-c',
+               'mount --bind "$0" /etc/passwd && '
+               'mount --bind "$1" /etc/group && shift && exec "$@"',
+               workdir.join('passwd'), workdir.join('group')]
+    running = Agent(workdir, ['--block-rpcs', ''], wrapper=wrapper)
+    try:
+        with serving_qga(qemu_ga_path, wrapper=wrapper) as qga:
+            yield qga, running, home
+    finally:
+        try:
+            running.stop()
+        finally:
+            workdir.cleanup()
+
+
+def make_home(home, entries):
+    """The home afresh (0755, the user's), with ``entries``: (path, what)
+    where what is None (a directory, 0700), bytes (a file, 0600), '->X'
+    (a symlink to X), or (either of the first two, a mode); no home at
+    all if ``entries`` is None."""
+    if os.path.lexists(home):
+        subprocess.check_call(['rm', '-rf', home])
+    if entries is None:
+        return
+    os.mkdir(home, 0o755)
+    os.chown(home, SSH_ID, SSH_ID)
+    for name, what in entries:
+        path = os.path.join(home, name)
+        if isinstance(what, str) and what.startswith('->'):
+            os.symlink(what[2:], path)
+            os.lchown(path, SSH_ID, SSH_ID)
+            continue
+        what, mode = what if isinstance(what, tuple) else (
+            what, 0o700 if what is None else 0o600)
+        if what is None:
+            os.mkdir(path)
+        else:
+            with open(path, 'wb') as handle:
+                handle.write(what)
+        os.chown(path, SSH_ID, SSH_ID)
+        os.chmod(path, mode)
+
+
+def tree(top):
+    """Each path under ``top``: its mode, owner and group, and its bytes (a
+    file's) or target (a symlink's)."""
+    found = {}
+    for directory, names, files in os.walk(top):
+        for name in names + files:
+            path = os.path.join(directory, name)
+            info = os.lstat(path)
+            content = None
+            if stat.S_ISLNK(info.st_mode):
+                content = os.readlink(path)
+            elif stat.S_ISREG(info.st_mode):
+                with open(path, 'rb') as handle:
+                    content = handle.read()
+            found[os.path.relpath(path, top)] = (
+                oct(info.st_mode), info.st_uid, info.st_gid, content)
+    return found
+
+
+def ssh_both(ssh_pair, entries, message):
+    """The replies and the homes after (qemu-ga's, negotiator's), each
+    given a home made of ``entries``."""
+    qga, agent, home = ssh_pair
+    results = []
+    for path in (qga, agent.socket):
+        make_home(home, entries)
+        results.append((parse(exchange(path, encode(message))), tree(home)))
+    return results
+
+
+SSH = ('.ssh', None)
+
+
+def ssh_keys(data, mode=0o600):
+    return ('.ssh/authorized_keys', (data, mode))
+
+
+def add(keys, **arguments):
+    return ssh_request('add', username=SSH_USER, keys=keys, **arguments)
+
+
+def remove(keys):
+    return ssh_request('remove', username=SSH_USER, keys=keys)
+
+
+GET = ssh_request('get', username=SSH_USER)
+
+SSH_CASES = [
+    ('get', [SSH, ssh_keys(KEYS)], GET),
+    ('get-empty-file', [SSH, ssh_keys(b'')], GET),
+    ('get-no-newline', [SSH, ssh_keys(b'k1\r\nk2')], GET),
+    ('get-not-utf8', [SSH, ssh_keys(b'k \xc3\xa9\n')], GET),
+    ('get-no-file', [SSH], GET),
+    ('get-no-ssh', [], GET),
+    ('get-a-directory', [SSH, ('.ssh/authorized_keys', None)], GET),
+    ('add-no-ssh', [], add(['k1 a', 'k2 b', 'k1 a'])),
+    ('add-no-file', [SSH], add(['k1'])),
+    ('add-to-file', [SSH, ssh_keys(KEYS)], add(['algo key1 c', 'new', ''])),
+    ('add-no-newline', [SSH, ssh_keys(b'a\nb')], add(['c', 'a'])),
+    ('add-reset', [SSH, ssh_keys(KEYS)], add(['k', 'k'], reset=True)),
+    ('add-reset-nothing', [SSH, ssh_keys(KEYS)], add([], reset=True)),
+    ('add-reset-no-ssh', [], add(['k'], reset=True)),
+    ('add-reset-false', [SSH, ssh_keys(KEYS)], add(['k'], reset=False)),
+    ('add-modes-fixed', [('.ssh', (None, 0o755)), ssh_keys(b'a\n', 0o644)],
+     add(['b'])),
+    ('add-no-home', None, add(['k'])),
+    ('get-no-home', None, GET),
+    ('add-replaces-a-symlink', [SSH, ('.ssh/real', b'a\n'),
+                                ('.ssh/authorized_keys', '->real')],
+     add(['k'])),
+    ('remove', [SSH, ssh_keys(KEYS)], remove(['algo key1 c', 'nothing'])),
+    ('remove-nothing', [SSH, ssh_keys(KEYS, 0o644)], remove([])),
+    ('remove-spaces-differ', [SSH, ssh_keys(KEYS)], remove(['algo key2 c'])),
+    ('remove-no-file', [SSH], remove(['k'])),
+    ('remove-no-ssh', [], remove(['k'])),
+]
+
+
+@pytest.mark.parametrize('entries,message', [case[1:] for case in SSH_CASES],
+                         ids=[case[0] for case in SSH_CASES])
+def test_ssh_keys(ssh_pair, entries, message):
+    """The same reply, and the same home after it: files' bytes, modes,
+    owners."""
+    expected, actual = ssh_both(ssh_pair, entries, message)
+    assert actual == expected
 
 
 # ---------------------------------------------------------------------------
