@@ -61,6 +61,7 @@ Must stay valid on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
 
 import base64
 import contextlib
+import errno
 import json
 import os
 import re
@@ -772,8 +773,8 @@ def test_users_from_a_utmp_file(qemu_ga_path, monkeypatch):
 # ---------------------------------------------------------------------------
 # guest-ssh-*: a user of the tests' own, whose home is a temporary directory.
 
-#: The tests' user, and its uid and gid.
-SSH_USER, SSH_ID = 'negotiator-ssh', 4321
+#: The tests' user, and its uid and gid; a user without a home.
+SSH_USER, SSH_ID, NO_HOME = 'negotiator-ssh', 4321, 'negotiator-nohome'
 
 #: An authorized_keys file: a comment, a blank line, spaces, a duplicate.
 KEYS = b'algo key1 c\n# a comment\n\n  algo key2 c \t\nalgo key1 c\nalgo key3\n'
@@ -783,14 +784,15 @@ KEYS = b'algo key1 c\n# a comment\n\n  algo key2 c \t\nalgo key1 c\nalgo key3\n'
 def ssh_pair(qemu_ga_path):
     """qemu-ga and negotiator, each in a mount namespace of its own whose
     /etc/passwd and /etc/group are copies that add SSH_USER, its home in a
-    temporary directory: neither agent can reach this machine's users'
-    homes.  Yields (qemu-ga's socket, negotiator's Agent, the home)."""
+    temporary directory (and NO_HOME, whose home is ""): neither agent
+    can reach this machine's users' homes.  Yields (qemu-ga's socket, negotiator's Agent, the home)."""
     workdir = Workdir()
     os.chmod(workdir.path, 0o755)   # the user must reach its home
     home = workdir.join('home')
     for name, entry in (
-            ('passwd', '{0}:x:{1}:{1}::{2}:/bin/sh\n'.format(
-                SSH_USER, SSH_ID, home)),
+            ('passwd', '{0}:x:{1}:{1}::{2}:/bin/sh\n{3}:x:{4}:{1}:::'
+             '/bin/sh\n'.format(SSH_USER, SSH_ID, home, NO_HOME,
+                                 SSH_ID + 1)),
             ('group', '{0}:x:{1}:\n'.format(SSH_USER, SSH_ID))):
         with open('/etc/' + name, 'rb') as handle:
             data = handle.read()
@@ -909,6 +911,9 @@ SSH_CASES = [
     ('add-replaces-a-symlink', [SSH, ('.ssh/real', b'a\n'),
                                 ('.ssh/authorized_keys', '->real')],
      add(['k'])),
+    ('get-ssh-a-symlink', [('dots', None), ('.ssh', '->dots'),
+                           ssh_keys(KEYS)], GET),
+    ('add-ssh-a-symlink', [('dots', None), ('.ssh', '->dots')], add(['k'])),
     ('remove', [SSH, ssh_keys(KEYS)], remove(['algo key1 c', 'nothing'])),
     ('remove-nothing', [SSH, ssh_keys(KEYS, 0o644)], remove([])),
     ('remove-spaces-differ', [SSH, ssh_keys(KEYS)], remove(['algo key2 c'])),
@@ -924,6 +929,90 @@ def test_ssh_keys(ssh_pair, entries, message):
     owners."""
     expected, actual = ssh_both(ssh_pair, entries, message)
     assert actual == expected
+
+
+def test_ssh_keys_of_a_user_without_home(ssh_pair):
+    """Refused by negotiator; qemu-ga (not asked: it would write there)
+    would use .ssh/authorized_keys in its working directory."""
+    for message in (ssh_request('get', username=NO_HOME),
+                    ssh_request('add', username=NO_HOME, keys=['k']),
+                    ssh_request('remove', username=NO_HOME, keys=['k'])):
+        assert parse(exchange(ssh_pair[1].socket, encode(message))) == {
+            'error': {'class': 'GenericError', 'desc': "user '{0}' has no "
+                      'home directory'.format(NO_HOME)}}
+
+
+def test_ssh_keys_from_a_hung_file(ssh_pair):
+    """A read that blocks (a FIFO here, as a hung NFS home) holds up only
+    negotiator's child: another client is answered meanwhile, and the
+    request when the read ends.  (qemu-ga, not asked, would hang.)"""
+    qga, agent, home = ssh_pair
+    make_home(home, [SSH])
+    fifo = os.path.join(home, '.ssh', 'authorized_keys')
+    os.mkfifo(fifo, 0o600)
+    os.chown(fifo, SSH_ID, SSH_ID)
+    writer = []
+
+    def opened():
+        try:
+            writer.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            return True
+        except OSError as e:
+            if e.errno != errno.ENXIO:   # no reader yet
+                raise
+            return False
+    waiting = RawClient(agent.socket)
+    try:
+        waiting.send(encode(GET))
+        wait_for(opened)
+        assert parse(exchange(agent.socket, encode(ping(1)))) == {
+            'id': 1, 'return': {}}
+        os.write(writer[0], b'k1\nk2\n')
+        os.close(writer[0])
+        assert parse(waiting.read_line()) == {'return': {'keys': ['k2',
+                                                                  'k1']}}
+    finally:
+        waiting.close()
+
+
+def test_ssh_symlinks_reach_only_what_the_user_may(ssh_pair):
+    """A difference: qemu-ga, as root, follows a ~/.ssh or authorized_keys
+    symlink anywhere; negotiator acts as the user, so the kernel refuses
+    what the user could not do.  Here ~/.ssh points at a directory of
+    root's (0755, as /etc), authorized_keys at a file of root's (0600,
+    as /etc/shadow)."""
+    qga, agent, home = ssh_pair
+    private = os.path.join(os.path.dirname(home), 'private')
+    os.mkdir(private, 0o755)
+    try:
+        secret = os.path.join(private, 'secret')
+        with open(secret, 'wb') as handle:
+            handle.write(b'root:secret\n')
+        os.chmod(secret, 0o600)
+        link = [SSH, ('.ssh/authorized_keys', '->' + secret)]
+        theirs, ours = ssh_both(ssh_pair, link, GET)
+        assert theirs[0] == {'return': {'keys': ['root:secret']}}
+        path = os.path.join(home, '.ssh', 'authorized_keys')
+        assert ours[0] == {'error': {'class': 'GenericError', 'desc': (
+            u"failed to read '{0}': Failed to open file \u201c{0}\u201d: "
+            u'Permission denied').format(path)}}
+        replies = []
+        for socket_path in (qga, agent.socket):
+            make_home(home, [('.ssh', '->' + private)])
+            replies.append(parse(exchange(socket_path, encode(add(['k'])))))
+            written = os.path.join(private, 'authorized_keys')
+            replies.append(os.path.exists(written) and os.stat(written))
+            if replies[-1]:
+                os.unlink(written)
+    finally:
+        subprocess.check_call(['rm', '-rf', private])
+    assert replies[0] == {'return': {}}
+    assert (replies[1].st_uid, replies[1].st_mode) == (SSH_ID, 0o100600)
+    assert re.match(
+        u"failed to write to '{0}': Failed to create file \u201c{0}"
+        u"\\.[0-9a-f]{{8}}\u201d: Permission denied$".format(
+            re.escape(path)), replies[2]['error']['desc'])
+    assert replies[3] is False
 
 
 # ---------------------------------------------------------------------------
