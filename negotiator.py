@@ -3681,7 +3681,7 @@ class Server(object):
     def _answer_ssh(self, request_id, function, *args):
         self._answer_from_child(
             request_id, [reply_of, function] + list(args),
-            'child process has failed with authorized keys',
+            'child process has failed to handle authorized keys',
             reply=value_of_reply, timeout=CHILD_ANSWER_TIMEOUT)
 
     def rpc_shutdown(self, arguments, request_id):
