@@ -2914,6 +2914,9 @@ def qemu_base64(text):
 #: reply from the child (TOOL_OUTPUT), even escaped 6 characters a byte.
 AUTHORIZED_KEYS_LIMIT = TOOL_OUTPUT // 8
 
+#: What glib's g_strstrip() strips: bytes.strip()'s spaces but \v.
+GLIB_SPACES = b' \t\n\f\r'
+
 #: How glib, whose messages qemu-ga passes on, quotes a file name.
 GLIB_QUOTED = json.loads('"\\u201c%s\\u201d"')
 
@@ -2928,9 +2931,10 @@ def public_keys(keys):
     for key in keys:
         try:
             data = wire_bytes(key)
-        except UnicodeError:
-            data = b'#'
-        if data.startswith(b'#') or b'\n' in data or b'\0' in data:
+        except UnicodeError:  # a lone surrogate that stands for no byte
+            data = None
+        if data is None or data[:1] == b'#' or b'\n' in data or \
+                b'\0' in data:
             raise RequestError(
                 u("invalid OpenSSH public key: '{0}'").format(key))
         found.append(data)
@@ -2973,16 +2977,19 @@ def authorized_keys_path(user):
     return os.path.join(user.pw_dir, '.ssh', 'authorized_keys')
 
 
-def read_authorized_keys(path):
+def read_authorized_keys(path, missing_ok=False):
     """The file's lines (bytes), split at each newline as qemu-ga splits
     them (a last newline leaves an empty last line).
 
+    :param missing_ok: return None if the file (or ~/.ssh) does not exist.
     :raises RequestError: as qemu-ga's (glib's) messages say, or for a
         file longer than AUTHORIZED_KEYS_LIMIT.
     """
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
+        if missing_ok and e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
         raise file_error('read', path, 'Failed to open file {0}: {1}',
                          os.strerror(e.errno))
     data = b''
@@ -3055,22 +3062,19 @@ def get_authorized_keys(username):
     stripped, without blank lines and comments, the last first (as
     qemu-ga lists them)."""
     lines = read_authorized_keys(authorized_keys_path(become_user(username)))
-    return {'keys': [wire_text(line.strip()) for line in reversed(lines)
-                     if line.strip()[:1] not in (b'', b'#')]}
+    keys = [line.strip(GLIB_SPACES) for line in reversed(lines)]
+    return {'keys': [wire_text(key) for key in keys
+                     if key[:1] not in (b'', b'#')]}
 
 
 def add_authorized_keys(username, keys, reset):
     """guest-ssh-add-authorized-keys' work, in a forked child: the keys
     not there yet appended (all of them, to no other line, if ``reset``);
-    ~/.ssh made if the file could not be read."""
+    ~/.ssh made if there is no file.  A file that cannot be read is an
+    error: qemu-ga would replace it, keys lost for a passing I/O error."""
     user = become_user(username)
     path = authorized_keys_path(user)
-    lines = None
-    if not reset:
-        try:
-            lines = read_authorized_keys(path)
-        except RequestError:
-            pass
+    lines = None if reset else read_authorized_keys(path, missing_ok=True)
     if lines is None:
         lines = []
         if not os.path.isdir(os.path.dirname(path)):
@@ -3086,11 +3090,11 @@ def remove_authorized_keys(username, keys):
     that are one of the keys removed; no file, nothing to do."""
     user = become_user(username)
     path = authorized_keys_path(user)
-    if not os.path.exists(path):
+    lines = read_authorized_keys(path, missing_ok=True)
+    if lines is None:
         return {}
-    return write_authorized_keys(path, [
-        line for line in read_authorized_keys(path) if line not in keys],
-        user)
+    return write_authorized_keys(
+        path, [line for line in lines if line not in keys], user)
 
 
 # ============================================================================

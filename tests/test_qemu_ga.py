@@ -893,6 +893,8 @@ SSH_CASES = [
     ('get-empty-file', [SSH, ssh_keys(b'')], GET),
     ('get-no-newline', [SSH, ssh_keys(b'k1\r\nk2')], GET),
     ('get-not-utf8', [SSH, ssh_keys(b'k \xc3\xa9\n')], GET),
+    ('get-odd-spaces', [SSH, ssh_keys(b'\x0bk1\x0b\n\x0ck2\x0c\r\n\x0b\n')],
+     GET),
     ('get-no-file', [SSH], GET),
     ('get-no-ssh', [], GET),
     ('get-a-directory', [SSH, ('.ssh/authorized_keys', None)], GET),
@@ -973,6 +975,29 @@ def test_ssh_keys_from_a_hung_file(ssh_pair):
                                                                   'k1']}}
     finally:
         waiting.close()
+
+
+@pytest.mark.parametrize('content,owner,reason', [
+    (b'k1\n', 0, u'Failed to open file {0}: Permission denied'),
+    (b'k' * (128 * 1024) + b'\n', SSH_ID,
+     u'File {0} is longer than 131072 bytes'),
+], ids=['root-only', 'too-long'])
+def test_ssh_keys_not_read_are_kept(ssh_pair, content, owner, reason):
+    """An authorized_keys that cannot be read (root's, 0600; or longer
+    than negotiator reads) is an error for get, and for add: the file is
+    left as it was (qemu-ga, as root, would read the first; it replaces a
+    file it cannot read with the keys added)."""
+    qga, agent, home = ssh_pair
+    path = os.path.join(home, '.ssh', 'authorized_keys')
+    error = {'error': {'class': 'GenericError', 'desc': (
+        u"failed to read '{0}': ".format(path) +
+        reason.format(u'\u201c' + path + u'\u201d'))}}
+    for message in (GET, add(['k2']), add(['k2'], reset=False)):
+        make_home(home, [SSH, ssh_keys(content)])
+        os.chown(path, owner, owner)
+        assert parse(exchange(agent.socket, encode(message))) == error
+        assert tree(home)['.ssh/authorized_keys'] == (
+            oct(0o100600), owner, owner, content)
 
 
 def test_ssh_symlinks_reach_only_what_the_user_may(ssh_pair):
