@@ -406,9 +406,9 @@ SCSI_TARGET = re.compile(r'/target[0-9]+:[0-9]+:[0-9]+/[0-9]+:([0-9]+):'
                          r'([0-9]+):([0-9]+)')
 #: What follows a disk's name in its partitions' (sda1, nvme0n1p1).
 PARTITION = re.compile('p?[0-9]')
-#: Seconds guest-get-fsinfo and guest-set-vcpus may take in their child
-#: (Server._answer_from_child): then it is abandoned and the request
-#: answered with an error (libvirt gives up after 5 seconds).
+#: Seconds guest-get-fsinfo, guest-set-vcpus and guest-ssh-* may take in
+#: their child (Server._answer_from_child): then it is abandoned and the
+#: request answered with an error (libvirt gives up after 5 seconds).
 CHILD_ANSWER_TIMEOUT = 10.0
 
 
