@@ -921,6 +921,9 @@ SSH_CASES = [
     ('remove-spaces-differ', [SSH, ssh_keys(KEYS)], remove(['algo key2 c'])),
     ('remove-no-file', [SSH], remove(['k'])),
     ('remove-no-ssh', [], remove(['k'])),
+    ('get-ssh-a-file', [('.ssh', b'x')], GET),
+    ('add-ssh-a-file', [('.ssh', b'x')], add(['k'])),
+    ('remove-ssh-a-file', [('.ssh', b'x')], remove(['k'])),
 ]
 
 
