@@ -26,9 +26,11 @@ import binascii
 import codecs
 import errno
 import fcntl
+import grp
 import json
 import optparse
 import os
+import pwd
 import re
 import select
 import signal
@@ -408,9 +410,9 @@ SCSI_TARGET = re.compile(r'/target[0-9]+:[0-9]+:[0-9]+/[0-9]+:([0-9]+):'
                          r'([0-9]+):([0-9]+)')
 #: What follows a disk's name in its partitions' (sda1, nvme0n1p1).
 PARTITION = re.compile('p?[0-9]')
-#: Seconds guest-get-fsinfo and guest-set-vcpus may take in their child
-#: (Server._answer_from_child): then it is abandoned and the request
-#: answered with an error (libvirt gives up after 5 seconds).
+#: Seconds guest-get-fsinfo, guest-set-vcpus and guest-ssh-* may take in
+#: their child (Server._answer_from_child): then it is abandoned and the
+#: request answered with an error (libvirt gives up after 5 seconds).
 CHILD_ANSWER_TIMEOUT = 10.0
 
 
@@ -2916,6 +2918,197 @@ SHUTDOWN_MODES = {'powerdown': ('-P', 'poweroff'), 'halt': ('-H', 'halt'),
 
 
 
+# ---------------------------------------------------------------------------
+# ~/.ssh/authorized_keys, kept as qemu-ga's guest-ssh-* requests keep it
+# ---------------------------------------------------------------------------
+
+#: Bytes of an authorized_keys file read at most: its keys must fit in a
+#: reply from the child (TOOL_OUTPUT), even escaped 6 characters a byte.
+AUTHORIZED_KEYS_LIMIT = TOOL_OUTPUT // 8
+
+#: What glib's g_strstrip() strips: bytes.strip()'s spaces but \v.
+GLIB_SPACES = b' \t\n\f\r'
+
+#: How glib, whose messages qemu-ga passes on, quotes a file name.
+GLIB_QUOTED = json.loads('"\\u201c%s\\u201d"')
+
+
+def public_keys(keys):
+    """The keys' bytes, each checked as qemu-ga checks them: a key is one
+    line, not a comment.
+
+    :raises RequestError: in qemu-ga's words, for the first that is not.
+    """
+    found = []
+    for key in keys:
+        try:
+            data = wire_bytes(key)
+        except UnicodeError:  # a lone surrogate that stands for no byte
+            data = None
+        if data is None or data[:1] == b'#' or b'\n' in data or \
+                b'\0' in data:
+            raise RequestError(
+                u("invalid OpenSSH public key: '{0}'").format(key))
+        found.append(data)
+    return found
+
+
+def become_user(username):
+    """The user's passwd entry, this forked child then acting as that user
+    (when it runs as root): the kernel checks what it reads and writes
+    under the home as the user's own doing, so a ~/.ssh or authorized_keys
+    that is a symlink to /etc, or a file of someone else's, gets nothing
+    the user could not get (qemu-ga, as root, follows them).
+
+    :raises RequestError: for an unknown user (qemu-ga's words: its
+        lookup's errno is 0) or one without a home directory (qemu-ga
+        would use a path relative to its working directory).
+    """
+    try:
+        user = pwd.getpwnam(native_str(username))
+    except (KeyError, ValueError, UnicodeError):
+        raise RequestError(
+            u("failed to lookup user '{0}': Success").format(username))
+    if not os.path.isabs(user.pw_dir):
+        raise RequestError(u("user '{0}' has no home directory").format(
+            username))
+    if os.geteuid() == 0 and user.pw_uid != 0:
+        try:
+            os.setgroups([user.pw_gid] + [group.gr_gid for group in
+                                          grp.getgrall()
+                                          if user.pw_name in group.gr_mem])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+        except OSError as e:
+            raise RequestError(u("failed to act as user '{0}': {1}").format(
+                username, os.strerror(e.errno)))
+    return user
+
+
+def authorized_keys_path(user):
+    return os.path.join(user.pw_dir, '.ssh', 'authorized_keys')
+
+
+def read_authorized_keys(path, missing_ok=False):
+    """The file's lines (bytes), split at each newline as qemu-ga splits
+    them (a last newline leaves an empty last line).
+
+    :param missing_ok: return None if the file (or ~/.ssh) does not exist.
+    :raises RequestError: as qemu-ga's (glib's) messages say, or for a
+        file longer than AUTHORIZED_KEYS_LIMIT.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        if missing_ok and e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise file_error('read', path, 'Failed to open file {0}: {1}',
+                         os.strerror(e.errno))
+    data = b''
+    try:
+        while len(data) <= AUTHORIZED_KEYS_LIMIT:
+            chunk = os.read(fd, AUTHORIZED_KEYS_LIMIT + 1 - len(data))
+            if not chunk:
+                return data.split(b'\n')
+            data += chunk
+    except OSError as e:
+        raise file_error('read', path, 'Error reading file {0}: {1}',
+                         os.strerror(e.errno))
+    finally:
+        os.close(fd)
+    raise file_error('read', path, 'File {0} is longer than {1} bytes',
+                     AUTHORIZED_KEYS_LIMIT)
+
+
+def file_error(action, path, message, reason, subject=None):
+    """qemu-ga's error for a failed read or write of ``path``, with glib's
+    ``message`` inside, about ``subject`` (default: the file) and why."""
+    return RequestError(u("failed to {0} '{1}': {2}").format(
+        action, wire_text(path), u(message).format(
+            GLIB_QUOTED % wire_text(subject or path), reason)))
+
+
+def write_authorized_keys(path, lines, user):
+    """Replace the file with ``lines``, joined with newlines as qemu-ga
+    joins them: a new file, the user's and 0600 before it has a byte,
+    renamed over the old one, so that a crash leaves the old file or the
+    new one (and a symlink there is replaced, never followed)."""
+    temporary = '{0}.{1}'.format(path, native_str(wire_text(
+        binascii.hexlify(os.urandom(4)))))
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                     os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise file_error('write to', path, 'Failed to create file {0}: {1}',
+                         os.strerror(e.errno), temporary)
+    try:
+        os.fchown(fd, user.pw_uid, user.pw_gid)
+        os.fchmod(fd, 0o600)
+        data = b'\n'.join(lines)
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+        os.rename(temporary, path)
+    except OSError as e:
+        os.unlink(temporary)
+        raise file_error('write to', path, 'Failed to write file {0}: {1}',
+                         os.strerror(e.errno), temporary)
+    finally:
+        os.close(fd)
+    return {}
+
+
+def make_ssh_directory(path, user):
+    """~/.ssh, made as qemu-ga makes it: 0700 and the user's."""
+    try:
+        os.mkdir(path, 0o700)
+        os.chown(path, user.pw_uid, user.pw_gid)
+        os.chmod(path, 0o700)
+    except OSError as e:
+        raise RequestError(u("failed to create directory '{0}': {1}").format(
+            wire_text(path), os.strerror(e.errno)))
+
+
+def get_authorized_keys(username):
+    """guest-ssh-get-authorized-keys' work, in a forked child: the keys,
+    stripped, without blank lines and comments, the last first (as
+    qemu-ga lists them)."""
+    lines = read_authorized_keys(authorized_keys_path(become_user(username)))
+    keys = [line.strip(GLIB_SPACES) for line in reversed(lines)]
+    return {'keys': [wire_text(key) for key in keys
+                     if key[:1] not in (b'', b'#')]}
+
+
+def add_authorized_keys(username, keys, reset):
+    """guest-ssh-add-authorized-keys' work, in a forked child: the keys
+    not there yet appended (all of them, to no other line, if ``reset``);
+    ~/.ssh made if there is no file.  A file that cannot be read is an
+    error: qemu-ga would replace it, keys lost for a passing I/O error."""
+    user = become_user(username)
+    path = authorized_keys_path(user)
+    lines = None if reset else read_authorized_keys(path, missing_ok=True)
+    if lines is None:
+        lines = []
+        if not os.path.isdir(os.path.dirname(path)):
+            make_ssh_directory(os.path.dirname(path), user)
+    for key in keys:
+        if key not in lines:
+            lines.append(key)
+    return write_authorized_keys(path, lines, user)
+
+
+def remove_authorized_keys(username, keys):
+    """guest-ssh-remove-authorized-keys' work, in a forked child: the lines
+    that are one of the keys removed; no file, nothing to do."""
+    user = become_user(username)
+    path = authorized_keys_path(user)
+    lines = read_authorized_keys(path, missing_ok=True)
+    if lines is None:
+        return {}
+    return write_authorized_keys(
+        path, [line for line in lines if line not in keys], user)
+
+
 # ============================================================================
 # Serving requests: one Server per channel, on the guest and on the host
 # ============================================================================
@@ -2958,6 +3151,13 @@ class Server(object):
         ('guest-set-user-password', 'rpc_set_user_password', (
             ('username', 'str', True), ('password', 'str', True),
             ('crypted', 'bool', True))),
+        ('guest-ssh-get-authorized-keys', 'rpc_ssh_get_keys', (
+            ('username', 'str', True),)),
+        ('guest-ssh-add-authorized-keys', 'rpc_ssh_add_keys', (
+            ('username', 'str', True), ('keys', 'strs', True),
+            ('reset', 'bool', False))),
+        ('guest-ssh-remove-authorized-keys', 'rpc_ssh_remove_keys', (
+            ('username', 'str', True), ('keys', 'strs', True))),
         ('guest-shutdown', 'rpc_shutdown', (('mode', 'str', False),)),
         ('guest-set-time', 'rpc_set_time', (('time', 'int', False),)),
         ('guest-fstrim', 'rpc_fstrim', (('minimum', 'int', False),)),
@@ -3478,6 +3678,29 @@ class Server(object):
         self._answer_from_child(
             request_id, argv, 'child process has failed to set user '
             'password', username + b':' + password + b'\n')
+
+    def rpc_ssh_get_keys(self, arguments, request_id):
+        """In a child, as the user (become_user()): a home may be on a
+        hung NFS server."""
+        self._answer_ssh(request_id, get_authorized_keys,
+                         arguments['username'])
+
+    def rpc_ssh_add_keys(self, arguments, request_id):
+        self._answer_ssh(request_id, add_authorized_keys,
+                         arguments['username'],
+                         public_keys(arguments['keys']),
+                         arguments.get('reset', False))
+
+    def rpc_ssh_remove_keys(self, arguments, request_id):
+        self._answer_ssh(request_id, remove_authorized_keys,
+                         arguments['username'],
+                         public_keys(arguments['keys']))
+
+    def _answer_ssh(self, request_id, function, *args):
+        self._answer_from_child(
+            request_id, [reply_of, function] + list(args),
+            'child process has failed to handle authorized keys',
+            reply=value_of_reply, timeout=CHILD_ANSWER_TIMEOUT)
 
     def rpc_shutdown(self, arguments, request_id):
         """``shutdown -h -P|-H|-r +0 MESSAGE``, as qemu-ga 7.2 runs it,

@@ -117,15 +117,17 @@ class GuestProcess(object):
     """``negotiator.py guest ARGS`` running in the background, logging to a file.
 
     :param args: the guest mode's arguments (--commands-dir is added).
+    :param wrapper: a command line that runs the agent's as its last
+        arguments (e.g. in a mount namespace of its own).
     """
 
     def __init__(self, workdir, args, log_name='agent', program=(NEGOTIATOR,),
-                 **popen):
+                 wrapper=(), **popen):
         self.workdir = workdir
         self.log_path = workdir.join(log_name + '.log')
         self.log_file = open(self.log_path, 'wb')
         self.process = subprocess.Popen(
-            [sys.executable] + list(program) + [
+            list(wrapper) + [sys.executable] + list(program) + [
                 'guest', '--commands-dir', workdir.commands] + list(args),
             stdin=open(os.devnull), stdout=self.log_file,
             stderr=subprocess.STDOUT, close_fds=True, **popen)

@@ -416,6 +416,9 @@ def test_the_host_daemon_serves_none_of_them():
     to the host."""
     served = [name for name, _, _ in negotiator.DaemonServer.REQUESTS]
     for name in ('guest-set-user-password', 'guest-shutdown',
-                 'guest-set-time', 'guest-fstrim'):
+                 'guest-set-time', 'guest-fstrim',
+                 'guest-ssh-get-authorized-keys',
+                 'guest-ssh-add-authorized-keys',
+                 'guest-ssh-remove-authorized-keys'):
         assert name in [n for n, _, _ in negotiator.Server.REQUESTS]
         assert name not in served

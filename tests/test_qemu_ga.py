@@ -61,10 +61,12 @@ Must stay valid on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
 
 import base64
 import contextlib
+import errno
 import json
 import os
 import re
 import signal
+import stat
 import struct
 import subprocess
 import time
@@ -248,6 +250,16 @@ def exec_status(pid):
     return {'execute': 'guest-exec-status', 'arguments': {'pid': pid}}
 
 
+#: A user that neither agent finds.
+NO_USER = 'negotiator-no-such-user'
+
+
+def ssh_request(verb, **arguments):
+    """A guest-ssh-VERB-authorized-keys request."""
+    return {'execute': 'guest-ssh-{0}-authorized-keys'.format(verb),
+            'arguments': arguments}
+
+
 # ---------------------------------------------------------------------------
 # Replies that must be equal once parsed.
 
@@ -406,6 +418,33 @@ EXACT = [
     ('file-flush-unknown', file_request('flush', handle=5)),
     ('file-close-unknown', file_request('close', handle=5)),
     ('file-close-handle-string', file_request('close', handle='5')),
+] + [
+    # Refused before they reach a home: a user that does not exist (the
+    # real homes are never touched; test_ssh_keys sends the others).
+    ('ssh-' + name, ssh_request(verb, **arguments))
+    for name, verb, arguments in [
+        ('get-no-username', 'get', {}),
+        ('get-username-int', 'get', {'username': 5}),
+        ('get-unknown-user', 'get', {'username': NO_USER}),
+        ('get-unexpected', 'get', {'username': NO_USER, 'keys': []}),
+        ('add-no-keys', 'add', {'username': NO_USER}),
+        ('add-keys-not-list', 'add', {'username': NO_USER, 'keys': 'k'}),
+        ('add-key-int', 'add', {'username': NO_USER, 'keys': ['k', 1]}),
+        ('add-reset-int', 'add', {'username': NO_USER, 'keys': [],
+                                  'reset': 1}),
+        ('add-comment', 'add', {'username': NO_USER, 'keys': ['#k']}),
+        ('add-newline', 'add', {'username': NO_USER,
+                                'keys': ['k', 'a\nb', '#c']}),
+        ('add-unknown-user', 'add', {'username': NO_USER,
+                                     'keys': ['', ' #k'], 'reset': True}),
+        ('add-unexpected', 'add', {'username': NO_USER, 'keys': [],
+                                   'x': 1}),
+        ('remove-reset', 'remove', {'username': NO_USER, 'keys': [],
+                                    'reset': True}),
+        ('remove-newline', 'remove', {'username': NO_USER,
+                                      'keys': ['k\n']}),
+        ('remove-unknown-user', 'remove', {'username': '', 'keys': ['k']}),
+    ]
 ]
 
 
@@ -563,7 +602,10 @@ def test_guest_info(qga, agent):
                  'guest-network-get-interfaces', 'guest-get-users',
                  'guest-get-vcpus', 'guest-set-vcpus', 'guest-get-fsinfo',
                  'guest-get-disks', 'guest-set-user-password',
-                 'guest-shutdown', 'guest-set-time', 'guest-fstrim'):
+                 'guest-shutdown', 'guest-set-time', 'guest-fstrim',
+                 'guest-ssh-get-authorized-keys',
+                 'guest-ssh-add-authorized-keys',
+                 'guest-ssh-remove-authorized-keys'):
         assert name in shared
 
 
@@ -726,6 +768,279 @@ def test_users_from_a_utmp_file(qemu_ga_path, monkeypatch):
         {'user': 'alice', 'login-time': 1700000000.999999},
         {'user': 'bob', 'login-time': 1700000050.00025}]}
     assert ours == theirs['return']
+
+
+# ---------------------------------------------------------------------------
+# guest-ssh-*: a user of the tests' own, whose home is a temporary directory.
+
+#: The tests' user, and its uid and gid; a user without a home.
+SSH_USER, SSH_ID, NO_HOME = 'negotiator-ssh', 4321, 'negotiator-nohome'
+
+#: An authorized_keys file: a comment, a blank line, spaces, a duplicate.
+KEYS = b'algo key1 c\n# a comment\n\n  algo key2 c \t\nalgo key1 c\nalgo key3\n'
+
+
+@pytest.fixture(scope='module')
+def ssh_pair(qemu_ga_path):
+    """qemu-ga and negotiator, each in a mount namespace of its own whose
+    /etc/passwd and /etc/group are copies that add SSH_USER, its home in a
+    temporary directory (and NO_HOME, whose home is ""): neither agent
+    can reach this machine's users' homes.  Yields (qemu-ga's socket, negotiator's Agent, the home)."""
+    workdir = Workdir()
+    os.chmod(workdir.path, 0o755)   # the user must reach its home
+    home = workdir.join('home')
+    for name, entry in (
+            ('passwd', '{0}:x:{1}:{1}::{2}:/bin/sh\n{3}:x:{4}:{1}:::'
+             '/bin/sh\n'.format(SSH_USER, SSH_ID, home, NO_HOME,
+                                 SSH_ID + 1)),
+            ('group', '{0}:x:{1}:\n'.format(SSH_USER, SSH_ID))):
+        with open('/etc/' + name, 'rb') as handle:
+            data = handle.read()
+        with open(workdir.join(name), 'wb') as handle:
+            handle.write(data + entry.encode('ascii'))
+    wrapper = ['unshare', '-m', 'sh', '-c',
+               'mount --bind "$0" /etc/passwd && '
+               'mount --bind "$1" /etc/group && shift && exec "$@"',
+               workdir.join('passwd'), workdir.join('group')]
+    running = Agent(workdir, ['--block-rpcs', ''], wrapper=wrapper)
+    try:
+        with serving_qga(qemu_ga_path, wrapper=wrapper) as qga:
+            yield qga, running, home
+    finally:
+        try:
+            running.stop()
+        finally:
+            workdir.cleanup()
+
+
+def make_home(home, entries):
+    """The home afresh (0755, the user's), with ``entries``: (path, what)
+    where what is None (a directory, 0700), bytes (a file, 0600), '->X'
+    (a symlink to X), or (either of the first two, a mode); no home at
+    all if ``entries`` is None."""
+    if os.path.lexists(home):
+        subprocess.check_call(['rm', '-rf', home])
+    if entries is None:
+        return
+    os.mkdir(home, 0o755)
+    os.chown(home, SSH_ID, SSH_ID)
+    for name, what in entries:
+        path = os.path.join(home, name)
+        if isinstance(what, str) and what.startswith('->'):
+            os.symlink(what[2:], path)
+            os.lchown(path, SSH_ID, SSH_ID)
+            continue
+        what, mode = what if isinstance(what, tuple) else (
+            what, 0o700 if what is None else 0o600)
+        if what is None:
+            os.mkdir(path)
+        else:
+            with open(path, 'wb') as handle:
+                handle.write(what)
+        os.chown(path, SSH_ID, SSH_ID)
+        os.chmod(path, mode)
+
+
+def tree(top):
+    """Each path under ``top``: its mode, owner and group, and its bytes (a
+    file's) or target (a symlink's)."""
+    found = {}
+    for directory, names, files in os.walk(top):
+        for name in names + files:
+            path = os.path.join(directory, name)
+            info = os.lstat(path)
+            content = None
+            if stat.S_ISLNK(info.st_mode):
+                content = os.readlink(path)
+            elif stat.S_ISREG(info.st_mode):
+                with open(path, 'rb') as handle:
+                    content = handle.read()
+            found[os.path.relpath(path, top)] = (
+                oct(info.st_mode), info.st_uid, info.st_gid, content)
+    return found
+
+
+def ssh_both(ssh_pair, entries, message):
+    """The replies and the homes after (qemu-ga's, negotiator's), each
+    given a home made of ``entries``."""
+    qga, agent, home = ssh_pair
+    results = []
+    for path in (qga, agent.socket):
+        make_home(home, entries)
+        results.append((parse(exchange(path, encode(message))), tree(home)))
+    return results
+
+
+SSH = ('.ssh', None)
+
+
+def ssh_keys(data, mode=0o600):
+    return ('.ssh/authorized_keys', (data, mode))
+
+
+def add(keys, **arguments):
+    return ssh_request('add', username=SSH_USER, keys=keys, **arguments)
+
+
+def remove(keys):
+    return ssh_request('remove', username=SSH_USER, keys=keys)
+
+
+GET = ssh_request('get', username=SSH_USER)
+
+SSH_CASES = [
+    ('get', [SSH, ssh_keys(KEYS)], GET),
+    ('get-empty-file', [SSH, ssh_keys(b'')], GET),
+    ('get-no-newline', [SSH, ssh_keys(b'k1\r\nk2')], GET),
+    ('get-not-utf8', [SSH, ssh_keys(b'k \xc3\xa9\n')], GET),
+    ('get-odd-spaces', [SSH, ssh_keys(b'\x0bk1\x0b\n\x0ck2\x0c\r\n\x0b\n')],
+     GET),
+    ('get-no-file', [SSH], GET),
+    ('get-no-ssh', [], GET),
+    ('get-a-directory', [SSH, ('.ssh/authorized_keys', None)], GET),
+    ('add-no-ssh', [], add(['k1 a', 'k2 b', 'k1 a'])),
+    ('add-no-file', [SSH], add(['k1'])),
+    ('add-to-file', [SSH, ssh_keys(KEYS)], add(['algo key1 c', 'new', ''])),
+    ('add-no-newline', [SSH, ssh_keys(b'a\nb')], add(['c', 'a'])),
+    ('add-reset', [SSH, ssh_keys(KEYS)], add(['k', 'k'], reset=True)),
+    ('add-reset-nothing', [SSH, ssh_keys(KEYS)], add([], reset=True)),
+    ('add-reset-no-ssh', [], add(['k'], reset=True)),
+    ('add-reset-false', [SSH, ssh_keys(KEYS)], add(['k'], reset=False)),
+    ('add-modes-fixed', [('.ssh', (None, 0o755)), ssh_keys(b'a\n', 0o644)],
+     add(['b'])),
+    ('add-no-home', None, add(['k'])),
+    ('get-no-home', None, GET),
+    ('add-replaces-a-symlink', [SSH, ('.ssh/real', b'a\n'),
+                                ('.ssh/authorized_keys', '->real')],
+     add(['k'])),
+    ('get-ssh-a-symlink', [('dots', None), ('.ssh', '->dots'),
+                           ssh_keys(KEYS)], GET),
+    ('add-ssh-a-symlink', [('dots', None), ('.ssh', '->dots')], add(['k'])),
+    ('remove', [SSH, ssh_keys(KEYS)], remove(['algo key1 c', 'nothing'])),
+    ('remove-nothing', [SSH, ssh_keys(KEYS, 0o644)], remove([])),
+    ('remove-spaces-differ', [SSH, ssh_keys(KEYS)], remove(['algo key2 c'])),
+    ('remove-no-file', [SSH], remove(['k'])),
+    ('remove-no-ssh', [], remove(['k'])),
+    ('get-ssh-a-file', [('.ssh', b'x')], GET),
+    ('add-ssh-a-file', [('.ssh', b'x')], add(['k'])),
+    ('remove-ssh-a-file', [('.ssh', b'x')], remove(['k'])),
+]
+
+
+@pytest.mark.parametrize('entries,message', [case[1:] for case in SSH_CASES],
+                         ids=[case[0] for case in SSH_CASES])
+def test_ssh_keys(ssh_pair, entries, message):
+    """The same reply, and the same home after it: files' bytes, modes,
+    owners."""
+    expected, actual = ssh_both(ssh_pair, entries, message)
+    assert actual == expected
+
+
+def test_ssh_keys_of_a_user_without_home(ssh_pair):
+    """Refused by negotiator; qemu-ga (not asked: it would write there)
+    would use .ssh/authorized_keys in its working directory."""
+    for message in (ssh_request('get', username=NO_HOME),
+                    ssh_request('add', username=NO_HOME, keys=['k']),
+                    ssh_request('remove', username=NO_HOME, keys=['k'])):
+        assert parse(exchange(ssh_pair[1].socket, encode(message))) == {
+            'error': {'class': 'GenericError', 'desc': "user '{0}' has no "
+                      'home directory'.format(NO_HOME)}}
+
+
+def test_ssh_keys_from_a_hung_file(ssh_pair):
+    """A read that blocks (a FIFO here, as a hung NFS home) holds up only
+    negotiator's child: another client is answered meanwhile, and the
+    request when the read ends.  (qemu-ga, not asked, would hang.)"""
+    qga, agent, home = ssh_pair
+    make_home(home, [SSH])
+    fifo = os.path.join(home, '.ssh', 'authorized_keys')
+    os.mkfifo(fifo, 0o600)
+    os.chown(fifo, SSH_ID, SSH_ID)
+    writer = []
+
+    def opened():
+        try:
+            writer.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            return True
+        except OSError as e:
+            if e.errno != errno.ENXIO:   # no reader yet
+                raise
+            return False
+    waiting = RawClient(agent.socket)
+    try:
+        waiting.send(encode(GET))
+        wait_for(opened)
+        assert parse(exchange(agent.socket, encode(ping(1)))) == {
+            'id': 1, 'return': {}}
+        os.write(writer[0], b'k1\nk2\n')
+        os.close(writer[0])
+        assert parse(waiting.read_line()) == {'return': {'keys': ['k2',
+                                                                  'k1']}}
+    finally:
+        waiting.close()
+
+
+@pytest.mark.parametrize('content,owner,reason', [
+    (b'k1\n', 0, u'Failed to open file {0}: Permission denied'),
+    (b'k' * (128 * 1024) + b'\n', SSH_ID,
+     u'File {0} is longer than 131072 bytes'),
+], ids=['root-only', 'too-long'])
+def test_ssh_keys_not_read_are_kept(ssh_pair, content, owner, reason):
+    """An authorized_keys that cannot be read (root's, 0600; or longer
+    than negotiator reads) is an error for get, and for add: the file is
+    left as it was (qemu-ga, as root, would read the first; it replaces a
+    file it cannot read with the keys added)."""
+    qga, agent, home = ssh_pair
+    path = os.path.join(home, '.ssh', 'authorized_keys')
+    error = {'error': {'class': 'GenericError', 'desc': (
+        u"failed to read '{0}': ".format(path) +
+        reason.format(u'\u201c' + path + u'\u201d'))}}
+    for message in (GET, add(['k2']), add(['k2'], reset=False)):
+        make_home(home, [SSH, ssh_keys(content)])
+        os.chown(path, owner, owner)
+        assert parse(exchange(agent.socket, encode(message))) == error
+        assert tree(home)['.ssh/authorized_keys'] == (
+            oct(0o100600), owner, owner, content)
+
+
+def test_ssh_symlinks_reach_only_what_the_user_may(ssh_pair):
+    """A difference: qemu-ga, as root, follows a ~/.ssh or authorized_keys
+    symlink anywhere; negotiator acts as the user, so the kernel refuses
+    what the user could not do.  Here ~/.ssh points at a directory of
+    root's (0755, as /etc), authorized_keys at a file of root's (0600,
+    as /etc/shadow)."""
+    qga, agent, home = ssh_pair
+    private = os.path.join(os.path.dirname(home), 'private')
+    os.mkdir(private, 0o755)
+    try:
+        secret = os.path.join(private, 'secret')
+        with open(secret, 'wb') as handle:
+            handle.write(b'root:secret\n')
+        os.chmod(secret, 0o600)
+        link = [SSH, ('.ssh/authorized_keys', '->' + secret)]
+        theirs, ours = ssh_both(ssh_pair, link, GET)
+        assert theirs[0] == {'return': {'keys': ['root:secret']}}
+        path = os.path.join(home, '.ssh', 'authorized_keys')
+        assert ours[0] == {'error': {'class': 'GenericError', 'desc': (
+            u"failed to read '{0}': Failed to open file \u201c{0}\u201d: "
+            u'Permission denied').format(path)}}
+        replies = []
+        for socket_path in (qga, agent.socket):
+            make_home(home, [('.ssh', '->' + private)])
+            replies.append(parse(exchange(socket_path, encode(add(['k'])))))
+            written = os.path.join(private, 'authorized_keys')
+            replies.append(os.path.exists(written) and os.stat(written))
+            if replies[-1]:
+                os.unlink(written)
+    finally:
+        subprocess.check_call(['rm', '-rf', private])
+    assert replies[0] == {'return': {}}
+    assert (replies[1].st_uid, replies[1].st_mode) == (SSH_ID, 0o100600)
+    assert re.match(
+        u"failed to write to '{0}': Failed to create file \u201c{0}"
+        u"\\.[0-9a-f]{{8}}\u201d: Permission denied$".format(
+            re.escape(path)), replies[2]['error']['desc'])
+    assert replies[3] is False
 
 
 # ---------------------------------------------------------------------------
