@@ -201,6 +201,21 @@ else:
 # Constants
 # ============================================================================
 
+class Pattern(object):
+    """A regular expression compiled when first used: a path that never
+    uses it does not pay for it (compiling them all at start-up costs a
+    millisecond, many more in an emulated guest)."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+        self.compiled = None
+
+    def __getattr__(self, name):  # match, sub, ...
+        if self.compiled is None:
+            self.compiled = re.compile(self.pattern)
+        return getattr(self.compiled, name)
+
+
 #: The virtio-serial port on which the host asks and the guest answers.
 HOST_TO_GUEST_PORT = 'negotiator-host-to-guest.0'
 #: The port on which the guest asks and the host answers.
@@ -393,7 +408,7 @@ USER_PROCESS = 7
 #: processor can be taken offline.
 SYS_CPU = '/sys/devices/system/cpu'
 #: A processor's directory in SYS_CPU, as qemu-ga's sscanf("cpu%ld") takes it.
-CPU_DIRECTORY = re.compile(r'cpu([+-]?[0-9]+)')
+CPU_DIRECTORY = Pattern(r'cpu([+-]?[0-9]+)')
 #: What guest-get-fsinfo and guest-get-disks read: the mounts, sysfs, and
 #: udev's database (where qemu-ga's libudev finds serial numbers and
 #: device-mapper names).
@@ -403,13 +418,13 @@ UDEV_DATA = '/run/udev/data'
 #: The PCI drivers of the disk controllers qemu-ga describes.
 DISK_DRIVERS = ('ata_piix', 'sym53c8xx', 'virtio-pci', 'ahci', 'nvme')
 #: A PCI address in a sysfs path (domain:bus:slot.function, hexadecimal).
-PCI_ADDRESS = re.compile(
+PCI_ADDRESS = Pattern(
     r'/([0-9a-fA-F]+):([0-9a-fA-F]+):([0-9a-fA-F]+)\.([0-9a-fA-F]+)')
 #: A SCSI target's path in sysfs: targetH:C:T/H:C:T:L, for C, T and L.
-SCSI_TARGET = re.compile(r'/target[0-9]+:[0-9]+:[0-9]+/[0-9]+:([0-9]+):'
-                         r'([0-9]+):([0-9]+)')
+SCSI_TARGET = Pattern(r'/target[0-9]+:[0-9]+:[0-9]+/[0-9]+:([0-9]+):'
+                      r'([0-9]+):([0-9]+)')
 #: What follows a disk's name in its partitions' (sda1, nvme0n1p1).
-PARTITION = re.compile('p?[0-9]')
+PARTITION = Pattern('p?[0-9]')
 #: Seconds guest-get-fsinfo, guest-set-vcpus and guest-ssh-* may take in
 #: their child (Server._answer_from_child): then it is abandoned and the
 #: request answered with an error (libvirt gives up after 5 seconds).
@@ -701,7 +716,7 @@ def shown(text):
 
 
 #: What printable() shows escaped.
-CONTROL_CHARACTERS = re.compile('[\x00-\x1f\x7f]')
+CONTROL_CHARACTERS = Pattern('[\x00-\x1f\x7f]')
 
 
 def printable(text):
@@ -712,7 +727,7 @@ def printable(text):
 
 
 #: What base64 text may hold (a2b_base64 alone skips stray characters).
-BASE64_TEXT = re.compile(r'\A[A-Za-z0-9+/]*={0,2}\Z')
+BASE64_TEXT = Pattern(r'\A[A-Za-z0-9+/]*={0,2}\Z')
 
 
 def encode_bytes(data):
@@ -736,7 +751,7 @@ def decode_bytes(text, name):
 
 #: What qemu-ga takes as base64 at all: glib decodes any string of these,
 #: skipping newlines (line-wrapped base64 has them: Perl's, Proxmox's).
-BASE64_CHARACTERS = re.compile(r'\A[A-Za-z0-9+/=\n]*\Z')
+BASE64_CHARACTERS = Pattern(r'\A[A-Za-z0-9+/=\n]*\Z')
 #: The quotes around a path in qemu-ga's (GLib's) messages.
 OPENING_QUOTE = b'\xe2\x80\x9c'.decode('utf-8')
 CLOSING_QUOTE = b'\xe2\x80\x9d'.decode('utf-8')
@@ -2076,7 +2091,7 @@ def read_text(path):
 
 
 #: A backslash escape inside double quotes, as os-release(5) allows them.
-SHELL_ESCAPE = re.compile(r'\\([\\"$`])')
+SHELL_ESCAPE = Pattern(r'\\([\\"$`])')
 
 
 def read_os_release(root='/'):
@@ -2242,7 +2257,7 @@ BUILTINS = {
 
 
 #: An octal escape in /proc/mounts (space, tab, newline, backslash).
-MOUNT_ESCAPE = re.compile(b'\\\\([0-7]{3})')
+MOUNT_ESCAPE = Pattern(b'\\\\([0-7]{3})')
 
 
 def unescape_mount(field):
@@ -4742,7 +4757,7 @@ def print_json(value):
 # ============================================================================
 
 #: A per-domain channel directory of newer libvirt: domain-ID-NAME.
-DOMAIN_DIR = re.compile(r'^domain-(\d+)-(.+)$')
+DOMAIN_DIR = Pattern(r'^domain-(\d+)-(.+)$')
 #: The line virsh echoes between the outputs of several commands in one
 #: call; libvirt's XML cannot hold it as a line of its own outside comments
 #: and CDATA.
