@@ -376,7 +376,8 @@ def test_host_all_runs_on_the_domain(libvirtd, domain):
 
 
 # The domain's lifecycle: destroyed and created again, libvirtd restarted
-# under it.
+# under it, rebooted and shut down by the agent.  Last: the domain is gone
+# after the shutdown.
 
 def test_host_daemon_follows_the_domain_through_destroy_and_create(
         domain, host_daemon, figures):
@@ -415,3 +416,48 @@ def test_libvirtd_restarted_under_the_running_domain(libvirtd, domain,
     assert agent_command(libvirtd, {'execute': 'guest-ping'}) == (
         0, '{"return":{}}\n\n', '')
     call_host('restarted', timeout=10)
+
+
+def guest_uptime():
+    """Seconds since the guest booted: the agent's uptime command."""
+    status, out, err = host(NAME, 'uptime')
+    assert (status, err) == (0, b'')
+    return float(re.search(br'^uptime-seconds=(.*)$', out, re.M).group(1))
+
+
+def test_reboot_mode_agent_boots_the_guest_again(libvirtd, domain,
+                                                 figures):
+    """virsh reboot --mode agent: guest-shutdown {"mode":"reboot"}; with
+    no shutdown in the guest, busybox's reboot signals PID 1 (SIGTERM) and
+    /init reboots as busybox init does.  The domain runs on, in the same
+    QEMU, with a guest booted after the call whose agents answer."""
+    with open(PID_FILE.format(NAME)) as f:
+        qemu_pid = f.read()
+    asked = time.time()
+    assert virsh(libvirtd, 'reboot', '--mode', 'agent', NAME) == (
+        0, "Domain '{0}' is being rebooted\n\n".format(NAME), '')
+    domain.wait_console('negotiator-guest: starting', asked, count=2)
+    domain.wait_agent(asked)
+    domain.wait_libvirt_agent(asked)
+    figures('the agents answered {0:.2f} s after virsh reboot'.format(
+        time.time() - asked))
+    assert guest_uptime() < time.time() - asked
+    assert 'SIGTERM: rebooting' in domain.console()
+    with open(PID_FILE.format(NAME)) as f:
+        assert f.read() == qemu_pid
+
+
+def test_shutdown_mode_agent_powers_the_guest_off(libvirtd, domain,
+                                                  figures):
+    """virsh shutdown --mode agent: guest-shutdown {"mode":"powerdown"};
+    busybox's poweroff signals PID 1 (SIGUSR2) and /init powers off: the
+    transient domain is gone within 30 s.  The last test of the module."""
+    asked = time.time()
+    assert virsh(libvirtd, 'shutdown', '--mode', 'agent', NAME) == (
+        0, "Domain '{0}' is being shutdown\n\n".format(NAME), '')
+    while virsh(libvirtd, 'domstate', NAME)[0] == 0:
+        assert time.time() < asked + 30, domain.console()
+        time.sleep(0.2)
+    figures('the domain was gone {0:.2f} s after virsh shutdown'.format(
+        time.time() - asked))
+    assert 'SIGUSR2: powering off' in domain.console()
