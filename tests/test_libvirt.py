@@ -30,7 +30,8 @@ import negotiator
 from helpers import ROOT, Workdir, make_command
 
 sys.path.insert(0, os.path.join(ROOT, 'scripts', 'guest'))
-from libvirtd import PID_FILE, Domain, Libvirtd  # noqa: E402
+import guestimage  # noqa: E402
+from libvirtd import AGENT_PORT, PID_FILE, Domain, Libvirtd  # noqa: E402
 
 NAME = 'negotiator-test'
 
@@ -373,6 +374,64 @@ def test_host_all_runs_on_the_domain(libvirtd, domain):
     real libvirtd: this one."""
     assert host('--all', '--connect', libvirtd.uri, 'echo-args', 'a') == (
         0, b'negotiator-test: a\x00\n', b'')
+
+
+#: The C qemu-ga of the host (Debian's qemu-guest-agent, which scripts/test
+#: installs), copied into a guest with its libraries, as scripts/bench does.
+QEMU_GA = '/usr/sbin/qemu-ga'
+#: That guest's program: qemu-ga serves libvirt's channel, negotiator
+#: its own (Domain waits for both).
+QEMU_GA_INIT = """#!/bin/sh
+{0} -m virtio-serial -p /dev/virtio-ports/{1} -t /tmp &
+exec "$NEGOTIATOR_PYTHON" /usr/lib/negotiator/negotiator.py guest
+""".format(QEMU_GA, AGENT_PORT)
+
+#: virsh calls that must succeed and print the same through qemu-ga and
+#: negotiator, each followed by --domain NAME.
+SAME_AS_QEMU_GA = [
+    ['domhostname', '--source', 'agent'], ['domifaddr', '--source', 'agent'],
+    ['guestinfo'], ['guestinfo', '--os', '--timezone', '--hostname'],
+    ['guestinfo', '--user'], ['guestinfo', '--filesystem', '--disk'],
+    ['domfsinfo'], ['guestvcpus'], ['domtime'], ['domtime', '--sync'],
+    ['domfstrim'],
+    ['qemu-agent-command', '--cmd', '{"execute":"guest-ping"}']]
+
+
+def same_shape(text):
+    """TEXT with what differs between two guests or two moments (times,
+    byte counts: numbers of 6 digits or more) left out."""
+    return re.sub(r'\d{6,}', 'N', text)
+
+
+def test_virsh_prints_the_same_through_qemu_ga(libvirtd, domain):
+    """The same virsh calls to the domain and to a twin whose libvirt
+    channel the C qemu-ga 7.2 serves (the same guest image and disk): the
+    same status and the same output, times and byte counts aside."""
+    files = dict((path, path) for path in
+                 [QEMU_GA] + guestimage.ldd(QEMU_GA))
+    twin = Domain(libvirtd, name=NAME + '-qemu-ga', python='2',
+                  guest_init=QEMU_GA_INIT, files=files)
+    try:
+        twin.start()
+        differences = []
+        for args in SAME_AS_QEMU_GA:
+            replies = [virsh(libvirtd, *args + ['--domain', name])
+                       for name in (twin.name, NAME)]
+            theirs, ours = [(status, same_shape(out), same_shape(err))
+                            for status, out, err in replies]
+            if ours != theirs or theirs[0]:
+                differences.append((args, theirs, ours))
+        assert differences == [], '\n'.join(map(repr, differences))
+        # Where the guest has no chpasswd, qemu-ga 7.2 names passwd (its
+        # only such message); negotiator names chpasswd and the PATH it
+        # searched (test_set_user_password_says_what_the_guest_lacks).
+        assert virsh(libvirtd, 'set-user-password', twin.name, 'root',
+                     'secret') == (
+            1, '\n', "error: internal error: unable to execute QEMU agent "
+            "command 'guest-set-user-password': cannot find 'passwd' "
+            "program in PATH\n")
+    finally:
+        twin.stop()
 
 
 # The domain's lifecycle: destroyed and created again, libvirtd restarted
