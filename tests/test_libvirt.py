@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -29,7 +30,8 @@ import negotiator
 from helpers import ROOT, Workdir, make_command
 
 sys.path.insert(0, os.path.join(ROOT, 'scripts', 'guest'))
-from libvirtd import Domain, Libvirtd  # noqa: E402
+import guestimage  # noqa: E402
+from libvirtd import AGENT_PORT, PID_FILE, Domain, Libvirtd  # noqa: E402
 
 NAME = 'negotiator-test'
 
@@ -221,32 +223,83 @@ def test_list_guests_finds_the_domains_ports(libvirtd, domain):
         'agent': {'version': negotiator.__version__}, 'error': None}]
 
 
-def test_host_daemon_finds_the_domain_and_serves_its_calls(libvirtd,
-                                                           domain):
+class HostDaemon(object):
+    """``host --daemon -v --connect URI`` serving HOST_COMMANDS, its log
+    lines read as they come, each with the time it came."""
+
+    def __init__(self, libvirtd):
+        self.workdir = Workdir()
+        for name, script in HOST_COMMANDS.items():
+            make_command(self.workdir.commands, name, script)
+        self.lines = []  # (time.time(), line)
+        self.process = subprocess.Popen(
+            [sys.executable, negotiator.__file__, 'host', '--daemon', '-v',
+             '--connect', libvirtd.uri, '--commands-dir',
+             self.workdir.commands],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, universal_newlines=True)
+        self.reader = threading.Thread(target=self._read)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append((time.time(), line))
+
+    def connected(self, path, timeout=30):
+        """When the daemon logged its connection to the guest's socket
+        PATH (waiting up to TIMEOUT seconds for it)."""
+        wanted = 'guest {0}: connected to {1}\n'.format(NAME, path)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for when, line in list(self.lines):
+                if line.endswith(wanted):
+                    return when
+            time.sleep(0.05)
+        raise AssertionError('no {0!r} within {1} s:\n{2}'.format(
+            wanted, timeout, self.log()))
+
+    def log(self):
+        return ''.join(line for _, line in self.lines)
+
+    def stop(self):
+        """Stop it; its whole log, which must hold no traceback."""
+        self.process.terminate()
+        try:
+            assert self.process.wait(30) == 0
+        finally:
+            self.reader.join()
+            self.process.stdout.close()
+            self.workdir.cleanup()
+        assert 'Traceback' not in self.log(), self.log()
+        return self.log()
+
+
+@pytest.fixture
+def host_daemon(libvirtd):
+    daemon = HostDaemon(libvirtd)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def call_host(word, timeout=50):
+    """From inside the guest, `guest --call greet WORD` with the caller's
+    TIMEOUT: once, however long the daemon takes to come."""
+    assert host('--stdin', '-t', str(timeout + 10), NAME, 'call-host', '-t',
+                str(timeout), '--stdin', 'greet', word,
+                input=b'from the guest\n') == (3, (
+                    'hello {0}: {1}\nfrom the guest\n'.format(
+                        NAME, word)).encode(), b'')
+
+
+def test_host_daemon_finds_the_domain_and_serves_its_calls(domain,
+                                                           host_daemon):
     """`host --daemon` finds the domain's negotiator-guest-to-host.0 by
     `virsh list` and `virsh dumpxml`; a call from inside the guest runs
     the host's command with the domain's name."""
-    workdir = Workdir()
-    for name, script in HOST_COMMANDS.items():
-        make_command(workdir.commands, name, script)
-    log_path = workdir.join('daemon.log')
-    with open(log_path, 'wb') as log:
-        daemon = subprocess.Popen(
-            [sys.executable, negotiator.__file__, 'host', '--daemon', '-v',
-             '--connect', libvirtd.uri, '--commands-dir', workdir.commands],
-            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        assert host('--stdin', '-t', '60', NAME, 'call-host', '-t', '50',
-                    '--stdin', 'greet', 'x', input=b'from the guest\n') == (
-            3, ('hello {0}: x\nfrom the guest\n'.format(NAME)).encode(), b'')
-    finally:
-        daemon.terminate()
-        assert daemon.wait(30) == 0
-        with open(log_path) as log:
-            text = log.read()
-        workdir.cleanup()
-    assert 'guest {0}: connected'.format(NAME) in text, text
-    assert 'Traceback' not in text, text
+    call_host('x')
+    host_daemon.connected(domain.guest_to_host_socket)
 
 
 def test_guestinfo_user(libvirtd, domain):
@@ -321,3 +374,149 @@ def test_host_all_runs_on_the_domain(libvirtd, domain):
     real libvirtd: this one."""
     assert host('--all', '--connect', libvirtd.uri, 'echo-args', 'a') == (
         0, b'negotiator-test: a\x00\n', b'')
+
+
+#: The C qemu-ga of the host (Debian's qemu-guest-agent, which scripts/test
+#: installs), copied into a guest with its libraries, as scripts/bench does.
+QEMU_GA = '/usr/sbin/qemu-ga'
+#: That guest's program: qemu-ga serves libvirt's channel, negotiator
+#: its own (Domain waits for both).
+QEMU_GA_INIT = """#!/bin/sh
+{0} -m virtio-serial -p /dev/virtio-ports/{1} -t /tmp &
+exec "$NEGOTIATOR_PYTHON" /usr/lib/negotiator/negotiator.py guest
+""".format(QEMU_GA, AGENT_PORT)
+
+#: virsh calls that must succeed and print the same through qemu-ga and
+#: negotiator, each followed by --domain NAME.
+SAME_AS_QEMU_GA = [
+    ['domhostname', '--source', 'agent'], ['domifaddr', '--source', 'agent'],
+    ['guestinfo'], ['guestinfo', '--os', '--timezone', '--hostname'],
+    ['guestinfo', '--user'], ['guestinfo', '--filesystem', '--disk'],
+    ['domfsinfo'], ['guestvcpus'], ['domtime'], ['domtime', '--sync'],
+    ['domfstrim'],
+    ['qemu-agent-command', '--cmd', '{"execute":"guest-ping"}']]
+
+
+def same_shape(text):
+    """TEXT with what differs between two guests or two moments (times,
+    byte counts: numbers of 6 digits or more) left out."""
+    return re.sub(r'\d{6,}', 'N', text)
+
+
+def test_virsh_prints_the_same_through_qemu_ga(libvirtd, domain):
+    """The same virsh calls to the domain and to a twin whose libvirt
+    channel the C qemu-ga 7.2 serves (the same guest image and disk): the
+    same status and the same output, times and byte counts aside."""
+    files = dict((path, path) for path in
+                 [QEMU_GA] + guestimage.ldd(QEMU_GA))
+    twin = Domain(libvirtd, name=NAME + '-qemu-ga', python='2',
+                  guest_init=QEMU_GA_INIT, files=files)
+    try:
+        twin.start()
+        differences = []
+        for args in SAME_AS_QEMU_GA:
+            replies = [virsh(libvirtd, *args + ['--domain', name])
+                       for name in (twin.name, NAME)]
+            theirs, ours = [(status, same_shape(out), same_shape(err))
+                            for status, out, err in replies]
+            if ours != theirs or theirs[0]:
+                differences.append((args, theirs, ours))
+        assert differences == [], '\n'.join(map(repr, differences))
+        # Where the guest has no chpasswd, qemu-ga 7.2 names passwd (its
+        # only such message); negotiator names chpasswd and the PATH it
+        # searched (test_set_user_password_says_what_the_guest_lacks).
+        assert virsh(libvirtd, 'set-user-password', twin.name, 'root',
+                     'secret') == (
+            1, '\n', "error: internal error: unable to execute QEMU agent "
+            "command 'guest-set-user-password': cannot find 'passwd' "
+            "program in PATH\n")
+    finally:
+        twin.stop()
+
+
+# The domain's lifecycle: destroyed and created again, libvirtd restarted
+# under it, rebooted and shut down by the agent.  Last: the domain is gone
+# after the shutdown.
+
+def test_host_daemon_follows_the_domain_through_destroy_and_create(
+        domain, host_daemon, figures):
+    """virsh destroy, then virsh create: the domain comes back with a new
+    id, so its sockets at new paths.  The daemon follows libvirt's
+    lifecycle events: a call from inside the guest made as soon as the
+    agents answer succeeds at its first try within its 10 s timeout (the
+    bound only catches a daemon that hangs or waits for its next rescan:
+    the connection comes within a second of virsh create)."""
+    old_socket = domain.guest_to_host_socket
+    host_daemon.connected(old_socket)
+    domain.restart()
+    created = time.time() - domain.boot_seconds
+    assert domain.guest_to_host_socket != old_socket
+    called = time.time()
+    call_host('again', timeout=10)
+    answered = time.time()
+    connected = host_daemon.connected(domain.guest_to_host_socket)
+    figures('from virsh create: the daemon connected after {0:.2f} s, the '
+            'agents answered after {1:.2f} s; the first call took {2:.2f} '
+            's'.format(connected - created, called - created,
+                       answered - called))
+    assert connected - created < 10, host_daemon.log()
+
+
+def test_libvirtd_restarted_under_the_running_domain(libvirtd, domain,
+                                                     host_daemon):
+    """libvirtd stopped and started again, its domain running on: `host
+    GUEST` (virsh finds the socket), virsh's agent commands and the guest's
+    calls to the host daemon all work at once."""
+    if not libvirtd.processes:
+        pytest.skip('libvirtd was running already: not ours to restart')
+    host_daemon.connected(domain.guest_to_host_socket)
+    libvirtd.restart()
+    assert host(NAME, 'echo-args', 'a') == (0, b'a\0', b'')
+    assert agent_command(libvirtd, {'execute': 'guest-ping'}) == (
+        0, '{"return":{}}\n\n', '')
+    call_host('restarted', timeout=10)
+
+
+def guest_uptime():
+    """Seconds since the guest booted: the agent's uptime command."""
+    status, out, err = host(NAME, 'uptime')
+    assert (status, err) == (0, b'')
+    return float(re.search(br'^uptime-seconds=(.*)$', out, re.M).group(1))
+
+
+def test_reboot_mode_agent_boots_the_guest_again(libvirtd, domain,
+                                                 figures):
+    """virsh reboot --mode agent: guest-shutdown {"mode":"reboot"}; with
+    no shutdown in the guest, busybox's reboot signals PID 1 (SIGTERM) and
+    /init reboots as busybox init does.  The domain runs on, in the same
+    QEMU, with a guest booted after the call whose agents answer."""
+    with open(PID_FILE.format(NAME)) as f:
+        qemu_pid = f.read()
+    asked = time.time()
+    assert virsh(libvirtd, 'reboot', '--mode', 'agent', NAME) == (
+        0, "Domain '{0}' is being rebooted\n\n".format(NAME), '')
+    domain.wait_console('negotiator-guest: starting', asked, count=2)
+    domain.wait_agent(asked)
+    domain.wait_libvirt_agent(asked)
+    figures('the agents answered {0:.2f} s after virsh reboot'.format(
+        time.time() - asked))
+    assert guest_uptime() < time.time() - asked
+    assert 'SIGTERM: rebooting' in domain.console()
+    with open(PID_FILE.format(NAME)) as f:
+        assert f.read() == qemu_pid
+
+
+def test_shutdown_mode_agent_powers_the_guest_off(libvirtd, domain,
+                                                  figures):
+    """virsh shutdown --mode agent: guest-shutdown {"mode":"powerdown"};
+    busybox's poweroff signals PID 1 (SIGUSR2) and /init powers off: the
+    transient domain is gone within 30 s.  The last test of the module."""
+    asked = time.time()
+    assert virsh(libvirtd, 'shutdown', '--mode', 'agent', NAME) == (
+        0, "Domain '{0}' is being shutdown\n\n".format(NAME), '')
+    while virsh(libvirtd, 'domstate', NAME)[0] == 0:
+        assert time.time() < asked + 30, domain.console()
+        time.sleep(0.2)
+    figures('the domain was gone {0:.2f} s after virsh shutdown'.format(
+        time.time() - asked))
+    assert 'SIGUSR2: powering off' in domain.console()

@@ -123,6 +123,17 @@ def virsh(uri, args, check=True, timeout=60):
     return done
 
 
+def _terminate(process):
+    """SIGTERM, and SIGKILL if PROCESS has not exited within 10 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class Libvirtd(object):
     """virtlogd and libvirtd, started by start() unless libvirtd answers
     already; stop() stops what start() started."""
@@ -133,6 +144,7 @@ class Libvirtd(object):
         self.quiet = quiet
         self.tmpdir = None
         self.processes = []  # (name, Popen, log path), in start order
+        self._libvirtd_args = None
 
     def virsh(self, *args, **kwargs):
         return virsh(self.uri, args, **kwargs)
@@ -147,8 +159,9 @@ class Libvirtd(object):
         _LIVE.append(self)
         try:
             self._spawn('virtlogd', ['virtlogd'])
-            self._spawn('libvirtd', ['unshare', '-m', 'sh', '-c',
-                                     BIND_AND_RUN, 'sh'] + self._private_etc())
+            self._libvirtd_args = ['unshare', '-m', 'sh', '-c', BIND_AND_RUN,
+                                   'sh'] + self._private_etc()
+            self._spawn('libvirtd', self._libvirtd_args)
             self._wait_answer()
         except BaseException:
             self.stop()
@@ -171,9 +184,20 @@ class Libvirtd(object):
             f.write(QEMU_CONF)
         return copies + [etc]
 
+    def restart(self):
+        """Stop libvirtd and start it again, as an upgrade would: virtlogd
+        and the domains' QEMU run on, and the new libvirtd takes them over.
+        Only a libvirtd that start() started."""
+        if not self.processes:
+            raise LibvirtError('libvirtd was running already: not ours to '
+                               'restart')
+        _terminate(self.processes.pop()[1])
+        self._spawn('libvirtd', self._libvirtd_args)
+        self._wait_answer()
+
     def _spawn(self, name, args):
         log = os.path.join(self.tmpdir, name + '.log')
-        with open(log, 'wb') as f:
+        with open(log, 'ab') as f:
             process = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=f,
                 stderr=subprocess.STDOUT,
@@ -212,14 +236,7 @@ class Libvirtd(object):
         """SIGTERM to libvirtd, then virtlogd (SIGKILL after 10 s each).
         Safe to call twice."""
         while self.processes:
-            _, process, _ = self.processes.pop()
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            _terminate(self.processes.pop()[1])
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
