@@ -352,7 +352,8 @@ def test_domtime_sync_sets_the_clock_from_the_hardware_clock(libvirtd,
 
 
 def test_set_user_password_says_what_the_guest_lacks(libvirtd, domain):
-    """The test guest (busybox) has no chpasswd, as qemu-ga would say."""
+    """The test guest (busybox) has no chpasswd: the error names it, and
+    where the agent looked (qemu-ga 7.2 names passwd, see below)."""
     assert virsh(libvirtd, 'set-user-password', NAME, 'root', 'secret') == (
         1, '\n', "error: internal error: unable to execute QEMU agent "
         "command 'guest-set-user-password': cannot find 'chpasswd' program "
