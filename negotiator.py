@@ -64,7 +64,13 @@ else:
     integer_types = (int, long)  # novm (Python 2 only)
 
 #: A clock that never jumps, where the interpreter has one (3.3+).
-monotonic = getattr(time, 'monotonic', time.time)
+#: A clock that only goes forward whatever is done to the wall clock
+#: (guest-set-time, NTP): timers and timeouts run on it.  Python 2 has
+#: none: times(2)'s clock ticks since boot stand in (10 ms ones).
+monotonic = getattr(time, 'monotonic', lambda: os.times()[4])
+#: The finest clock for a short measure (a round trip, a command's run):
+#: on Python 2 the wall clock, whose jump would spoil only that figure.
+stopwatch = getattr(time, 'monotonic', time.time)
 #: fcntl's F_SETPIPE_SZ (Linux 2.6.35+), which Python names from 3.10 on.
 F_SETPIPE_SZ = getattr(fcntl, 'F_SETPIPE_SZ', 1031)
 
@@ -1700,8 +1706,8 @@ class Process(object):
         self._stdin_sent = 0
         self._stdin_fd = None
         self._paused = False
-        #: monotonic() at the start, for the log line at the end.
-        self.started = monotonic()
+        #: stopwatch() at the start, for the log line at the end.
+        self.started = stopwatch()
         # The pipes are made here rather than by Popen: plain descriptors,
         # without the file objects Popen would wrap them in.
         opened = []  # closed again if the command cannot start
@@ -3614,7 +3620,7 @@ class Server(object):
         log.info('%s: %s, pid %d, %s after %.1f ms',
                  self.channel.name, self._command,
                  process.pid, describe_result(result),
-                 (monotonic() - process.started) * 1e3)
+                 (stopwatch() - process.started) * 1e3)
         self.channel.deliver()
 
     def _answer_from_child(self, request_id, argv, failure, stdin_data=b'',
@@ -4665,9 +4671,9 @@ def run_call(client, command, options, started, where, stdin_data):
 
 def ping_agent(client):
     """``(version, guest-ping round trip in ms)`` of the other side."""
-    sent = monotonic()
+    sent = stopwatch()
     client.call('guest-ping')
-    round_trip = (monotonic() - sent) * 1000
+    round_trip = (stopwatch() - sent) * 1000
     info = expect(client.call('guest-info'), lambda value: isinstance(
         value, dict) and isinstance(value.get('version', ''), string_types),
         'guest-info reply')

@@ -44,6 +44,12 @@ COMMANDS = {
                  'cat /etc/os-release\n'),
     'call-host': ('#!/bin/sh\nexec "$NEGOTIATOR_PYTHON" '
                   '/usr/lib/negotiator/negotiator.py guest --call "$@"\n'),
+    # The guest's clock, set and read in seconds since the epoch.
+    'set-clock': '#!/bin/sh\nexec date -u -s "@$1" > /dev/null\n',
+    'clock': '#!/bin/sh\nexec date -u +%s\n',
+    # root's authorized_keys: its mode, owner and lines.
+    'root-keys': ('#!/bin/sh\ncd /root/.ssh && stat -c "%a %u %g %n" . '
+                  'authorized_keys && cat authorized_keys\n'),
 }
 
 #: The host daemon's command the guest calls.
@@ -343,12 +349,54 @@ def test_domfstrim(libvirtd, domain):
     assert virsh(libvirtd, 'domfstrim', NAME) == (0, '\n', '')
 
 
+def guest_clock():
+    status, out, err = host(NAME, 'clock')
+    assert (status, err) == (0, b'')
+    return int(out)
+
+
 def test_domtime_sync_sets_the_clock_from_the_hardware_clock(libvirtd,
                                                              domain):
-    """guest-set-time without a time: the guest's hwclock -s."""
+    """guest-set-time without a time: the guest's hwclock -s puts back the
+    clock a day wrong (the hardware clock is the host's)."""
+    assert host(NAME, 'set-clock', str(int(time.time()) - 86400)) == (
+        0, b'', b'')
+    assert abs(guest_clock() - (time.time() - 86400)) < 60
     assert virsh(libvirtd, 'domtime', '--sync', NAME) == (0, '\n', '')
-    status, out, err = virsh(libvirtd, 'domtime', NAME)
-    assert abs(int(out.split()[1]) - time.time()) < 30, out
+    assert abs(guest_clock() - time.time()) < 30
+
+
+def test_domtime_sets_the_guests_clock(libvirtd, domain):
+    """guest-set-time with a time, then hwclock -w: the guest's clock is
+    what virsh gave."""
+    assert virsh(libvirtd, 'domtime', '--time', '2000000000', NAME) == (
+        0, '\n', '')
+    assert abs(guest_clock() - 2000000000) < 30
+    assert virsh(libvirtd, 'domtime', '--now', NAME) == (0, '\n', '')
+    assert abs(guest_clock() - time.time()) < 30
+
+
+def test_user_sshkeys_through_libvirt(libvirtd, domain):
+    """virsh set-user-sshkeys and get-user-sshkeys: root's authorized_keys,
+    made as sshd wants it, and read back."""
+    keys = ['ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 one@host',
+            'ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQKey2 two@host']
+    workdir = Workdir()
+    try:
+        path = workdir.join('keys')
+        with open(path, 'w') as handle:
+            handle.write('\n'.join(keys) + '\n')
+        assert virsh(libvirtd, 'set-user-sshkeys', NAME, 'root', '--reset',
+                     '--file', path) == (0, '\n', '')
+    finally:
+        workdir.cleanup()
+    # Listed last line first, as qemu-ga lists them; virsh prints them
+    # as they come, with no line ends.
+    assert virsh(libvirtd, 'get-user-sshkeys', NAME, 'root') == (
+        0, ''.join(reversed(keys)) + '\n', '')
+    assert host(NAME, 'root-keys') == (0, (
+        '700 0 0 .\n600 0 0 authorized_keys\n' + '\n'.join(keys) + '\n'
+    ).encode(), b'')
 
 
 def test_set_user_password_says_what_the_guest_lacks(libvirtd, domain):
