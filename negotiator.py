@@ -2879,12 +2879,12 @@ FITRIM = 0xc0185879
 
 def trim_filesystems(minimum):
     """guest-fstrim's work, in a forked child: FITRIM on each mount point
-    of trimmed_mounts(), the last mounted first as qemu-ga lists them.
+    of block_mounts(), the last mounted first as qemu-ga lists them.
 
     :param minimum: the smallest extent to discard, in bytes.
     """
     paths = []
-    for path in reversed(trimmed_mounts()):
+    for path, _, _, _ in reversed(block_mounts()):
         result = {'path': wire_text(path)}
         paths.append(result)
         try:
@@ -2905,31 +2905,6 @@ def trim_filesystems(minimum):
         finally:
             os.close(fd)
     return {'paths': paths}
-
-
-def trimmed_mounts(mountinfo='/proc/self/mountinfo'):
-    """The mount points (bytes) guest-fstrim trims, as qemu-ga 7.2 picks
-    them: those whose device number is a block device's (btrfs gives 0:
-    then its device's), in the order they were mounted."""
-    mounts = []
-    for line in (read_bytes(mountinfo) or b'').splitlines():
-        head, _, tail = line.partition(b' - ')
-        head, tail = head.split(), tail.split()
-        if len(head) < 5 or len(tail) < 2:
-            continue
-        if head[2].startswith(b'0:') and (
-                tail[0] != b'btrfs' or
-                not is_block_device(unescape_mount(tail[1]))):
-            continue
-        mounts.append(unescape_mount(head[4]))
-    return mounts
-
-
-def is_block_device(path):
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except OSError:
-        return False
 
 
 #: guest-shutdown's modes: shutdown's option, and the tool run where
