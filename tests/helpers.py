@@ -158,6 +158,21 @@ class GuestProcess(object):
         return text
 
 
+@contextlib.contextmanager
+def agent_running(args=(), **kwargs):
+    """An Agent in a Workdir of its own, stopped (exit 0, no traceback)
+    and its workdir removed afterwards."""
+    workdir = Workdir()
+    try:
+        agent = Agent(workdir, args, **kwargs)
+        try:
+            yield agent
+        finally:
+            agent.stop()
+    finally:
+        workdir.cleanup()
+
+
 class Agent(GuestProcess):
     """``negotiator.py guest --listen SOCKET`` running in the background."""
 

@@ -12,20 +12,13 @@ import signal
 import pytest
 
 import negotiator
-from helpers import Agent, Workdir, process_state, serving_here, wait_for
+from helpers import agent_running, process_state, serving_here, wait_for
 
 
 @pytest.fixture(scope='module')
 def agent():
-    workdir = Workdir()
-    running = Agent(workdir, ['--block-rpcs', ''])  # refused by default
-    try:
+    with agent_running(['--block-rpcs', '']) as running:  # else refused
         yield running
-    finally:
-        try:
-            running.stop()
-        finally:
-            workdir.cleanup()
 
 
 def call(agent, name, **arguments):

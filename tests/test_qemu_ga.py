@@ -74,8 +74,8 @@ import time
 import pytest
 
 import negotiator
-from helpers import (Agent, RawClient, Workdir, connectable, make_command,
-                     run_cli, wait_for)
+from helpers import (Agent, RawClient, Workdir, agent_running, connectable,
+                     make_command, run_cli, wait_for)
 
 INSTALL_HINT = ('qemu-ga not found on PATH (nor in /usr/sbin, /sbin): '
                 'install it (Debian/Ubuntu: apt-get install '
@@ -567,15 +567,10 @@ def test_timezone_in_other_zones(qemu_ga_path, zone):
     """guest-get-timezone as each sees TZ (libvirt: guestinfo
     --timezone)."""
     env = dict(os.environ, TZ=zone)
-    workdir = Workdir()
-    running = Agent(workdir, env=env)
-    try:
+    with agent_running(env=env) as running:
         with serving_qga(qemu_ga_path, env) as qga:
             expected, actual = both(qga, running, {
                 'execute': 'guest-get-timezone'})
-    finally:
-        running.stop()
-        workdir.cleanup()
     assert actual == expected
     assert sorted(actual['return']) == ['offset', 'zone']
 
@@ -1238,18 +1233,13 @@ def test_default_refusals(qemu_ga_path):
     """Without -a or -b, negotiator refuses what qemu-ga as RHEL ships it
     (-b with its sysconfig list) refuses, the same way."""
     blocked = ','.join(negotiator.DEFAULT_BLOCKED_RPCS)
-    workdir = Workdir()
-    running = Agent(workdir)
-    try:
+    with agent_running() as running:
         with serving_qga(qemu_ga_path, args=['-b', blocked]) as qga:
             replies = [both(qga, running, message) for message in [
                 exec_request('/bin/true'), exec_status(1),
                 file_request('open', path='/etc/hostname')] + [
                 file_request(name, handle=1000)
                 for name in ('read', 'write', 'seek', 'flush', 'close')]]
-    finally:
-        running.stop()
-        workdir.cleanup()
     for expected, actual in replies:
         assert actual == expected
     assert replies[0][1] == {'error': {'class': 'CommandNotFound',
