@@ -188,6 +188,14 @@ def test_set_user_password_tool_fails(agent, tools):
         'child process has failed to set user password')
 
 
+def test_a_tools_message_is_kept_up_to_the_bound(agent, tools):
+    """TOOL_OUTPUT bytes of what a failing tool writes reach the reply."""
+    tools.add('chpasswd', 1, 'x' * (negotiator.TOOL_OUTPUT + 1))
+    assert set_password(agent, 'nobody2', 'YQ==') == error(
+        'child process has failed to set user password: ' +
+        'x' * negotiator.TOOL_OUTPUT)
+
+
 def test_set_user_password_tool_missing(agent, tools):
     assert set_password(agent, 'root', 'YQ==') == missing(['chpasswd'],
                                                           tools)

@@ -132,3 +132,21 @@ def test_a_file_replaced_while_it_is_opened_is_refused(monkeypatch):
                 "'/dev/null' (mode: 'r'): the file was replaced while it was "
                 "opened"}}
         assert ask({'execute': 'guest-ping'}) == {'return': {}}
+
+
+def test_reads_up_to_the_bound(agent):
+    """guest-file-read takes MAX_READ_COUNT bytes at once, not one more
+    (qemu-ga's QGA_READ_COUNT_MAX)."""
+    handle = call(agent, 'guest-file-open', path='/dev/zero')['return']
+    try:
+        size = negotiator.MAX_READ_COUNT
+        assert call(agent, 'guest-file-read', handle=handle,
+                    count=size + 1) == {'error': {
+                        'class': 'GenericError', 'desc': "value '{0}' is "
+                        "invalid for argument count".format(size + 1)}}
+        result = call(agent, 'guest-file-read', handle=handle,
+                      count=size)['return']
+        assert base64.b64decode(result.pop('buf-b64')) == b'\0' * size
+        assert result == {'count': size, 'eof': False}
+    finally:
+        call(agent, 'guest-file-close', handle=handle)
