@@ -287,6 +287,10 @@ MAX_EXECS = 16
 #: Files guest-file-open keeps open at once; it is refused beyond (qemu-ga
 #: keeps any number, up to its descriptor limit).
 MAX_FILES = 64
+#: Children killed (timed out, or their client gone) that have not ended:
+#: stuck in the kernel, as on a hung NFS server, each holding a process
+#: and its memory.  While as many are stuck, no request starts another.
+MAX_STUCK = 16
 #: The first handle guest-file-open gives; each open gives the next.
 #: qemu-ga counts from there too (and keeps its count across restarts).
 FIRST_FILE_HANDLE = 1000
@@ -1592,6 +1596,16 @@ class Children(object):
         if self._null is not None:
             os.close(self._null)
             self._null = None
+
+    def check_room(self):
+        """:raises RequestError: while MAX_STUCK killed children have not
+            ended: each request on a hung filesystem would add one."""
+        stuck = [process for process in self.running
+                 if process.killed or process.timed_out]
+        if len(stuck) >= MAX_STUCK:
+            raise RequestError(
+                '{0} killed child processes have not ended (stuck in the '
+                'kernel?): none is started until one ends'.format(len(stuck)))
 
     def null_input(self):
         if self._null is None:
@@ -3421,6 +3435,7 @@ class Server(object):
         """Start any program, as the agent's user, as qemu-ga does: the
         reply gives its pid at once, guest-exec-status its end."""
         make_room_for_exec(self.children.execs)
+        self.children.check_room()
         path = arguments['path']
         argv = [text_argument(path, 'path')] + [
             text_argument(arg, 'arg') for arg in arguments.get('arg', ())]
@@ -3555,6 +3570,7 @@ class Server(object):
         capture = None
         if arguments.get('capture-output'):
             capture = Capture(MAX_REPLY_CAPTURE)
+        self.children.check_room()
         env = dict(self.env)
         env['NEGOTIATOR_COMMAND'] = wire_bytes(name)
         env['NEGOTIATOR_VERSION'] = __version__
@@ -3621,6 +3637,7 @@ class Server(object):
         :param stdin_fd: the child's stdin, instead of ``stdin_data``.
         :param keep: bytes of each output stream kept.
         """
+        self.children.check_room()
         output = Capture(keep)
         timeout = timeout or TOOL_TIMEOUT
 

@@ -15,13 +15,14 @@ Runs on Python 2.7 and 3.6+: no f-strings, no pathlib/tmp_path.
 """
 import base64
 import os
+import signal
 import stat
 import time
 
 import pytest
 
 import negotiator
-from helpers import ROOT, Agent, Workdir
+from helpers import HANG, ROOT, Agent, Workdir, serving_here
 
 #: The agent, with set_clock() recording its arguments instead of setting
 #: this machine's clock, and a short TOOL_TIMEOUT.
@@ -155,6 +156,48 @@ def test_a_hung_tool_is_killed_and_the_requests_behind_it_are_answered(
     finally:
         client.close()
     assert tools.called('chpasswd') == ([''], b'a:a\n')
+
+
+def test_no_child_starts_while_sixteen_killed_ones_have_not_ended(
+        workdir, monkeypatch):
+    """A child stuck in the kernel (a read of a hung NFS server) outlives
+    its SIGKILL, and each request on that filesystem would add one.  The
+    stand-in: hung tools whose SIGKILL is held back (an in-process agent's
+    Process._kill_group replaced), sent at the end."""
+    tools = Tools(workdir.join('tools'))
+    os.mkdir(tools.path)
+    tools.add('chpasswd', hang=True)
+    monkeypatch.setattr(negotiator, 'TOOL_PATH', tools.path)
+    monkeypatch.setattr(negotiator, 'TOOL_TIMEOUT', 0.05)
+    held = []
+    monkeypatch.setattr(negotiator.Process, '_kill_group',
+                        lambda process: held.append(process.pid))
+    request = {'execute': 'guest-set-user-password', 'id': 1, 'arguments': {
+        'username': 'a', 'password': 'YQ==', 'crypted': False}}
+    killed = error('child process has terminated abnormally: killed after '
+                   '0.05 seconds')
+    stuck = error('16 killed child processes have not ended (stuck in the '
+                  'kernel?): none is started until one ends')
+    with serving_here() as ask:
+        try:
+            for _ in range(negotiator.MAX_STUCK):
+                assert ask(request) == killed
+            assert len(held) == 16
+            assert ask(request) == stuck
+            assert ask(dict(request, execute='guest-exec', arguments={
+                'path': '/bin/true'})) == stuck
+            os.kill(held.pop(0), signal.SIGKILL)
+            deadline = time.time() + HANG
+            reply = ask(request)
+            while reply == stuck:  # until SIGCHLD has had it reaped
+                assert time.time() < deadline
+                ask.wait(0.01)
+                reply = ask(request)
+            assert reply == killed and len(held) == 16
+        finally:
+            for pid in held:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
 
 
 # ---------------------------------------------------------------------------
