@@ -5143,7 +5143,9 @@ class Fleet(object):
     Each guest's call is ``host`` itself in a forked child (a Builtin:
     nothing to start), ``--parallel`` of them at once, their output joining
     one loop.  Each line goes out after its guest's name, as pdsh prints
-    it; with --json each guest's object goes out with "guest" added.
+    it; with --json each guest's object goes out with "guest" added, kept
+    in a temporary file until its call ends: memory holds one at a time,
+    not --parallel of up to 12 MiB of output each.
 
     :param guests: ``[(name, socket path)]``.
     """
@@ -5201,11 +5203,14 @@ class Fleet(object):
     def _start(self, name, path):
         prefix = wire_bytes(name) + b': '
         partial = {'out-data': b'', 'err-data': b''}
-        kept = []  # the JSON object, with --json
+        spool = None  # the JSON object, with --json: on disk while it runs
+        if self.options.json:
+            import tempfile
+            spool = tempfile.TemporaryFile()
 
         def on_output(stream, data):
-            if self.options.json and stream == 'out-data':
-                kept.append(data)
+            if spool and stream == 'out-data':
+                spool.write(data)
             else:
                 partial[stream] = write_lines(STREAM_FDS[stream], prefix,
                                               partial[stream] + data)
@@ -5215,8 +5220,10 @@ class Fleet(object):
             for stream in partial:
                 write_lines(STREAM_FDS[stream], prefix, partial[stream], True)
             status = status_of(result)
-            if self.options.json:
-                print_json(guest_result(name, b''.join(kept), status))
+            if spool:
+                spool.seek(0)
+                print_json(guest_result(name, spool.read(), status))
+                spool.close()
             self.status = max(self.status, status)
             self._start_more()
 
@@ -5224,9 +5231,14 @@ class Fleet(object):
             self.failure = error
 
         timeout = self.options.timeout and self.options.timeout + CALL_GRACE
-        Process(self.loop, self.children,
-                [call_guest, self.options, path, self.command], None,
-                self.stdin_data, timeout, on_output, on_exit, failed)
+        try:
+            Process(self.loop, self.children,
+                    [call_guest, self.options, path, self.command], None,
+                    self.stdin_data, timeout, on_output, on_exit, failed)
+        except BaseException:
+            if spool:
+                spool.close()
+            raise
 
 
 def call_guest(args):

@@ -119,6 +119,19 @@ def test_standard_input_goes_to_every_guest(fleet):
         b'c: two\n'], b'')
 
 
+def test_json_objects_of_several_megabytes_come_whole(fleet):
+    """Each call's object waits in a temporary file until its call ends:
+    it is written there in pieces and read back whole."""
+    text = u''.join(u'{0} \u00e9\n'.format(i) for i in range(400000))
+    status, out, err = cli(['host', '--all', '--channel-dir', fleet.channels,
+                            '--json', 'echo-input'],
+                           stdin=text.encode('utf-8'))
+    results = [json.loads(line.decode('ascii')) for line in out.splitlines()]
+    assert (status, err, sorted(result['guest'] for result in results)) == (
+        0, b'', ['a', 'b', 'c'])
+    assert [result['stdout'] for result in results] == [text] * 3
+
+
 def test_a_guest_that_cannot_be_reached_says_so_and_sets_the_status():
     fleet = Fleet(['a'], dead=True)
     try:
