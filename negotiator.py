@@ -6047,7 +6047,7 @@ def parse_guest_mode(args):
 def print_request_names():
     """--allow-rpcs help: the requests the agent serves, one a line."""
     for request in Server.REQUESTS:
-        print(request[0])
+        print_out(request[0])
     return 0
 
 

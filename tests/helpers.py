@@ -50,14 +50,14 @@ def running(pid):
     return process_state(pid) not in (None, 'Z')
 
 
-def run_cli(args, stdin=b'', timeout=HANG, env=None, prefix=()):
+def run_cli(args, stdin=b'', timeout=HANG, env=None, prefix=(),
+            stdout=subprocess.PIPE):
     """Run ``python negotiator.py ARGS`` (after the command ``prefix``);
-    returns (status, stdout, stderr)."""
+    returns (status, stdout, stderr) (stdout None when given a stdout)."""
     process = subprocess.Popen(
         list(prefix) + [sys.executable, NEGOTIATOR] + list(args),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-        close_fds=True)
+        stdin=subprocess.PIPE, stdout=stdout, stderr=subprocess.PIPE,
+        env=env, close_fds=True)
     deadline = time.time() + timeout
     out, err = communicate(process, stdin, deadline)
     return process.returncode, out, err

@@ -431,6 +431,17 @@ def test_help_as_a_request_list_prints_the_requests(options):
         0, ''.join(name + '\n' for name in REQUESTS).encode('ascii'), b'')
 
 
+def test_the_request_list_ends_quietly_when_its_reader_has_gone():
+    """`guest -b help | head -1`: 141, as if SIGPIPE had ended it."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        assert run_cli(['guest', '-b', 'help'], stdout=write_end) == (
+            141, None, b'')
+    finally:
+        os.close(write_end)
+
+
 def test_request_lists_are_refused_when_calling_the_host():
     status, out, err = run_cli(['guest', '--call', '-b', 'guest-ping', 'x'])
     assert (status, out) == (2, b'')
