@@ -5143,9 +5143,10 @@ class Fleet(object):
     Each guest's call is ``host`` itself in a forked child (a Builtin:
     nothing to start), ``--parallel`` of them at once, their output joining
     one loop.  Each line goes out after its guest's name, as pdsh prints
-    it; with --json each guest's object goes out with "guest" added, kept
-    in a temporary file until its call ends: memory holds one at a time,
-    not --parallel of up to 12 MiB of output each.
+    it; with --json each guest's object goes out with "guest" added.  The
+    object waits in a temporary file until its call ends: the loop holds
+    one at a time, not --parallel (each call's child holds its own output,
+    as ``host --json`` does).
 
     :param guests: ``[(name, socket path)]``.
     """
@@ -5827,16 +5828,17 @@ Run COMMAND with its ARGs in a guest: GUEST is the name of a running
 libvirt guest (found with virsh, or in libvirt's channel directory),
 SOCKET the UNIX socket of its negotiator-host-to-guest.0 port (a path
 holding a slash, or a socket in the current directory).  Options go before
-GUEST; everything after COMMAND is passed on verbatim.  The command's
-stdout and stderr arrive here as they are produced; its exit status
-becomes this program's.  Standard input is forwarded when it is not a
-terminal.
+GUEST (or between GUEST and COMMAND); everything after COMMAND is passed on
+verbatim.  The command's stdout and stderr arrive here as they are
+produced; its exit status becomes this program's.  Standard input is
+forwarded when it is not a terminal.
 
 Exit statuses: the command's own (128+N when killed by signal N);
 124 timed out; 126 not executable; 127 command not found;
 141 the reader of the output went away;
-253 the output cannot be written here; 254 protocol error;
-255 cannot connect or no agent answering; 2 usage error.
+253 the output cannot be written here; 254 protocol error or another
+error reply; 255 cannot connect or no agent answering; 130 interrupted;
+2 usage error; 1 standard input too long (nothing runs).
 
 With --all: run COMMAND on every running guest with the port, --parallel
 at a time, each line of output after its guest's name ("web1: ...");
@@ -5971,7 +5973,8 @@ def host_parser():
     group.add_option('--rescan', type='float', metavar='SECONDS',
                      default=DEFAULT_RESCAN,
                      help='look for guests that came or went every SECONDS '
-                     '(default: %default)')
+                     '(virsh list, or the --guest pairs or --channel-dir '
+                     'again; default: %default)')
     add_service_options(group, 'guests')
     parser.add_option_group(group)
     return parser
