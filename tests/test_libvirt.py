@@ -399,16 +399,6 @@ def test_user_sshkeys_through_libvirt(libvirtd, domain):
     ).encode(), b'')
 
 
-def test_set_user_password_says_what_the_guest_lacks(libvirtd, domain):
-    """The test guest (busybox) has no chpasswd: the error names it, and
-    where the agent looked (qemu-ga 7.2 names passwd, see below)."""
-    assert virsh(libvirtd, 'set-user-password', NAME, 'root', 'secret') == (
-        1, '\n', "error: internal error: unable to execute QEMU agent "
-        "command 'guest-set-user-password': cannot find 'chpasswd' program "
-        "in PATH (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:"
-        "/bin)\n")
-
-
 def test_negotiator_execute_output_in_the_reply(libvirtd, domain):
     """With capture-output, libvirt shows the output, base64."""
     assert agent_command(libvirtd, {
@@ -471,14 +461,6 @@ def test_virsh_prints_the_same_through_qemu_ga(libvirtd, domain):
             if ours != theirs or theirs[0]:
                 differences.append((args, theirs, ours))
         assert differences == [], '\n'.join(map(repr, differences))
-        # Where the guest has no chpasswd, qemu-ga 7.2 names passwd (its
-        # only such message); negotiator names chpasswd and the PATH it
-        # searched (test_set_user_password_says_what_the_guest_lacks).
-        assert virsh(libvirtd, 'set-user-password', twin.name, 'root',
-                     'secret') == (
-            1, '\n', "error: internal error: unable to execute QEMU agent "
-            "command 'guest-set-user-password': cannot find 'passwd' "
-            "program in PATH\n")
     finally:
         twin.stop()
 
