@@ -16,6 +16,8 @@ What virsh prints is asserted exactly, as libvirt 9.0 (Debian 12) prints
 it.
 """
 
+import ctypes
+import ctypes.util
 import json
 import os
 import re
@@ -50,6 +52,8 @@ COMMANDS = {
     # root's authorized_keys: its mode, owner and lines.
     'root-keys': ('#!/bin/sh\ncd /root/.ssh && stat -c "%a %u %g %n" . '
                   'authorized_keys && cat authorized_keys\n'),
+    # /etc/shadow: its mode and owner, and its lines.
+    'shadow': '#!/bin/sh\nstat -c "%a %u %g" /etc/shadow && cat /etc/shadow\n',
 }
 
 #: The host daemon's command the guest calls.
@@ -66,19 +70,24 @@ def libvirtd():
 
 
 @pytest.fixture(scope='module')
-def domain(libvirtd):
+def commands():
+    """The guests' commands directory, COMMANDS in it."""
     workdir = Workdir()
     for name, script in COMMANDS.items():
         make_command(workdir.commands, name, script)
-    booted = Domain(libvirtd, name=NAME, python='2',
-                    commands=workdir.commands)
+    yield workdir.commands
+    workdir.cleanup()
+
+
+@pytest.fixture(scope='module')
+def domain(libvirtd, commands):
+    booted = Domain(libvirtd, name=NAME, python='2', commands=commands)
     try:
         booted.start()
         yield booted
         console = booted.console()
     finally:
         booted.stop()
-        workdir.cleanup()
     # The agents log to the console: whatever happened, never a traceback.
     assert 'Traceback' not in console, console
 
@@ -418,6 +427,8 @@ def test_host_all_runs_on_the_domain(libvirtd, domain):
 #: The C qemu-ga of the host (Debian's qemu-guest-agent, which scripts/test
 #: installs), copied into a guest with its libraries, as scripts/bench does.
 QEMU_GA = '/usr/sbin/qemu-ga'
+#: The domain's twin, whose libvirt channel qemu-ga serves.
+TWIN = NAME + '-qemu-ga'
 #: That guest's program: qemu-ga serves libvirt's channel, negotiator
 #: its own (Domain waits for both).
 QEMU_GA_INIT = """#!/bin/sh
@@ -442,27 +453,120 @@ def same_shape(text):
     return re.sub(r'\d{6,}', 'N', text)
 
 
-def test_virsh_prints_the_same_through_qemu_ga(libvirtd, domain):
-    """The same virsh calls to the domain and to a twin whose libvirt
-    channel the C qemu-ga 7.2 serves (the same guest image and disk): the
-    same status and the same output, times and byte counts aside."""
+@pytest.fixture(scope='class')
+def twin(libvirtd, domain, commands):
+    """The domain's twin, whose libvirt channel the C qemu-ga 7.2 serves
+    (the same guest image, disk and commands): up for one class's tests,
+    gone before the domain's lifecycle tests."""
     files = dict((path, path) for path in
                  [QEMU_GA] + guestimage.ldd(QEMU_GA))
-    twin = Domain(libvirtd, name=NAME + '-qemu-ga', python='2',
-                  guest_init=QEMU_GA_INIT, files=files)
+    booted = Domain(libvirtd, name=TWIN, python='2', guest_init=QEMU_GA_INIT,
+                    files=files, commands=commands)
     try:
-        twin.start()
+        booted.start()
+        yield booted
+    finally:
+        booted.stop()
+
+
+def on_both(libvirtd, *args):
+    """virsh ARGS, DOM standing for a domain's name, to the twin and to
+    the domain: [their (status, stdout, stderr), ours], each domain's name
+    given back as DOM."""
+    replies = []
+    for name in (TWIN, NAME):
+        status, out, err = virsh(libvirtd, *[name if arg == 'DOM' else arg
+                                              for arg in args])
+        replies.append((status, out.replace(name, 'DOM'),
+                        err.replace(name, 'DOM')))
+    return replies
+
+
+def guest_output(name, *args):
+    """What the guest command ARGS writes in domain NAME, which must
+    succeed and write nothing on stderr."""
+    status, out, err = host(name, *args)
+    assert (status, err) == (0, b''), (args, status, out, err)
+    return out.decode()
+
+
+def shadow(name):
+    """Domain NAME's /etc/shadow: (its mode and owner, its lines)."""
+    mode, text = guest_output(name, 'shadow').split('\n', 1)
+    return mode, text.splitlines()
+
+
+def password_field(name, user):
+    """The password field of USER's line in domain NAME's /etc/shadow."""
+    return [line.split(':')[1] for line in shadow(name)[1]
+            if line.startswith(user + ':')][0]
+
+
+def crypt(password, setting):
+    """crypt(3) of the host's libcrypt, which knows the hashes Debian's
+    PAM makes (Python 3.13 has no crypt module)."""
+    function = ctypes.CDLL(ctypes.util.find_library('crypt')).crypt
+    function.restype = ctypes.c_char_p
+    function.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    return function(password.encode(), setting.encode()).decode()
+
+
+#: A password with a space and a colon (chpasswd splits at the first).
+PASSWORD = 'top secret:42'
+#: A hashed password, for --encrypted: SHA-512 crypt of "another secret".
+HASH = ('$6$negotiator$/AdDp7hkLAV3rQ9oEaJCSw1LEbYKcd8XN/VXVGiERwoNeMg5v1CG'
+        'zk8uNVjU6rqs6JqbCkNkoeXGLJd5v3YjQ1')
+PASSWORD_SET = (0, 'Password set successfully for root in DOM\n', '')
+
+
+class TestSameAsQemuGa(object):
+    """The same virsh calls to the domain and to its twin: the same status
+    and output, and the same effect inside the guests, unless a test says
+    how and why they differ."""
+
+    def test_virsh_prints_the_same(self, libvirtd, twin):
+        """Times and byte counts aside."""
         differences = []
         for args in SAME_AS_QEMU_GA:
-            replies = [virsh(libvirtd, *args + ['--domain', name])
-                       for name in (twin.name, NAME)]
+            replies = on_both(libvirtd, *args + ['--domain', 'DOM'])
             theirs, ours = [(status, same_shape(out), same_shape(err))
                             for status, out, err in replies]
             if ours != theirs or theirs[0]:
                 differences.append((args, theirs, ours))
         assert differences == [], '\n'.join(map(repr, differences))
-    finally:
-        twin.stop()
+
+    def test_set_user_password(self, libvirtd, twin):
+        """chpasswd (through PAM's pam_unix) puts a hash of the password
+        in root's shadow entry; /etc/shadow keeps its mode and owner."""
+        assert on_both(libvirtd, 'set-user-password', 'DOM', 'root',
+                       PASSWORD) == [PASSWORD_SET] * 2
+        for name in (TWIN, NAME):
+            hashed = password_field(name, 'root')
+            assert crypt(PASSWORD, hashed) == hashed
+            assert shadow(name)[0] == '640 0 42'
+
+    def test_set_user_password_encrypted(self, libvirtd, twin):
+        """--encrypted: chpasswd -e writes the hash as given."""
+        assert on_both(libvirtd, 'set-user-password', '--encrypted', 'DOM',
+                       'root', HASH) == [PASSWORD_SET] * 2
+        for name in (TWIN, NAME):
+            assert password_field(name, 'root') == HASH
+
+    def test_set_user_password_of_no_such_user(self, libvirtd, twin):
+        """chpasswd fails: the same error, to which negotiator adds what
+        chpasswd said (qemu-ga 7.2 sends its output to /dev/null)."""
+        before = [shadow(name) for name in (TWIN, NAME)]
+        theirs, ours = on_both(libvirtd, 'set-user-password', 'DOM',
+                               'nosuch', PASSWORD)
+        error = ("error: internal error: unable to execute QEMU agent "
+                 "command 'guest-set-user-password': child process has "
+                 "failed to set user password")
+        assert theirs == (1, '\n', error + '\n')
+        assert ours == (1, '\n', error + (
+            ": chpasswd: (user nosuch) pam_chauthtok() failed, error:\n"
+            "Authentication token manipulation error\n"
+            "chpasswd: (line 1, user nosuch) password not changed\n"))
+        assert [shadow(name) for name in (TWIN, NAME)] == before
 
 
 # The domain's lifecycle: destroyed and created again, libvirtd restarted
