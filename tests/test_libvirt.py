@@ -36,6 +36,10 @@ import guestimage  # noqa: E402
 from libvirtd import AGENT_PORT, PID_FILE, Domain, Libvirtd  # noqa: E402
 
 NAME = 'negotiator-test'
+#: The guest's user besides root (scripts/guest/guestimage.py).
+USER, USER_ID = guestimage.GUEST_USER[:2]
+#: A shell line setting $home to the home of the user named by $1.
+HOME_OF = 'home=$(grep "^$1:" /etc/passwd | cut -d: -f6)\n'
 
 #: Guest commands (busybox sh).
 COMMANDS = {
@@ -49,9 +53,13 @@ COMMANDS = {
     # The guest's clock, set and read in seconds since the epoch.
     'set-clock': '#!/bin/sh\nexec date -u -s "@$1" > /dev/null\n',
     'clock': '#!/bin/sh\nexec date -u +%s\n',
-    # root's authorized_keys: its mode, owner and lines.
-    'root-keys': ('#!/bin/sh\ncd /root/.ssh && stat -c "%a %u %g %n" . '
-                  'authorized_keys && cat authorized_keys\n'),
+    # A user's ~/.ssh and authorized_keys: modes, owners and lines.
+    'user-keys': ('#!/bin/sh\n' + HOME_OF + 'cd "$home/.ssh" && '
+                  'stat -c "%a %u %g %n" . authorized_keys && '
+                  'cat authorized_keys\n'),
+    # A user's authorized_keys made a symlink to $2.
+    'link-keys': ('#!/bin/sh\n' + HOME_OF +
+                  'ln -sfn "$2" "$home/.ssh/authorized_keys"\n'),
     # /etc/shadow: its mode and owner, and its lines.
     'shadow': '#!/bin/sh\nstat -c "%a %u %g" /etc/shadow && cat /etc/shadow\n',
 }
@@ -385,26 +393,36 @@ def test_domtime_sets_the_guests_clock(libvirtd, domain):
     assert abs(guest_clock() - time.time()) < 30
 
 
-def test_user_sshkeys_through_libvirt(libvirtd, domain):
+#: Two public keys, as a key file holds them.
+KEYS = ['ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 one@host',
+        'ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQKey2 two@host']
+
+
+@pytest.fixture(scope='module')
+def key_files():
+    """Key files for virsh set-user-sshkeys --file: {'all': KEYS, one a
+    line, 'first': the first}."""
+    workdir = Workdir()
+    paths = {}
+    for name, keys in (('all', KEYS), ('first', KEYS[:1])):
+        paths[name] = workdir.join(name)
+        with open(paths[name], 'w') as handle:
+            handle.write(''.join(key + '\n' for key in keys))
+    yield paths
+    workdir.cleanup()
+
+
+def test_user_sshkeys_through_libvirt(libvirtd, domain, key_files):
     """virsh set-user-sshkeys and get-user-sshkeys: root's authorized_keys,
     made as sshd wants it, and read back."""
-    keys = ['ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 one@host',
-            'ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQKey2 two@host']
-    workdir = Workdir()
-    try:
-        path = workdir.join('keys')
-        with open(path, 'w') as handle:
-            handle.write('\n'.join(keys) + '\n')
-        assert virsh(libvirtd, 'set-user-sshkeys', NAME, 'root', '--reset',
-                     '--file', path) == (0, '\n', '')
-    finally:
-        workdir.cleanup()
+    assert virsh(libvirtd, 'set-user-sshkeys', NAME, 'root', '--reset',
+                 '--file', key_files['all']) == (0, '\n', '')
     # Listed last line first, as qemu-ga lists them; virsh prints them
     # as they come, with no line ends.
     assert virsh(libvirtd, 'get-user-sshkeys', NAME, 'root') == (
-        0, ''.join(reversed(keys)) + '\n', '')
-    assert host(NAME, 'root-keys') == (0, (
-        '700 0 0 .\n600 0 0 authorized_keys\n' + '\n'.join(keys) + '\n'
+        0, ''.join(reversed(KEYS)) + '\n', '')
+    assert host(NAME, 'user-keys', 'root') == (0, (
+        '700 0 0 .\n600 0 0 authorized_keys\n' + '\n'.join(KEYS) + '\n'
     ).encode(), b'')
 
 
@@ -502,6 +520,15 @@ def password_field(name, user):
             if line.startswith(user + ':')][0]
 
 
+def keys_listing(content, link=False):
+    """What the guest command user-keys shows of USER's ~/.ssh when its
+    authorized_keys is a file of the user's holding CONTENT or (LINK) a
+    symlink of root's to what holds CONTENT."""
+    return '700 {0} {0} .\n{1} authorized_keys\n{2}'.format(
+        USER_ID, '777 0 0' if link else '600 {0} {0}'.format(USER_ID),
+        content)
+
+
 def crypt(password, setting):
     """crypt(3) of the host's libcrypt, which knows the hashes Debian's
     PAM makes (Python 3.13 has no crypt module)."""
@@ -567,6 +594,76 @@ class TestSameAsQemuGa(object):
             "Authentication token manipulation error\n"
             "chpasswd: (line 1, user nosuch) password not changed\n"))
         assert [shadow(name) for name in (TWIN, NAME)] == before
+
+    def test_user_sshkeys(self, libvirtd, twin, key_files):
+        """set-user-sshkeys (keys added, removed, reset) and
+        get-user-sshkeys of a user's keys: ~/.ssh (0700) and
+        authorized_keys (0600) made the user's, as sshd wants them.  virsh
+        sends a key file's lines, the empty one after the last newline
+        too: both agents keep it, an empty line."""
+        one, two = KEYS
+        for args, content in (
+                (['--file', key_files['first']], one + '\n'),
+                (['--file', key_files['all']], one + '\n\n' + two),
+                (['--remove', '--file', key_files['first']], two),
+                (['--reset', '--file', key_files['all']],
+                 one + '\n' + two + '\n'),
+                (['--reset'], '')):
+            assert on_both(libvirtd, 'set-user-sshkeys', 'DOM', USER,
+                           *args) == [(0, '\n', '')] * 2
+            listed = ''.join(reversed([key for key in content.split('\n')
+                                       if key]))
+            assert on_both(libvirtd, 'get-user-sshkeys', 'DOM', USER) == [
+                (0, listed + '\n', '')] * 2
+            for name in (TWIN, NAME):
+                assert guest_output(name, 'user-keys', USER) == \
+                    keys_listing(content), (args, name)
+
+    def test_user_sshkeys_symlink_to_a_root_only_file(self, libvirtd, twin,
+                                                      key_files):
+        """The user's authorized_keys a symlink to /etc/shadow, which the
+        user cannot read (0640, root's, group shadow).  A difference, on
+        purpose: qemu-ga, as root, follows it: get-user-sshkeys lists
+        shadow's lines to the host, and adding or removing keys copies
+        them into the user's own authorized_keys (0600, the user's: the
+        user may then read root's password hash).  negotiator acts as the
+        user: the kernel refuses, the link stays.  With --reset (nothing
+        read) both replace the link, not following it.  /etc/shadow never
+        changes."""
+        before = dict((name, shadow(name)) for name in (TWIN, NAME))
+        text = '\n'.join(before[TWIN][1]) + '\n'
+        refused = ("error: internal error: unable to execute QEMU agent "
+                   "command '{0}': failed to read '{1}/.ssh/authorized_keys'"
+                   ": Failed to open file \u201c{1}/.ssh/authorized_keys"
+                   "\u201d: Permission denied\n")
+        for args, request, reply, written in (
+                (['get-user-sshkeys', 'DOM', USER],
+                 'guest-ssh-get-authorized-keys',
+                 ''.join(reversed(before[TWIN][1])) + '\n', None),
+                (['set-user-sshkeys', 'DOM', USER, '--file', key_files['all']],
+                 'guest-ssh-add-authorized-keys', '\n',
+                 text + '\n' + '\n'.join(KEYS)),
+                (['set-user-sshkeys', 'DOM', USER, '--remove', '--file',
+                  key_files['all']],
+                 'guest-ssh-remove-authorized-keys', '\n', text[:-1])):
+            for name in (TWIN, NAME):
+                guest_output(name, 'link-keys', USER, '/etc/shadow')
+            assert on_both(libvirtd, *args) == [
+                (0, reply, ''),
+                (1, '\n', refused.format(request, guestimage.GUEST_USER[2]))]
+            assert guest_output(TWIN, 'user-keys', USER) == (
+                keys_listing(text, link=True) if written is None
+                else keys_listing(written))
+            assert guest_output(NAME, 'user-keys', USER) == keys_listing(
+                text, link=True)
+        for name in (TWIN, NAME):
+            guest_output(name, 'link-keys', USER, '/etc/shadow')
+        assert on_both(libvirtd, 'set-user-sshkeys', 'DOM', USER, '--reset',
+                       '--file', key_files['all']) == [(0, '\n', '')] * 2
+        for name in (TWIN, NAME):
+            assert guest_output(name, 'user-keys', USER) == keys_listing(
+                '\n'.join(KEYS) + '\n')
+            assert shadow(name) == before[name]
 
 
 # The domain's lifecycle: destroyed and created again, libvirtd restarted
