@@ -16,6 +16,7 @@ What virsh prints is asserted exactly, as libvirt 9.0 (Debian 12) prints
 it.
 """
 
+import concurrent.futures
 import ctypes
 import ctypes.util
 import json
@@ -487,17 +488,22 @@ def twin(libvirtd, domain, commands):
         booted.stop()
 
 
+def at_once(function):
+    """[FUNCTION(TWIN), FUNCTION(NAME)], the two called at once: each
+    domain has a QEMU of its own."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return list(pool.map(function, (TWIN, NAME)))
+
+
 def on_both(libvirtd, *args):
     """virsh ARGS, DOM standing for a domain's name, to the twin and to
     the domain: [their (status, stdout, stderr), ours], each domain's name
     given back as DOM."""
-    replies = []
-    for name in (TWIN, NAME):
+    def call(name):
         status, out, err = virsh(libvirtd, *[name if arg == 'DOM' else arg
                                               for arg in args])
-        replies.append((status, out.replace(name, 'DOM'),
-                        err.replace(name, 'DOM')))
-    return replies
+        return status, out.replace(name, 'DOM'), err.replace(name, 'DOM')
+    return at_once(call)
 
 
 def guest_output(name, *args):
@@ -508,16 +514,23 @@ def guest_output(name, *args):
     return out.decode()
 
 
-def shadow(name):
-    """Domain NAME's /etc/shadow: (its mode and owner, its lines)."""
-    mode, text = guest_output(name, 'shadow').split('\n', 1)
-    return mode, text.splitlines()
+def in_both(*args):
+    """[What the guest command ARGS writes in the twin, in the domain]."""
+    return at_once(lambda name: guest_output(name, *args))
 
 
-def password_field(name, user):
-    """The password field of USER's line in domain NAME's /etc/shadow."""
-    return [line.split(':')[1] for line in shadow(name)[1]
-            if line.startswith(user + ':')][0]
+def shadows():
+    """The twin's /etc/shadow and the domain's: [(its mode and owner, its
+    lines)] of each."""
+    return [(text.split('\n', 1)[0], text.splitlines()[1:])
+            for text in in_both('shadow')]
+
+
+def password_fields(user):
+    """The password field of USER's line in the twin's /etc/shadow and in
+    the domain's."""
+    return [[line.split(':')[1] for line in lines
+             if line.startswith(user + ':')][0] for _, lines in shadows()]
 
 
 def keys_listing(content, link=False):
@@ -567,22 +580,20 @@ class TestSameAsQemuGa(object):
         in root's shadow entry; /etc/shadow keeps its mode and owner."""
         assert on_both(libvirtd, 'set-user-password', 'DOM', 'root',
                        PASSWORD) == [PASSWORD_SET] * 2
-        for name in (TWIN, NAME):
-            hashed = password_field(name, 'root')
+        for hashed in password_fields('root'):
             assert crypt(PASSWORD, hashed) == hashed
-            assert shadow(name)[0] == '640 0 42'
+        assert [mode for mode, _ in shadows()] == ['640 0 42'] * 2
 
     def test_set_user_password_encrypted(self, libvirtd, twin):
         """--encrypted: chpasswd -e writes the hash as given."""
         assert on_both(libvirtd, 'set-user-password', '--encrypted', 'DOM',
                        'root', HASH) == [PASSWORD_SET] * 2
-        for name in (TWIN, NAME):
-            assert password_field(name, 'root') == HASH
+        assert password_fields('root') == [HASH] * 2
 
     def test_set_user_password_of_no_such_user(self, libvirtd, twin):
         """chpasswd fails: the same error, to which negotiator adds what
         chpasswd said (qemu-ga 7.2 sends its output to /dev/null)."""
-        before = [shadow(name) for name in (TWIN, NAME)]
+        before = shadows()
         theirs, ours = on_both(libvirtd, 'set-user-password', 'DOM',
                                'nosuch', PASSWORD)
         error = ("error: internal error: unable to execute QEMU agent "
@@ -593,7 +604,7 @@ class TestSameAsQemuGa(object):
             ": chpasswd: (user nosuch) pam_chauthtok() failed, error:\n"
             "Authentication token manipulation error\n"
             "chpasswd: (line 1, user nosuch) password not changed\n"))
-        assert [shadow(name) for name in (TWIN, NAME)] == before
+        assert shadows() == before
 
     def test_user_sshkeys(self, libvirtd, twin, key_files):
         """set-user-sshkeys (keys added, removed, reset) and
@@ -615,9 +626,8 @@ class TestSameAsQemuGa(object):
                                        if key]))
             assert on_both(libvirtd, 'get-user-sshkeys', 'DOM', USER) == [
                 (0, listed + '\n', '')] * 2
-            for name in (TWIN, NAME):
-                assert guest_output(name, 'user-keys', USER) == \
-                    keys_listing(content), (args, name)
+            assert in_both('user-keys', USER) == [
+                keys_listing(content)] * 2, args
 
     def test_user_sshkeys_symlink_to_a_root_only_file(self, libvirtd, twin,
                                                       key_files):
@@ -630,8 +640,9 @@ class TestSameAsQemuGa(object):
         user: the kernel refuses, the link stays.  With --reset (nothing
         read) both replace the link, not following it.  /etc/shadow never
         changes."""
-        before = dict((name, shadow(name)) for name in (TWIN, NAME))
-        text = '\n'.join(before[TWIN][1]) + '\n'
+        before = shadows()
+        their_shadow, our_shadow = ['\n'.join(lines) + '\n'
+                                    for _, lines in before]
         refused = ("error: internal error: unable to execute QEMU agent "
                    "command '{0}': failed to read '{1}/.ssh/authorized_keys'"
                    ": Failed to open file \u201c{1}/.ssh/authorized_keys"
@@ -639,31 +650,28 @@ class TestSameAsQemuGa(object):
         for args, request, reply, written in (
                 (['get-user-sshkeys', 'DOM', USER],
                  'guest-ssh-get-authorized-keys',
-                 ''.join(reversed(before[TWIN][1])) + '\n', None),
+                 ''.join(reversed(before[0][1])) + '\n', None),
                 (['set-user-sshkeys', 'DOM', USER, '--file', key_files['all']],
                  'guest-ssh-add-authorized-keys', '\n',
-                 text + '\n' + '\n'.join(KEYS)),
+                 their_shadow + '\n' + '\n'.join(KEYS)),
                 (['set-user-sshkeys', 'DOM', USER, '--remove', '--file',
                   key_files['all']],
-                 'guest-ssh-remove-authorized-keys', '\n', text[:-1])):
-            for name in (TWIN, NAME):
-                guest_output(name, 'link-keys', USER, '/etc/shadow')
+                 'guest-ssh-remove-authorized-keys', '\n',
+                 their_shadow[:-1])):
+            in_both('link-keys', USER, '/etc/shadow')
             assert on_both(libvirtd, *args) == [
                 (0, reply, ''),
                 (1, '\n', refused.format(request, guestimage.GUEST_USER[2]))]
-            assert guest_output(TWIN, 'user-keys', USER) == (
-                keys_listing(text, link=True) if written is None
-                else keys_listing(written))
-            assert guest_output(NAME, 'user-keys', USER) == keys_listing(
-                text, link=True)
-        for name in (TWIN, NAME):
-            guest_output(name, 'link-keys', USER, '/etc/shadow')
+            assert in_both('user-keys', USER) == [
+                keys_listing(their_shadow, link=True) if written is None
+                else keys_listing(written),
+                keys_listing(our_shadow, link=True)]
+        in_both('link-keys', USER, '/etc/shadow')
         assert on_both(libvirtd, 'set-user-sshkeys', 'DOM', USER, '--reset',
                        '--file', key_files['all']) == [(0, '\n', '')] * 2
-        for name in (TWIN, NAME):
-            assert guest_output(name, 'user-keys', USER) == keys_listing(
-                '\n'.join(KEYS) + '\n')
-            assert shadow(name) == before[name]
+        assert in_both('user-keys', USER) == [
+            keys_listing('\n'.join(KEYS) + '\n')] * 2
+        assert shadows() == before
 
 
 # The domain's lifecycle: destroyed and created again, libvirtd restarted
