@@ -16,6 +16,9 @@ What virsh prints is asserted exactly, as libvirt 9.0 (Debian 12) prints
 it.
 """
 
+import concurrent.futures
+import ctypes
+import ctypes.util
 import json
 import os
 import re
@@ -34,6 +37,10 @@ import guestimage  # noqa: E402
 from libvirtd import AGENT_PORT, PID_FILE, Domain, Libvirtd  # noqa: E402
 
 NAME = 'negotiator-test'
+#: The guest's user besides root (scripts/guest/guestimage.py).
+USER, USER_ID = guestimage.GUEST_USER[:2]
+#: A shell line setting $home to the home of the user named by $1.
+HOME_OF = 'home=$(grep "^$1:" /etc/passwd | cut -d: -f6)\n'
 
 #: Guest commands (busybox sh).
 COMMANDS = {
@@ -47,9 +54,15 @@ COMMANDS = {
     # The guest's clock, set and read in seconds since the epoch.
     'set-clock': '#!/bin/sh\nexec date -u -s "@$1" > /dev/null\n',
     'clock': '#!/bin/sh\nexec date -u +%s\n',
-    # root's authorized_keys: its mode, owner and lines.
-    'root-keys': ('#!/bin/sh\ncd /root/.ssh && stat -c "%a %u %g %n" . '
-                  'authorized_keys && cat authorized_keys\n'),
+    # A user's ~/.ssh and authorized_keys: modes, owners and lines.
+    'user-keys': ('#!/bin/sh\n' + HOME_OF + 'cd "$home/.ssh" && '
+                  'stat -c "%a %u %g %n" . authorized_keys && '
+                  'cat authorized_keys\n'),
+    # A user's authorized_keys made a symlink to $2.
+    'link-keys': ('#!/bin/sh\n' + HOME_OF +
+                  'ln -sfn "$2" "$home/.ssh/authorized_keys"\n'),
+    # /etc/shadow: its mode and owner, and its lines.
+    'shadow': '#!/bin/sh\nstat -c "%a %u %g" /etc/shadow && cat /etc/shadow\n',
 }
 
 #: The host daemon's command the guest calls.
@@ -66,19 +79,24 @@ def libvirtd():
 
 
 @pytest.fixture(scope='module')
-def domain(libvirtd):
+def commands():
+    """The guests' commands directory, COMMANDS in it."""
     workdir = Workdir()
     for name, script in COMMANDS.items():
         make_command(workdir.commands, name, script)
-    booted = Domain(libvirtd, name=NAME, python='2',
-                    commands=workdir.commands)
+    yield workdir.commands
+    workdir.cleanup()
+
+
+@pytest.fixture(scope='module')
+def domain(libvirtd, commands):
+    booted = Domain(libvirtd, name=NAME, python='2', commands=commands)
     try:
         booted.start()
         yield booted
         console = booted.console()
     finally:
         booted.stop()
-        workdir.cleanup()
     # The agents log to the console: whatever happened, never a traceback.
     assert 'Traceback' not in console, console
 
@@ -376,37 +394,37 @@ def test_domtime_sets_the_guests_clock(libvirtd, domain):
     assert abs(guest_clock() - time.time()) < 30
 
 
-def test_user_sshkeys_through_libvirt(libvirtd, domain):
+#: Two public keys, as a key file holds them.
+KEYS = ['ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 one@host',
+        'ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQKey2 two@host']
+
+
+@pytest.fixture(scope='module')
+def key_files():
+    """Key files for virsh set-user-sshkeys --file: {'all': KEYS, one a
+    line, 'first': the first}."""
+    workdir = Workdir()
+    paths = {}
+    for name, keys in (('all', KEYS), ('first', KEYS[:1])):
+        paths[name] = workdir.join(name)
+        with open(paths[name], 'w') as handle:
+            handle.write(''.join(key + '\n' for key in keys))
+    yield paths
+    workdir.cleanup()
+
+
+def test_user_sshkeys_through_libvirt(libvirtd, domain, key_files):
     """virsh set-user-sshkeys and get-user-sshkeys: root's authorized_keys,
     made as sshd wants it, and read back."""
-    keys = ['ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey1 one@host',
-            'ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQKey2 two@host']
-    workdir = Workdir()
-    try:
-        path = workdir.join('keys')
-        with open(path, 'w') as handle:
-            handle.write('\n'.join(keys) + '\n')
-        assert virsh(libvirtd, 'set-user-sshkeys', NAME, 'root', '--reset',
-                     '--file', path) == (0, '\n', '')
-    finally:
-        workdir.cleanup()
+    assert virsh(libvirtd, 'set-user-sshkeys', NAME, 'root', '--reset',
+                 '--file', key_files['all']) == (0, '\n', '')
     # Listed last line first, as qemu-ga lists them; virsh prints them
     # as they come, with no line ends.
     assert virsh(libvirtd, 'get-user-sshkeys', NAME, 'root') == (
-        0, ''.join(reversed(keys)) + '\n', '')
-    assert host(NAME, 'root-keys') == (0, (
-        '700 0 0 .\n600 0 0 authorized_keys\n' + '\n'.join(keys) + '\n'
+        0, ''.join(reversed(KEYS)) + '\n', '')
+    assert host(NAME, 'user-keys', 'root') == (0, (
+        '700 0 0 .\n600 0 0 authorized_keys\n' + '\n'.join(KEYS) + '\n'
     ).encode(), b'')
-
-
-def test_set_user_password_says_what_the_guest_lacks(libvirtd, domain):
-    """The test guest (busybox) has no chpasswd: the error names it, and
-    where the agent looked (qemu-ga 7.2 names passwd, see below)."""
-    assert virsh(libvirtd, 'set-user-password', NAME, 'root', 'secret') == (
-        1, '\n', "error: internal error: unable to execute QEMU agent "
-        "command 'guest-set-user-password': cannot find 'chpasswd' program "
-        "in PATH (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:"
-        "/bin)\n")
 
 
 def test_negotiator_execute_output_in_the_reply(libvirtd, domain):
@@ -428,6 +446,8 @@ def test_host_all_runs_on_the_domain(libvirtd, domain):
 #: The C qemu-ga of the host (Debian's qemu-guest-agent, which scripts/test
 #: installs), copied into a guest with its libraries, as scripts/bench does.
 QEMU_GA = '/usr/sbin/qemu-ga'
+#: The domain's twin, whose libvirt channel qemu-ga serves.
+TWIN = NAME + '-qemu-ga'
 #: That guest's program: qemu-ga serves libvirt's channel, negotiator
 #: its own (Domain waits for both).
 QEMU_GA_INIT = """#!/bin/sh
@@ -452,35 +472,206 @@ def same_shape(text):
     return re.sub(r'\d{6,}', 'N', text)
 
 
-def test_virsh_prints_the_same_through_qemu_ga(libvirtd, domain):
-    """The same virsh calls to the domain and to a twin whose libvirt
-    channel the C qemu-ga 7.2 serves (the same guest image and disk): the
-    same status and the same output, times and byte counts aside."""
+@pytest.fixture(scope='class')
+def twin(libvirtd, domain, commands):
+    """The domain's twin, whose libvirt channel the C qemu-ga 7.2 serves
+    (the same guest image, disk and commands): up for one class's tests,
+    gone before the domain's lifecycle tests."""
     files = dict((path, path) for path in
                  [QEMU_GA] + guestimage.ldd(QEMU_GA))
-    twin = Domain(libvirtd, name=NAME + '-qemu-ga', python='2',
-                  guest_init=QEMU_GA_INIT, files=files)
+    booted = Domain(libvirtd, name=TWIN, python='2', guest_init=QEMU_GA_INIT,
+                    files=files, commands=commands)
     try:
-        twin.start()
+        booted.start()
+        yield booted
+    finally:
+        booted.stop()
+
+
+def at_once(function):
+    """[FUNCTION(TWIN), FUNCTION(NAME)], the two called at once: each
+    domain has a QEMU of its own."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return list(pool.map(function, (TWIN, NAME)))
+
+
+def on_both(libvirtd, *args):
+    """virsh ARGS, DOM standing for a domain's name, to the twin and to
+    the domain: [their (status, stdout, stderr), ours], each domain's name
+    given back as DOM."""
+    def call(name):
+        status, out, err = virsh(libvirtd, *[name if arg == 'DOM' else arg
+                                              for arg in args])
+        return status, out.replace(name, 'DOM'), err.replace(name, 'DOM')
+    return at_once(call)
+
+
+def guest_output(name, *args):
+    """What the guest command ARGS writes in domain NAME, which must
+    succeed and write nothing on stderr."""
+    status, out, err = host(name, *args)
+    assert (status, err) == (0, b''), (args, status, out, err)
+    return out.decode()
+
+
+def in_both(*args):
+    """[What the guest command ARGS writes in the twin, in the domain]."""
+    return at_once(lambda name: guest_output(name, *args))
+
+
+def shadows():
+    """The twin's /etc/shadow and the domain's: [(its mode and owner, its
+    lines)] of each."""
+    return [(text.split('\n', 1)[0], text.splitlines()[1:])
+            for text in in_both('shadow')]
+
+
+def password_fields(user):
+    """The password field of USER's line in the twin's /etc/shadow and in
+    the domain's."""
+    return [[line.split(':')[1] for line in lines
+             if line.startswith(user + ':')][0] for _, lines in shadows()]
+
+
+def keys_listing(content, link=False):
+    """What the guest command user-keys shows of USER's ~/.ssh when its
+    authorized_keys is a file of the user's holding CONTENT or (LINK) a
+    symlink of root's to what holds CONTENT."""
+    return '700 {0} {0} .\n{1} authorized_keys\n{2}'.format(
+        USER_ID, '777 0 0' if link else '600 {0} {0}'.format(USER_ID),
+        content)
+
+
+def crypt(password, setting):
+    """crypt(3) of the host's libcrypt, which knows the hashes Debian's
+    PAM makes (Python 3.13 has no crypt module)."""
+    function = ctypes.CDLL(ctypes.util.find_library('crypt')).crypt
+    function.restype = ctypes.c_char_p
+    function.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    return function(password.encode(), setting.encode()).decode()
+
+
+#: A password with a space and a colon (chpasswd splits at the first).
+PASSWORD = 'top secret:42'
+#: A hashed password, for --encrypted: SHA-512 crypt of "another secret".
+HASH = ('$6$negotiator$/AdDp7hkLAV3rQ9oEaJCSw1LEbYKcd8XN/VXVGiERwoNeMg5v1CG'
+        'zk8uNVjU6rqs6JqbCkNkoeXGLJd5v3YjQ1')
+PASSWORD_SET = (0, 'Password set successfully for root in DOM\n', '')
+
+
+class TestSameAsQemuGa(object):
+    """The same virsh calls to the domain and to its twin: the same status
+    and output, and the same effect inside the guests, unless a test says
+    how and why they differ."""
+
+    def test_virsh_prints_the_same(self, libvirtd, twin):
+        """Times and byte counts aside."""
         differences = []
         for args in SAME_AS_QEMU_GA:
-            replies = [virsh(libvirtd, *args + ['--domain', name])
-                       for name in (twin.name, NAME)]
+            replies = on_both(libvirtd, *args + ['--domain', 'DOM'])
             theirs, ours = [(status, same_shape(out), same_shape(err))
                             for status, out, err in replies]
             if ours != theirs or theirs[0]:
                 differences.append((args, theirs, ours))
         assert differences == [], '\n'.join(map(repr, differences))
-        # Where the guest has no chpasswd, qemu-ga 7.2 names passwd (its
-        # only such message); negotiator names chpasswd and the PATH it
-        # searched (test_set_user_password_says_what_the_guest_lacks).
-        assert virsh(libvirtd, 'set-user-password', twin.name, 'root',
-                     'secret') == (
-            1, '\n', "error: internal error: unable to execute QEMU agent "
-            "command 'guest-set-user-password': cannot find 'passwd' "
-            "program in PATH\n")
-    finally:
-        twin.stop()
+
+    def test_set_user_password(self, libvirtd, twin):
+        """chpasswd (through PAM's pam_unix) puts a hash of the password
+        in root's shadow entry; /etc/shadow keeps its mode and owner."""
+        assert on_both(libvirtd, 'set-user-password', 'DOM', 'root',
+                       PASSWORD) == [PASSWORD_SET] * 2
+        for hashed in password_fields('root'):
+            assert crypt(PASSWORD, hashed) == hashed
+        assert [mode for mode, _ in shadows()] == ['640 0 42'] * 2
+
+    def test_set_user_password_encrypted(self, libvirtd, twin):
+        """--encrypted: chpasswd -e writes the hash as given."""
+        assert on_both(libvirtd, 'set-user-password', '--encrypted', 'DOM',
+                       'root', HASH) == [PASSWORD_SET] * 2
+        assert password_fields('root') == [HASH] * 2
+
+    def test_set_user_password_of_no_such_user(self, libvirtd, twin):
+        """chpasswd fails: the same error, to which negotiator adds what
+        chpasswd said (qemu-ga 7.2 sends its output to /dev/null)."""
+        before = shadows()
+        theirs, ours = on_both(libvirtd, 'set-user-password', 'DOM',
+                               'nosuch', PASSWORD)
+        error = ("error: internal error: unable to execute QEMU agent "
+                 "command 'guest-set-user-password': child process has "
+                 "failed to set user password")
+        assert theirs == (1, '\n', error + '\n')
+        assert ours == (1, '\n', error + (
+            ": chpasswd: (user nosuch) pam_chauthtok() failed, error:\n"
+            "Authentication token manipulation error\n"
+            "chpasswd: (line 1, user nosuch) password not changed\n"))
+        assert shadows() == before
+
+    def test_user_sshkeys(self, libvirtd, twin, key_files):
+        """set-user-sshkeys (keys added, removed, reset) and
+        get-user-sshkeys of a user's keys: ~/.ssh (0700) and
+        authorized_keys (0600) made the user's, as sshd wants them.  virsh
+        sends a key file's lines, the empty one after the last newline
+        too: both agents keep it, an empty line."""
+        one, two = KEYS
+        for args, content in (
+                (['--file', key_files['first']], one + '\n'),
+                (['--file', key_files['all']], one + '\n\n' + two),
+                (['--remove', '--file', key_files['first']], two),
+                (['--reset', '--file', key_files['all']],
+                 one + '\n' + two + '\n'),
+                (['--reset'], '')):
+            assert on_both(libvirtd, 'set-user-sshkeys', 'DOM', USER,
+                           *args) == [(0, '\n', '')] * 2
+            listed = ''.join(reversed([key for key in content.split('\n')
+                                       if key]))
+            assert on_both(libvirtd, 'get-user-sshkeys', 'DOM', USER) == [
+                (0, listed + '\n', '')] * 2
+            assert in_both('user-keys', USER) == [
+                keys_listing(content)] * 2, args
+
+    def test_user_sshkeys_symlink_to_a_root_only_file(self, libvirtd, twin,
+                                                      key_files):
+        """The user's authorized_keys a symlink to /etc/shadow, which the
+        user cannot read (0640, root's, group shadow).  A difference, on
+        purpose: qemu-ga, as root, follows it: get-user-sshkeys lists
+        shadow's lines to the host, and adding or removing keys copies
+        them into the user's own authorized_keys (0600, the user's: the
+        user may then read root's password hash).  negotiator acts as the
+        user: the kernel refuses, the link stays.  With --reset (nothing
+        read) both replace the link, not following it.  /etc/shadow never
+        changes."""
+        before = shadows()
+        their_shadow, our_shadow = ['\n'.join(lines) + '\n'
+                                    for _, lines in before]
+        refused = ("error: internal error: unable to execute QEMU agent "
+                   "command '{0}': failed to read '{1}/.ssh/authorized_keys'"
+                   ": Failed to open file \u201c{1}/.ssh/authorized_keys"
+                   "\u201d: Permission denied\n")
+        for args, request, reply, written in (
+                (['get-user-sshkeys', 'DOM', USER],
+                 'guest-ssh-get-authorized-keys',
+                 ''.join(reversed(before[0][1])) + '\n', None),
+                (['set-user-sshkeys', 'DOM', USER, '--file', key_files['all']],
+                 'guest-ssh-add-authorized-keys', '\n',
+                 their_shadow + '\n' + '\n'.join(KEYS)),
+                (['set-user-sshkeys', 'DOM', USER, '--remove', '--file',
+                  key_files['all']],
+                 'guest-ssh-remove-authorized-keys', '\n',
+                 their_shadow[:-1])):
+            in_both('link-keys', USER, '/etc/shadow')
+            assert on_both(libvirtd, *args) == [
+                (0, reply, ''),
+                (1, '\n', refused.format(request, guestimage.GUEST_USER[2]))]
+            assert in_both('user-keys', USER) == [
+                keys_listing(their_shadow, link=True) if written is None
+                else keys_listing(written),
+                keys_listing(our_shadow, link=True)]
+        in_both('link-keys', USER, '/etc/shadow')
+        assert on_both(libvirtd, 'set-user-sshkeys', 'DOM', USER, '--reset',
+                       '--file', key_files['all']) == [(0, '\n', '')] * 2
+        assert in_both('user-keys', USER) == [
+            keys_listing('\n'.join(KEYS) + '\n')] * 2
+        assert shadows() == before
 
 
 # The domain's lifecycle: destroyed and created again, libvirtd restarted

@@ -575,6 +575,24 @@ def test_timezone_in_other_zones(qemu_ga_path, zone):
     assert sorted(actual['return']) == ['offset', 'zone']
 
 
+def test_set_user_password_without_chpasswd(qemu_ga_path, agent):
+    """A guest without chpasswd (busybox): qemu-ga 7.2 looks for it on its
+    PATH (here a directory that does not exist) and names passwd, its only
+    such message; negotiator names chpasswd and where it looked (its
+    stand-in tools directory, which has none).  Neither runs anything, and
+    the user does not exist."""
+    request = {'execute': 'guest-set-user-password', 'arguments': {
+        'username': NO_USER, 'password': 'YQ==', 'crypted': False}}
+    env = dict(os.environ, PATH=agent.workdir.join('no-such'))
+    with serving_qga(qemu_ga_path, env) as qga:
+        theirs, ours = both(qga, agent, request)
+    assert theirs == {'error': {'class': 'GenericError', 'desc':
+                                "cannot find 'passwd' program in PATH"}}
+    assert ours == {'error': {'class': 'GenericError', 'desc': (
+        "cannot find 'chpasswd' program in PATH ({0})").format(
+            agent.workdir.join('tools'))}}
+
+
 def test_guest_info(qga, agent):
     expected, actual = both(qga, agent, {'execute': 'guest-info'})
     theirs, ours = expected['return'], actual['return']

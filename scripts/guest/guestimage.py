@@ -5,7 +5,8 @@ Everything lands in CACHE (default: <repo>/.cache/guest):
   debs/           the downloaded Debian packages (kernel, busybox-static)
   vmlinux         uncompressed ELF kernel (boots through its PVH note)
   kernel-release  e.g. 6.1.0-41-amd64
-  base.cpio       big, cached: busybox, virtio modules, Python 3 and 2.7
+  base.cpio       big, cached: busybox, virtio modules, Python 3 and 2.7,
+                  the host's chpasswd with its PAM stack, a user of uid 1000
   base.json       what base.cpio was built from (rebuilt when it changes)
   overlay.cpio    small: /init, negotiator.py, the commands directory
   initrd.img      base.cpio + overlay.cpio (what QEMU's -initrd gets)
@@ -55,9 +56,22 @@ STDLIB_SKIP_DIRS = {'test', 'tests', 'idlelib', 'tkinter', 'lib-tk',
 STDLIB_SKIP_FILE = re.compile(
     r'(\.opt-[12]\.pyc|\.pyo|\.exe|\.a)$|^_test|^_tkinter|^_ctypes_test'
     r'|^xxlimited|^_xxtestfuzz')
-APT_PACKAGES = {'qemu-system-x86_64': 'qemu-system-x86', 'strip': 'binutils'}
+#: The host's chpasswd, copied with the PAM configuration and modules it
+#: loads (Debian's is built with PAM), for guest-set-user-password.
+CHPASSWD = '/usr/sbin/chpasswd'
+PAM_MODULES = '/lib/x86_64-linux-gnu/security'
+#: Host files and tools the build needs (a path, or a name found on PATH),
+#: and the Debian package that has each.
+APT_PACKAGES = {'qemu-system-x86_64': 'qemu-system-x86', 'strip': 'binutils',
+                CHPASSWD: 'passwd', '/etc/login.defs': 'login',
+                PAM_MODULES + '/pam_unix.so': 'libpam-modules',
+                '/etc/pam.d/common-password': 'libpam-runtime'}
+#: The guest's unprivileged user: name, uid (its gid too), home.
+GUEST_USER = ('user', 1000, '/home/user')
+#: The shadow group, which /etc/shadow belongs to as on Debian (0640).
+SHADOW_GID = 42
 #: Bump when the layout of base.cpio changes.
-BASE_FORMAT = 4
+BASE_FORMAT = 5
 
 
 def log(msg):
@@ -81,7 +95,8 @@ class Cpio(object):
 
     Entries are added by absolute guest path; missing parent directories
     are added first, and a later entry of the same path is dropped, so the
-    first add wins.  Everything belongs to root; copied files keep their mtime, others get 0.
+    first add wins.  Everything belongs to root unless given an OWNER (uid,
+    gid); copied files keep their mtime, others get 0.
     """
 
     def __init__(self, path):
@@ -91,9 +106,10 @@ class Cpio(object):
         self.seen = set()
         self.ino = 1
 
-    def _header(self, name, mode, size, nlink=1, rdev=(0, 0), mtime=0):
+    def _header(self, name, mode, size, nlink=1, rdev=(0, 0), mtime=0,
+                owner=(0, 0)):
         name = name.lstrip('/').encode() or b'.'
-        fields = (self.ino, mode, 0, 0, nlink, int(mtime), size, 0, 0,
+        fields = (self.ino, mode) + owner + (nlink, int(mtime), size, 0, 0,
                   rdev[0], rdev[1], len(name) + 1, 0)
         self.ino += 1
         head = b'070701' + b''.join(b'%08X' % v for v in fields)
@@ -114,15 +130,16 @@ class Cpio(object):
         self.seen.add(path)
         return path
 
-    def dir(self, path, mode=0o755):
+    def dir(self, path, mode=0o755, owner=(0, 0)):
         path = self._claim(path)
         if path:
-            self._header(path, stat.S_IFDIR | mode, 0, nlink=2)
+            self._header(path, stat.S_IFDIR | mode, 0, nlink=2, owner=owner)
 
-    def file(self, path, data, mode=0o644, mtime=0):
+    def file(self, path, data, mode=0o644, mtime=0, owner=(0, 0)):
         path = self._claim(path)
         if path:
-            self._header(path, stat.S_IFREG | mode, len(data), mtime=mtime)
+            self._header(path, stat.S_IFREG | mode, len(data), mtime=mtime,
+                         owner=owner)
             self._data(data)
 
     def copy(self, path, source, mode=None):
@@ -157,9 +174,11 @@ class Cpio(object):
 # ---------------------------------------------------------------- host tools
 
 def ensure_tools():
-    """apt-get install what is missing (QEMU; binutils for strip)."""
+    """apt-get install what is missing (QEMU, binutils for strip, chpasswd
+    and its PAM stack)."""
     missing = sorted(set(pkg for tool, pkg in APT_PACKAGES.items()
-                         if not shutil.which(tool)))
+                         if not (os.path.exists(tool) if tool.startswith('/')
+                                 else shutil.which(tool))))
     if missing:
         log('installing %s' % ' '.join(missing))
         apt_get(['install', '-y', '--no-install-recommends'] + missing)
@@ -343,6 +362,49 @@ def add_python(cpio, alias, python, tmpdir, libs):
         cpio.symlink('/usr/bin/' + link, exe)
 
 
+def pam_files(service):
+    """The PAM configuration of SERVICE (its file and those it @includes)
+    and the modules it names: the host paths libpam reads."""
+    files, modules, todo = [], set(), [service]
+    while todo:
+        path = os.path.join('/etc/pam.d', todo.pop())
+        if path in files:
+            continue
+        files.append(path)
+        with open(path) as f:
+            for line in f:
+                words = line.split('#')[0].split()
+                if words[:1] == ['@include']:
+                    todo.append(words[1])
+                modules.update(os.path.join(PAM_MODULES, word)
+                               for word in words if word.endswith('.so'))
+    return files + sorted(modules)
+
+
+def chpasswd_files():
+    """Host paths of what chpasswd needs, besides libraries."""
+    return [CHPASSWD, '/etc/login.defs'] + pam_files('chpasswd')
+
+
+def add_users(cpio):
+    """root, GUEST_USER (its home its own) and nobody; /etc/shadow, which
+    chpasswd rewrites, as Debian has it (0640, group shadow), every
+    password locked."""
+    name, uid, home = GUEST_USER
+    cpio.file('/etc/passwd', (
+        'root:x:0:0:root:/root:/bin/sh\n'
+        '{0}:x:{1}:{1}:{0}:{2}:/bin/sh\n'
+        'nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n').format(
+            name, uid, home).encode())
+    cpio.file('/etc/group', 'root:x:0:\nshadow:x:{0}:\n{1}:x:{2}:\n'
+              'nogroup:x:65534:\n'.format(SHADOW_GID, name, uid).encode())
+    cpio.file('/etc/shadow', ''.join(
+        '{0}:*:20000:0:99999:7:::\n'.format(user)
+        for user in ('root', name, 'nobody')).encode(), 0o640,
+        owner=(0, SHADOW_GID))
+    cpio.dir(home, owner=(uid, uid))
+
+
 def add_libs(cpio, libs, tmpdir):
     for lib in sorted(libs):
         real = os.path.realpath(lib)
@@ -366,8 +428,10 @@ def base_inputs(cache):
                 alias, ', '.join(c for c in candidates if c)))
     with open(__file__, 'rb') as f:
         me = hashlib.sha256(f.read()).hexdigest()[:16]
+    chpasswd = [[path, os.stat(path).st_mtime, os.stat(path).st_size]
+                for path in chpasswd_files()]
     return {'format': BASE_FORMAT, 'builder': me, 'pythons': pythons,
-            'modules': WANTED_MODULES}
+            'modules': WANTED_MODULES, 'chpasswd': chpasswd}
 
 
 def build_base(cache, force=False):
@@ -426,13 +490,14 @@ def build_base(cache, force=False):
         libs = set()
         for alias, path, _, _ in inputs['pythons']:
             add_python(cpio, alias, path, tmpdir, libs)
+        for path, _, _ in inputs['chpasswd']:
+            cpio.copy(path, path)
+            libs.update(ldd(path))
         add_libs(cpio, libs, tmpdir)
         for name in ('os-release', 'debian_version'):
             if os.path.exists('/etc/' + name):
                 cpio.copy('/etc/' + name, '/etc/' + name, 0o644)
-        cpio.file('/etc/passwd', b'root:x:0:0:root:/root:/bin/sh\n'
-                  b'nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n')
-        cpio.file('/etc/group', b'root:x:0:\nnogroup:x:65534:\n')
+        add_users(cpio)
         cpio.file('/etc/hostname', b'negotiator-guest\n')
         cpio.file('/etc/hosts', b'127.0.0.1 localhost negotiator-guest\n')
         cpio.close()
