@@ -34,7 +34,6 @@ import pwd
 import re
 import select
 import signal
-import socket
 import stat
 import struct
 import sys
@@ -2214,7 +2213,7 @@ def text_lines(lines):
 
 
 def builtin_hostname(args):
-    return local_bytes(socket.gethostname()) + b'\n', 0
+    return local_bytes(os.uname()[1]) + b'\n', 0
 
 
 def builtin_os_info(args):
@@ -2382,6 +2381,7 @@ def netlink_addresses():
 
     :returns: ``(interface_index, 'ipv4'|'ipv6', address, prefix)`` tuples.
     """
+    import socket  # not at start: a guest's call never needs it
     families = {socket.AF_INET: 'ipv4', socket.AF_INET6: 'ipv6'}
     found = []
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
@@ -2425,6 +2425,7 @@ def parse_address_message(body, families):
     raw = attributes.get(IFA_LOCAL) or attributes.get(IFA_ADDRESS)
     if raw is None:
         return None
+    import socket
     return index, families[family], socket.inet_ntop(family, raw), prefix
 
 
@@ -3376,7 +3377,7 @@ class Server(object):
         return {'version': __version__, 'supported_commands': supported}
 
     def rpc_host_name(self, arguments, request_id):
-        return {'host-name': socket.gethostname()}
+        return {'host-name': os.uname()[1]}  # gethostname()'s, on Linux
 
     def rpc_osinfo(self, arguments, request_id):
         info = os_identity()
@@ -4083,6 +4084,7 @@ class ListenService(object):
         self._starved = False
 
     def start(self):
+        import socket  # (see netlink_addresses)
         refuse_if_served(self.path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         set_nonblocking(self.sock.fileno())
@@ -4092,6 +4094,7 @@ class ListenService(object):
         log.info('listening on %s', self.path)
 
     def _accept(self, hung_up):
+        import socket
         try:
             conn, _ = self.sock.accept()
         except socket.error as e:
@@ -4141,6 +4144,7 @@ class ListenService(object):
 def refuse_if_served(path):
     """Remove a stale socket file; refuse to take over a live one, or
     anything that is not a socket."""
+    import socket
     try:
         mode = os.lstat(path).st_mode
     except OSError:
@@ -4450,6 +4454,7 @@ def connect_socket(path, port=HOST_TO_GUEST_PORT, wait=True, deadline=None):
         daemon never waits: it serves other guests.
     :raises ConnectError: with a one-line reason and what to do about it.
     """
+    import socket
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         set_nonblocking(sock.fileno())
@@ -5868,9 +5873,11 @@ def make_parser(text, mode_options=True):
     """A mode's parser: ``text`` is its usage lines, a blank line, then the
     description that --help prints (a usage error prints the usage only)."""
     usage, _, description = text.partition('\n\n')
+    name = os.path.basename(sys.argv[0])
+    if name == '-c':  # python -c 'import negotiator; negotiator.main_exit()'
+        name = 'negotiator'
     parser = optparse.OptionParser(usage=usage, description=description,
-                                   version='%prog ' + __version__,
-                                   prog=os.path.basename(sys.argv[0]),
+                                   version='%prog ' + __version__, prog=name,
                                    formatter=PlainFormatter())
     parser.disable_interspersed_args()
     if not mode_options:

@@ -190,6 +190,20 @@ def test_version():
     assert out == b('negotiator.py {0}\n'.format(negotiator.__version__))
 
 
+@pytest.mark.parametrize('form, name', [
+    (['-m', 'negotiator'], 'negotiator.py'),
+    (['-c', 'import negotiator; negotiator.main_exit()'], 'negotiator')])
+def test_the_module_forms_name_the_program(form, name):
+    """README's forms for a start whose bytecode is cached (-m compiles
+    the source every time on Python 2, the import form does not)."""
+    process = subprocess.Popen(
+        [sys.executable] + form + ['--version'], cwd=os.path.dirname(
+            NEGOTIATOR), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = communicate(process, b'', time.time() + HANG)
+    assert (process.returncode, out, err) == (
+        0, b('{0} {1}\n'.format(name, negotiator.__version__)), b'')
+
+
 def test_no_mode_is_usage_error():
     status, out, err = cli([])
     assert (status, out) == (2, b'')
