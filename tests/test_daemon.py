@@ -423,6 +423,15 @@ def assert_served(end, name, request_id=99):
     assert call.reply == {'return': {'exitcode': 0}, 'id': request_id}
 
 
+def assert_cut_off(farm, end, name, reason):
+    """Guest ``name``'s connection ``end`` ends: the daemon has cut the
+    guest off, saying ``reason``."""
+    assert end.read_to_eof() == b''
+    farm.daemon.wait_log('guest {0}: cut off'.format(name))
+    assert 'negotiator: guest {0}: cut off for 30 s: {1}'.format(
+        name, reason) in farm.daemon.lines()
+
+
 def assert_cut_off_while_running(farm, end, name, flood, reason):
     """Guest ``name`` sends ``flood`` while a command of its own runs: it is
     cut off, saying ``reason``, and the command is killed."""
@@ -610,10 +619,7 @@ def test_sixteen_malformed_lines_in_a_row_cut_the_guest_off(farm):
     assert replies == [not_object] * 15 + [{'return': {}, 'id': 15}] + [
         not_object] * 15
     end.send(garbage)  # the 16th in a row
-    assert end.read_to_eof() == b''
-    farm.daemon.wait_log('guest garbage: cut off')
-    assert ('negotiator: guest garbage: cut off for 30 s: 16 failed requests '
-            'in a row') in farm.daemon.lines()
+    assert_cut_off(farm, end, 'garbage', '16 failed requests in a row')
     assert_served(farm.ends['g000'], 'g000')
     # Cut off means no reconnection after the usual 0.5 s either.
     two_scans_later(farm, 'after-garbage')
@@ -629,10 +635,7 @@ def test_line_longer_than_16_mib_cuts_the_guest_off(farm):
     assert reply['error']['desc'].startswith('Invalid JSON syntax: ')
     assert ping(end, 1) == {'return': {}, 'id': 1}
     end.send(b'x' * (MAX_LINE + 1))
-    assert end.read_to_eof() == b''
-    farm.daemon.wait_log('guest huge: cut off')
-    assert ('negotiator: guest huge: cut off for 30 s: a line longer than '
-            '16777216 bytes') in farm.daemon.lines()
+    assert_cut_off(farm, end, 'huge', 'a line longer than 16777216 bytes')
     assert_served(farm.ends['g001'], 'g001')
 
 
@@ -1004,8 +1007,11 @@ def test_stop_signal_ends_the_daemon_and_its_commands(scene, signum):
     (['--guest', '=/tmp/x.sock'],
      "--guest takes NAME=SOCKET, not '=/tmp/x.sock'"),
     (['--rescan', '0'], '--rescan must be a positive number of seconds'),
+    (['--rescan', 'nan'], '--rescan must be a positive number of seconds'),
+    (['--rescan', 'inf'], '--rescan must be a positive number of seconds'),
     (['extra', 'words'], 'unexpected arguments: extra words'),
-], ids=['no-equals', 'no-name', 'rescan-0', 'extra-args'])
+], ids=['no-equals', 'no-name', 'rescan-0', 'rescan-nan', 'rescan-inf',
+        'extra-args'])
 def test_daemon_usage_errors(args, message):
     status, out, err = run_cli(['host', '--daemon'] + args, timeout=HANG)
     assert (status, out) == (2, b'')
@@ -1178,17 +1184,14 @@ def test_sixteen_failed_requests_in_a_row_cut_the_guest_off(farm):
     assert replies == ([not_found] * 8 + [unexpected] * 7 +
                        [{'return': {}, 'id': 15}] + [unexpected] * 15)
     end.send(answer)  # the 16th in a row
-    assert end.read_to_eof() == b''
-    farm.daemon.wait_log('guest echoer: cut off')
-    assert ('negotiator: guest echoer: cut off for 30 s: 16 failed requests '
-            'in a row') in farm.daemon.lines()
+    assert_cut_off(farm, end, 'echoer', '16 failed requests in a row')
     assert_served(farm.ends['g004'], 'g004')
     two_scans_later(farm, 'after-echoer')
     assert not farm.stand_ins['echoer'].waiting(0)
 
 
 # ---------------------------------------------------------------------------
-# A socket path too long for AF_UNIX; --rescan nan and inf
+# A socket path too long for AF_UNIX
 # ---------------------------------------------------------------------------
 
 def test_guest_socket_path_too_long_is_a_warning(scene):
@@ -1206,17 +1209,6 @@ def test_guest_socket_path_too_long_is_a_warning(scene):
         'negotiator: guest g: cannot connect to {0}: AF_UNIX path too '
         'long; retrying'.format(long_path)]
     daemon.stop()
-
-
-@pytest.mark.parametrize('value', ['nan', 'inf'])
-def test_daemon_rescan_nan_or_inf_is_a_usage_error(value):
-    status, out, err = run_cli(['host', '--daemon', '--rescan', value],
-                               timeout=HANG)
-    assert (status, out) == (2, b'')
-    assert err.startswith(b'Usage: negotiator.py host [OPTIONS] GUEST|SOCKET')
-    assert err.rstrip(b'\n').split(b'\n')[-1] == (
-        b'negotiator.py: error: --rescan must be a positive number of seconds')
-    assert err.count(b'error') == 1
 
 
 # ---------------------------------------------------------------------------
