@@ -432,22 +432,6 @@ def assert_cut_off(farm, end, name, reason):
         name, reason) in farm.daemon.lines()
 
 
-def assert_cut_off_while_running(farm, end, name, flood, reason):
-    """Guest ``name`` sends ``flood`` while a command of its own runs: it is
-    cut off, saying ``reason``, and the command is killed."""
-    with Gate(farm.join('gate-{0}-2'.format(name))) as gate:
-        pid = gate.hold(end, farm.join('{0}-2.pid'.format(name)))
-        end.send(flood)
-        assert end.read_to_eof() == b''
-        wait_for(lambda: not running(pid))
-    farm.daemon.wait_log('guest {0}: cut off'.format(name))
-    lines = farm.daemon.lines()
-    assert 'negotiator: guest {0}: cut off for 30 s: {1}'.format(
-        name, reason) in lines
-    assert ('negotiator: guest {0}: killing command pid {1}: its client '
-            'has gone'.format(name, pid)) in lines
-
-
 class Scene(object):
     """A workdir with the commands written, the stand-in guests made in it,
     the daemon's connections to them (their ends) and the daemon.
