@@ -262,7 +262,8 @@ def gather(calls, timeout=HANG):
 
 
 class Gate(object):
-    """A FIFO that ``gated`` commands wait on until release().
+    """A FIFO that ``gated`` commands wait on until release() (or the end
+    of a ``with`` block).
 
     The test holds it open for reading and writing, so a command's open()
     never blocks and its read() ends (end of file) once the test closes it.
@@ -273,10 +274,21 @@ class Gate(object):
         os.mkfifo(path)
         self.fd = os.open(path, os.O_RDWR)
 
+    def hold(self, end, pid_file, args=(), request_id='run'):
+        """Start ``gated`` for guest ``end``: its pid, once it waits here."""
+        end.start('gated', [self.path, pid_file] + list(args), request_id)
+        return wait_pids(pid_file)[0]
+
     def release(self):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
 
 
 def limit_open_files():
@@ -411,75 +423,94 @@ def assert_served(end, name, request_id=99):
     assert call.reply == {'return': {'exitcode': 0}, 'id': request_id}
 
 
-def assert_cut_off_while_running(farm, end, name, flood, reason):
-    """Guest ``name`` sends ``flood`` while a command of its own runs: it is
-    cut off, saying ``reason``, and the command is killed."""
-    gate = Gate(farm.workdir.join('gate-{0}-2'.format(name)))
-    pid_file = farm.workdir.join('{0}-2.pid'.format(name))
-    try:
-        end.start('gated', [gate.path, pid_file], 'run')
-        pid = wait_pids(pid_file)[0]
-        end.send(flood)
-        assert end.read_to_eof() == b''
-        wait_for(lambda: not running(pid))
-    finally:
-        gate.release()
+def assert_cut_off(farm, end, name, reason):
+    """Guest ``name``'s connection ``end`` ends: the daemon has cut the
+    guest off, saying ``reason``."""
+    assert end.read_to_eof() == b''
     farm.daemon.wait_log('guest {0}: cut off'.format(name))
-    lines = farm.daemon.lines()
     assert 'negotiator: guest {0}: cut off for 30 s: {1}'.format(
-        name, reason) in lines
-    assert ('negotiator: guest {0}: killing command pid {1}: its client '
-            'has gone'.format(name, pid)) in lines
+        name, reason) in farm.daemon.lines()
 
 
-def close_all(stand_ins, ends):
-    for end in ends.values():
-        end.close()
-    for stand_in in stand_ins.values():
-        stand_in.remove()
+class Scene(object):
+    """A workdir with the commands written, the stand-in guests made in it,
+    the daemon's connections to them (their ends) and the daemon.
+
+    close(), or the end of a ``with`` block, kills the daemon if it still
+    runs, closes the ends, removes the stand-ins and the workdir.
+    """
+
+    def __init__(self):
+        self.workdir = Workdir()
+        write_commands(self.workdir.commands)
+        self.stand_ins = {}
+        self.ends = {}
+        self.daemon = None
+
+    def join(self, *names):
+        return self.workdir.join(*names)
+
+    def stand_in(self, name, path=None):
+        """A new stand-in guest ``name``, at ``path`` or WORKDIR/NAME.sock."""
+        self.stand_ins[name] = stand_in = StandIn(
+            path or self.join(name + '.sock'))
+        return stand_in
+
+    def accept(self, name):
+        """The daemon's connection to stand-in ``name``: its GuestEnd."""
+        self.ends[name] = end = self.stand_ins[name].accept()
+        return end
+
+    def start(self, args, **options):
+        """The daemon: ``Daemon(workdir, args, **options)``."""
+        self.daemon = Daemon(self.workdir, args, **options)
+        return self.daemon
+
+    def close(self):
+        if self.daemon is not None:
+            self.daemon.kill()
+        for end in self.ends.values():
+            end.close()
+        for stand_in in self.stand_ins.values():
+            stand_in.remove()
+        self.workdir.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+@pytest.fixture
+def scene():
+    """A Scene of the test's own, closed after it."""
+    with Scene() as scene:
+        yield scene
 
 
 # ---------------------------------------------------------------------------
 # The shared daemon: a channel directory of 209 guests, rescanned every 0.5 s
 # ---------------------------------------------------------------------------
 
-class Setup(object):
-    """A module's daemon, its stand-in guests and their connections."""
-
-
 @pytest.fixture(scope='module')
 def farm():
     raise_own_file_limit()
-    farm = Setup()
-    farm.workdir = wd = Workdir()
-    write_commands(wd.commands)
-    farm.channels = wd.join('channels')
-    os.mkdir(farm.channels)
-    farm.stand_ins = {}
-    farm.ends = {}
-    farm.daemon = None
-    try:
+    with Scene() as farm:
+        farm.channels = farm.join('channels')
+        os.mkdir(farm.channels)
         for name in FARM + SPECIAL:
-            farm.stand_ins[name] = StandIn(channel_path(farm.channels, name))
-        farm.daemon = Daemon(wd, ['--channel-dir', farm.channels,
-                                  '--rescan', '0.5'])
+            farm.stand_in(name, channel_path(farm.channels, name))
+        farm.start(['--channel-dir', farm.channels, '--rescan', '0.5'])
         farm.ends = accept_all(farm.stand_ins)
         yield farm
         farm.daemon.stop()
-    finally:
-        if farm.daemon is not None:
-            farm.daemon.kill()
-        close_all(farm.stand_ins, farm.ends)
-        wd.cleanup()
 
 
 def new_guest(farm, name, path=None):
     """A guest that appears in the channel directory: (StandIn, GuestEnd)."""
-    stand_in = StandIn(path or channel_path(farm.channels, name))
-    farm.stand_ins[name] = stand_in
-    end = stand_in.accept()
-    farm.ends[name] = end
-    return stand_in, end
+    stand_in = farm.stand_in(name, path or channel_path(farm.channels, name))
+    return stand_in, farm.accept(name)
 
 
 def two_scans_later(farm, name):
@@ -498,11 +529,10 @@ def two_scans_later(farm, name):
 # Many guests at once --------------------------------------------------------
 
 def test_200_guests_are_served_at_once(farm):
-    gate = Gate(farm.workdir.join('gate-200'))
-    pid_dir = farm.workdir.join('pids-200')
+    pid_dir = farm.join('pids-200')
     os.mkdir(pid_dir)
     calls = {}
-    try:
+    with Gate(farm.join('gate-200')) as gate:
         for number, name in enumerate(FARM):
             end = farm.ends[name]
             end.start('gated', [gate.path, os.path.join(pid_dir, name),
@@ -514,8 +544,6 @@ def test_200_guests_are_served_at_once(farm):
         pids = [wait_pids(os.path.join(pid_dir, name))[0] for name in FARM]
         assert len(set(pids)) == len(FARM)
         assert [pid for pid in pids if not running(pid)] == []
-    finally:
-        gate.release()
     results = gather(calls)
     assert sorted(results) == FARM
     for number, name in enumerate(FARM):
@@ -530,17 +558,12 @@ def test_200_guests_are_served_at_once(farm):
 
 def test_running_command_does_not_delay_another_guests_ping(farm):
     slow, quick = farm.ends['slow'], farm.ends['quick']
-    gate = Gate(farm.workdir.join('gate-slow'))
-    pid_file = farm.workdir.join('slow.pid')
-    try:
-        slow.start('gated', [gate.path, pid_file], 'run')
-        pid = wait_pids(pid_file)[0]
+    with Gate(farm.join('gate-slow')) as gate:
+        pid = gate.hold(slow, farm.join('slow.pid'))
         # Answered while the command cannot end: it waits at the gate.
         assert ping(quick, 2) == {'return': {}, 'id': 2}
         assert running(pid)
         assert slow.nothing_within(0)
-    finally:
-        gate.release()
     call = slow.read_call('run')
     assert (call.out, call.err) == (b'slow', b'')
     assert call.reply == {'return': {'exitcode': 0}, 'id': 'run'}
@@ -580,10 +603,7 @@ def test_sixteen_malformed_lines_in_a_row_cut_the_guest_off(farm):
     assert replies == [not_object] * 15 + [{'return': {}, 'id': 15}] + [
         not_object] * 15
     end.send(garbage)  # the 16th in a row
-    assert end.read_to_eof() == b''
-    farm.daemon.wait_log('guest garbage: cut off')
-    assert ('negotiator: guest garbage: cut off for 30 s: 16 failed requests '
-            'in a row') in farm.daemon.lines()
+    assert_cut_off(farm, end, 'garbage', '16 failed requests in a row')
     assert_served(farm.ends['g000'], 'g000')
     # Cut off means no reconnection after the usual 0.5 s either.
     two_scans_later(farm, 'after-garbage')
@@ -599,10 +619,7 @@ def test_line_longer_than_16_mib_cuts_the_guest_off(farm):
     assert reply['error']['desc'].startswith('Invalid JSON syntax: ')
     assert ping(end, 1) == {'return': {}, 'id': 1}
     end.send(b'x' * (MAX_LINE + 1))
-    assert end.read_to_eof() == b''
-    farm.daemon.wait_log('guest huge: cut off')
-    assert ('negotiator: guest huge: cut off for 30 s: a line longer than '
-            '16777216 bytes') in farm.daemon.lines()
+    assert_cut_off(farm, end, 'huge', 'a line longer than 16777216 bytes')
     assert_served(farm.ends['g001'], 'g001')
 
 
@@ -616,11 +633,8 @@ def test_requests_behind_a_running_command_are_read_up_to_64(farm):
     fewer than 64 wait behind its command, then leaves the rest in the
     socket, and answers them all, in order, once the command is done."""
     end = farm.ends['flood']
-    gate = Gate(farm.workdir.join('gate-flood'))
-    try:
-        end.start('gated', [gate.path, farm.workdir.join('flood.pid')],
-                  'run')
-        pid = wait_pids(farm.workdir.join('flood.pid'))[0]
+    with Gate(farm.join('gate-flood')) as gate:
+        pid = gate.hold(end, farm.join('flood.pid'))
         end.send(pings_from(1, 64))
         wait_for(lambda: end.unread() == 0)  # the daemon has them all
         more = pings_from(65, 200)
@@ -630,8 +644,6 @@ def test_requests_behind_a_running_command_are_read_up_to_64(farm):
         assert_served(farm.ends['g002'], 'g002')
         assert end.unread() > 0  # (the kernel's count, not len(more))
         assert running(pid)
-    finally:
-        gate.release()
     call = end.read_call('run')
     assert (call.out, call.err) == (b'flood', b'')
     assert call.reply == {'return': {'exitcode': 0}, 'id': 'run'}
@@ -646,11 +658,11 @@ def test_requests_behind_a_running_command_are_read_up_to_64(farm):
 def test_guest_appearing_in_the_channel_directory_is_served(farm):
     # Sockets of other ports, or of no port, are never connected to.
     others = {
-        'h2g': StandIn(os.path.join(farm.channels,
-                                    'h2g.negotiator-host-to-guest.0')),
-        'plain': StandIn(os.path.join(farm.channels, 'plain.sock')),
+        'h2g': farm.stand_in('other-h2g', os.path.join(
+            farm.channels, 'h2g.negotiator-host-to-guest.0')),
+        'plain': farm.stand_in('other-plain', os.path.join(
+            farm.channels, 'plain.sock')),
     }
-    farm.stand_ins.update(('other-' + k, v) for k, v in others.items())
     stand_in, end = new_guest(farm, 'late')
     # The scan that found "late" saw them too.
     assert [name for name, s in others.items() if s.waiting(0)] == []
@@ -672,11 +684,11 @@ def test_domain_directories_are_served_latest_start_first(farm):
         farm.channels, 'domain-9-web', PORT))
     assert_served(end, 'web')
     os.mkdir(os.path.join(farm.channels, 'domain-10-web'))
-    second = StandIn(os.path.join(farm.channels, 'domain-10-web', PORT))
-    farm.stand_ins['web-10'] = second
+    second = farm.stand_in('web-10', os.path.join(
+        farm.channels, 'domain-10-web', PORT))
     # The daemon leaves the old run's socket for the new one.
     assert end.read_to_eof() == b''
-    farm.ends['web-10'] = new_end = second.accept()
+    new_end = farm.accept('web-10')
     assert_served(new_end, 'web')
     lines = farm.daemon.lines()
     assert 'negotiator: guest web: found ({0})'.format(first.path) in lines
@@ -688,7 +700,7 @@ def test_domain_directories_are_served_latest_start_first(farm):
 
 def test_removed_socket_drops_the_guest_and_kills_its_command(farm):
     end = farm.ends['leaving']
-    pid_file = farm.workdir.join('leaving.pid')
+    pid_file = farm.join('leaving.pid')
     end.start('sleeper', [pid_file])
     pids = wait_pids(pid_file)
     os.unlink(farm.stand_ins['leaving'].path)
@@ -772,12 +784,9 @@ def test_command_output_status_and_environment(farm):
     assert call.reply == {'return': {'exitcode': 0}, 'id': 11}
     # A timeout kills the command's process group (a gated command would
     # wait at its gate for ever).
-    gate = Gate(farm.workdir.join('gate-timed'))
-    try:
-        call = end.execute('gated', [gate.path, farm.workdir.join(
-            'timed.pid')], request_id=12, timeout=0.3)
-    finally:
-        gate.release()
+    with Gate(farm.join('gate-timed')) as gate:
+        call = end.execute('gated', [gate.path, farm.join('timed.pid')],
+                           request_id=12, timeout=0.3)
     assert (call.out, call.err) == (b'', b'')
     assert call.reply == {'return': {'signal': 9, 'timed-out': True},
                           'id': 12}
@@ -792,7 +801,7 @@ def test_command_output_status_and_environment(farm):
 
 def test_resync_byte_kills_the_running_command_and_drops_waiting_ones(farm):
     end = farm.ends['ff']
-    pid_file = farm.workdir.join('ff.pid')
+    pid_file = farm.join('ff.pid')
     end.start('sleeper', [pid_file])
     pids = wait_pids(pid_file)
     end.send(b'{"execute":"guest-ping","id":2}\n'
@@ -819,48 +828,31 @@ def test_resync_byte_kills_the_running_command_and_drops_waiting_ones(farm):
 
 @pytest.fixture(scope='module')
 def pairs():
-    pairs = Setup()
-    pairs.workdir = wd = Workdir()
-    write_commands(wd.commands)
-    pairs.stand_ins = {}
-    pairs.ends = {}
-    pairs.daemon = None
-    try:
+    with Scene() as pairs:
         args = []
         for name in ('a', 'b', 'c'):
-            pairs.stand_ins[name] = StandIn(wd.join(name + '.sock'))
-            args += ['--guest', name + '=' + wd.join(name + '.sock')]
-        pairs.daemon = Daemon(wd, args)
+            args += ['--guest', name + '=' + pairs.stand_in(name).path]
+        pairs.start(args)
         pairs.ends = accept_all(pairs.stand_ins)
         yield pairs
         pairs.daemon.stop()
-    finally:
-        if pairs.daemon is not None:
-            pairs.daemon.kill()
-        close_all(pairs.stand_ins, pairs.ends)
-        wd.cleanup()
 
 
 def test_guest_gone_mid_call_kills_its_command_and_is_reconnected(pairs):
     a, other = pairs.ends['a'], pairs.ends['b']
-    gate = Gate(pairs.workdir.join('gate-b'))
-    try:
-        other.start('gated', [gate.path, pairs.workdir.join('b.pid'), 'x'],
-                    'b1')
-        other_pid = wait_pids(pairs.workdir.join('b.pid'))[0]
-        a.start('sleeper', [pairs.workdir.join('a.pid')])
-        pids = wait_pids(pairs.workdir.join('a.pid'))
+    with Gate(pairs.join('gate-b')) as gate:
+        other_pid = gate.hold(other, pairs.join('b.pid'), ['x'], 'b1')
+        a.start('sleeper', [pairs.join('a.pid')])
+        pids = wait_pids(pairs.join('a.pid'))
         closed = time.time()
         a.close()
         wait_for(lambda: not [pid for pid in pids if running(pid)])
         assert running(other_pid)
-    finally:
-        gate.release()
     call = other.read_call('b1')
     assert (call.out, call.err) == (b'b\nx', b'')
     assert call.reply == {'return': {'exitcode': 0}, 'id': 'b1'}
     # QEMU still listens: the daemon connects again after 0.5 s.
-    pairs.ends['a'] = a = pairs.stand_ins['a'].accept()
+    a = pairs.accept('a')
     assert time.time() - closed >= 0.5 - 0.01
     assert_served(a, 'a')
     lines = pairs.daemon.lines()
@@ -883,8 +875,8 @@ def test_refused_reconnection_is_retried_ever_later(pairs):
             'retrying'.format(path)) in pairs.daemon.lines()
     # Listening again at the same path: the next try, 0.5 s after the
     # closed connection and 1 s after the refused one, gets through.
-    pairs.stand_ins['c'] = StandIn(path)
-    pairs.ends['c'] = end = pairs.stand_ins['c'].accept()
+    pairs.stand_in('c', path)
+    end = pairs.accept('c')
     assert time.time() - closed >= 0.5 + 1.0 - 0.01
     assert_served(end, 'c')
     assert_served(pairs.ends['b'], 'b')
@@ -905,6 +897,13 @@ class RecordingLoop(object):
                                 on_error)
 
 
+class LoopOnly(object):
+    """All a GuestLink that never gets through uses of its daemon."""
+
+    def __init__(self):
+        self.loop = RecordingLoop()
+
+
 def test_pauses_between_tries_stay_short_however_long_a_guest_is_down(
         workdir):
     """A restarted QEMU listens long before its guest is up, and the guest
@@ -914,8 +913,7 @@ def test_pauses_between_tries_stay_short_however_long_a_guest_is_down(
     refusing = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     refusing.bind(path)
     refusing.close()  # the socket file stays: connections are refused
-    daemon = Setup()
-    daemon.loop = RecordingLoop()
+    daemon = LoopOnly()
     link = negotiator.GuestLink(daemon, 'down', path)
     for _ in range(8):
         link.connect()  # as each timer would
@@ -927,50 +925,40 @@ def test_pauses_between_tries_stay_short_however_long_a_guest_is_down(
 # SIGHUP: look now (with a rescan period far away)
 # ---------------------------------------------------------------------------
 
-def test_sighup_looks_for_guests_and_retries_waiting_connections():
-    wd = Workdir()
-    write_commands(wd.commands)
-    channels = wd.join('channels')
+def test_sighup_looks_for_guests_and_retries_waiting_connections(scene):
+    channels = scene.join('channels')
     os.mkdir(channels)
-    stand_ins = {'first': StandIn(channel_path(channels, 'first'))}
-    ends = {}
-    daemon = None
-    try:
-        # A guest is cut off for an hour here, not 30 s: its connection
-        # within HANG can only come from SIGHUP.
-        daemon = Daemon(wd, ['--channel-dir', channels, '--rescan', '3600'],
-                        constants={'CUT_OFF_PAUSE': 3600.0})
-        ends['first'] = stand_ins['first'].accept()
-        stand_ins['second'] = StandIn(channel_path(channels, 'second'))
-        assert not stand_ins['second'].waiting(0.7)  # no rescan for an hour
-        daemon.send_signal(signal.SIGHUP)
-        ends['second'] = second = stand_ins['second'].accept()
-        assert_served(second, 'second')
-        # A removed socket: the guest is dropped on SIGHUP.
-        os.unlink(stand_ins['first'].path)
-        daemon.send_signal(signal.SIGHUP)
-        assert ends['first'].read_to_eof() == b''
-        daemon.wait_log('guest first: gone')
-        # A guest cut off is connected again at once on SIGHUP.
-        second.send(b'[]\n' * 16)
-        replies = second.read_to_eof().splitlines()
-        assert [json.loads(line.decode('ascii')) for line in replies] == [
-            {'error': {'class': 'GenericError',
-                       'desc': 'QMP input must be a JSON object'}}] * 15
-        daemon.wait_log('guest second: cut off for 3600 s')
-        daemon.send_signal(signal.SIGHUP)
-        ends['second'] = second = stand_ins['second'].accept()
-        assert_served(second, 'second')
-        lines = daemon.lines()
-        assert lines.count('negotiator: SIGHUP: looking for guests again') == 3
-        assert 'negotiator: guest second: found ({0})'.format(
-            stand_ins['second'].path) in lines
-        daemon.stop()
-    finally:
-        if daemon is not None:
-            daemon.kill()
-        close_all(stand_ins, ends)
-        wd.cleanup()
+    scene.stand_in('first', channel_path(channels, 'first'))
+    # A guest is cut off for an hour here, not 30 s: its connection
+    # within HANG can only come from SIGHUP.
+    daemon = scene.start(['--channel-dir', channels, '--rescan', '3600'],
+                         constants={'CUT_OFF_PAUSE': 3600.0})
+    scene.accept('first')
+    scene.stand_in('second', channel_path(channels, 'second'))
+    assert not scene.stand_ins['second'].waiting(0.7)  # no rescan for an hour
+    daemon.send_signal(signal.SIGHUP)
+    second = scene.accept('second')
+    assert_served(second, 'second')
+    # A removed socket: the guest is dropped on SIGHUP.
+    os.unlink(scene.stand_ins['first'].path)
+    daemon.send_signal(signal.SIGHUP)
+    assert scene.ends['first'].read_to_eof() == b''
+    daemon.wait_log('guest first: gone')
+    # A guest cut off is connected again at once on SIGHUP.
+    second.send(b'[]\n' * 16)
+    replies = second.read_to_eof().splitlines()
+    assert [json.loads(line.decode('ascii')) for line in replies] == [
+        {'error': {'class': 'GenericError',
+                   'desc': 'QMP input must be a JSON object'}}] * 15
+    daemon.wait_log('guest second: cut off for 3600 s')
+    daemon.send_signal(signal.SIGHUP)
+    second = scene.accept('second')
+    assert_served(second, 'second')
+    lines = daemon.lines()
+    assert lines.count('negotiator: SIGHUP: looking for guests again') == 3
+    assert 'negotiator: guest second: found ({0})'.format(
+        scene.stand_ins['second'].path) in lines
+    daemon.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -979,30 +967,19 @@ def test_sighup_looks_for_guests_and_retries_waiting_connections():
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT],
                          ids=['SIGTERM', 'SIGINT'])
-def test_stop_signal_ends_the_daemon_and_its_commands(signum):
-    wd = Workdir()
-    write_commands(wd.commands)
-    stand_ins = {'only': StandIn(wd.join('only.sock'))}
-    ends = {}
-    daemon = None
-    try:
-        daemon = Daemon(wd, ['--guest', 'only=' + stand_ins['only'].path])
-        ends['only'] = end = stand_ins['only'].accept()
-        end.start('sleeper', [wd.join('only.pid')])
-        pids = wait_pids(wd.join('only.pid'))
-        # The command would sleep 60 s: the daemon waits for none of it.
-        daemon.stop(signum)
-        assert end.read_to_eof() == b''
-        wait_for(lambda: not [pid for pid in pids if running(pid)])
-        lines = daemon.lines()
-        assert lines.index('negotiator: stopping') < lines.index(
-            'negotiator: guest only: killing command pid {0}: its client '
-            'has gone'.format(pids[0]))
-    finally:
-        if daemon is not None:
-            daemon.kill()
-        close_all(stand_ins, ends)
-        wd.cleanup()
+def test_stop_signal_ends_the_daemon_and_its_commands(scene, signum):
+    daemon = scene.start(['--guest', 'only=' + scene.stand_in('only').path])
+    end = scene.accept('only')
+    end.start('sleeper', [scene.join('only.pid')])
+    pids = wait_pids(scene.join('only.pid'))
+    # The command would sleep 60 s: the daemon waits for none of it.
+    daemon.stop(signum)
+    assert end.read_to_eof() == b''
+    wait_for(lambda: not [pid for pid in pids if running(pid)])
+    lines = daemon.lines()
+    assert lines.index('negotiator: stopping') < lines.index(
+        'negotiator: guest only: killing command pid {0}: its client '
+        'has gone'.format(pids[0]))
 
 
 # ---------------------------------------------------------------------------
@@ -1014,8 +991,11 @@ def test_stop_signal_ends_the_daemon_and_its_commands(signum):
     (['--guest', '=/tmp/x.sock'],
      "--guest takes NAME=SOCKET, not '=/tmp/x.sock'"),
     (['--rescan', '0'], '--rescan must be a positive number of seconds'),
+    (['--rescan', 'nan'], '--rescan must be a positive number of seconds'),
+    (['--rescan', 'inf'], '--rescan must be a positive number of seconds'),
     (['extra', 'words'], 'unexpected arguments: extra words'),
-], ids=['no-equals', 'no-name', 'rescan-0', 'extra-args'])
+], ids=['no-equals', 'no-name', 'rescan-0', 'rescan-nan', 'rescan-inf',
+        'extra-args'])
 def test_daemon_usage_errors(args, message):
     status, out, err = run_cli(['host', '--daemon'] + args, timeout=HANG)
     assert (status, out) == (2, b'')
@@ -1062,18 +1042,17 @@ def write_node(path, domains):
     os.rename(path + '.new', path)
 
 
-@needs_virsh
-def test_guests_found_through_virsh():
-    wd = Workdir()
-    write_commands(wd.commands)
-    node = wd.join('node.xml')
-    stand_ins = {}
-    for name in ('g1', 'web', 'g3', 'h2g', 'connect'):
-        stand_ins[name] = StandIn(wd.join(name + '.sock'))
+def guest_domain(name, stand_in):
+    """A domain whose guest-to-host channel is ``stand_in``'s socket."""
+    return domain_xml(name, [('bind', stand_in.path, PORT)])
 
-    def served(name, real_name=None):
-        return domain_xml(real_name or name,
-                          [('bind', stand_ins[name].path, PORT)])
+
+@needs_virsh
+def test_guests_found_through_virsh(scene):
+    node = scene.join('node.xml')
+    for name in ('g1', 'web', 'g3', 'h2g', 'connect'):
+        scene.stand_in(name)
+    stand_ins = scene.stand_ins
     ignored = [
         domain_xml('no-channel'),
         domain_xml('h2g-only', [('bind', stand_ins['h2g'].path,
@@ -1081,84 +1060,60 @@ def test_guests_found_through_virsh():
         domain_xml('connect-mode', [('connect', stand_ins['connect'].path,
                                      PORT)]),
     ]
-    write_node(node, [served('g1'), served('web', 'web server')] + ignored)
-    ends = {}
-    daemon = None
-    try:
-        daemon = Daemon(wd, ['--connect', 'test://' + node,
-                             '--rescan', '0.5'])
-        ends['g1'] = stand_ins['g1'].accept()
-        ends['web'] = stand_ins['web'].accept()
-        # Found by the same dumpxml: the others were ignored for good.
-        assert not stand_ins['h2g'].waiting(0)
-        assert not stand_ins['connect'].waiting(0)
-        assert_served(ends['g1'], 'g1')
-        assert_served(ends['web'], 'web server')
-        lines = daemon.lines()
-        for name in ('no-channel', 'h2g-only', 'connect-mode'):
-            assert 'negotiator: guest {0} has no {1} channel'.format(
-                name, PORT) in lines
-        assert 'negotiator: guest web server: connected to {0}'.format(
-            stand_ins['web'].path) in lines
-        # g1 stops, g3 starts.
-        write_node(node, [served('web', 'web server'), served('g3')] +
-                   ignored)
-        ends['g3'] = stand_ins['g3'].accept()
-        assert_served(ends['g3'], 'g3')
-        assert ends['g1'].read_to_eof() == b''
-        daemon.wait_log('guest g1: gone')
-        assert_served(ends['web'], 'web server')
-        assert not stand_ins['g1'].waiting(0)
-        assert not stand_ins['h2g'].waiting(0)
-        assert not stand_ins['connect'].waiting(0)
-        assert 'until virsh works' not in daemon.log()
-        daemon.stop()
-    finally:
-        if daemon is not None:
-            daemon.kill()
-        close_all(stand_ins, ends)
-        wd.cleanup()
+    web_server = guest_domain('web server', stand_ins['web'])
+    write_node(node, [guest_domain('g1', stand_ins['g1']), web_server] +
+               ignored)
+    daemon = scene.start(['--connect', 'test://' + node, '--rescan', '0.5'])
+    g1 = scene.accept('g1')
+    web = scene.accept('web')
+    # Found by the same dumpxml: the others were ignored for good.
+    assert not stand_ins['h2g'].waiting(0)
+    assert not stand_ins['connect'].waiting(0)
+    assert_served(g1, 'g1')
+    assert_served(web, 'web server')
+    lines = daemon.lines()
+    for name in ('no-channel', 'h2g-only', 'connect-mode'):
+        assert 'negotiator: guest {0} has no {1} channel'.format(
+            name, PORT) in lines
+    assert 'negotiator: guest web server: connected to {0}'.format(
+        stand_ins['web'].path) in lines
+    # g1 stops, g3 starts.
+    write_node(node, [web_server, guest_domain('g3', stand_ins['g3'])] +
+               ignored)
+    assert_served(scene.accept('g3'), 'g3')
+    assert g1.read_to_eof() == b''
+    daemon.wait_log('guest g1: gone')
+    assert_served(web, 'web server')
+    assert not stand_ins['g1'].waiting(0)
+    assert not stand_ins['h2g'].waiting(0)
+    assert not stand_ins['connect'].waiting(0)
+    assert 'until virsh works' not in daemon.log()
+    daemon.stop()
 
 
 @needs_virsh
-def test_guest_with_non_ascii_name_found_through_virsh():
-    wd = Workdir()
-    write_commands(wd.commands)
-    node = wd.join('node.xml')
+def test_guest_with_non_ascii_name_found_through_virsh(scene):
+    node = scene.join('node.xml')
     name = u'g\u00e4st'
-    stand_ins = {'g1': StandIn(wd.join('g1.sock')),
-                 'other': StandIn(wd.join('other.sock'))}
-    write_node(node, [domain_xml('g1', [('bind', stand_ins['g1'].path, PORT)]),
-                      domain_xml(name, [('bind', stand_ins['other'].path,
-                                         PORT)])])
-    ends = {}
-    daemon = None
-    try:
-        daemon = Daemon(wd, ['--connect', 'test://' + node,
-                             '--rescan', '0.5'])
+    write_node(node, [guest_domain('g1', scene.stand_in('g1')),
+                      guest_domain(name, scene.stand_in('other'))])
+    daemon = scene.start(['--connect', 'test://' + node, '--rescan', '0.5'])
 
-        def decided():
-            text = daemon.log()
-            return 'until virsh works' in text or (
-                'guest g1: found' in text and
-                u'guest {0}: found'.format(name) in text)
-        wait_for(decided)
-        # virsh's table escapes this name outside UTF-8 locales
-        # (g\xff\xffst); a dumpxml of the escaped name would fail on every
-        # rescan, and the guest would never be served.
-        assert 'until virsh works' not in daemon.log(), daemon.log()
-        ends['g1'] = stand_ins['g1'].accept()
-        assert_served(ends['g1'], 'g1')
-        ends['other'] = stand_ins['other'].accept()
-        call = ends['other'].execute('env', request_id=1)
-        assert call.out == name.encode('utf-8') + b'|env|' + b(VERSION)
-        assert call.reply == {'return': {'exitcode': 0}, 'id': 1}
-        daemon.stop()
-    finally:
-        if daemon is not None:
-            daemon.kill()
-        close_all(stand_ins, ends)
-        wd.cleanup()
+    def decided():
+        text = daemon.log()
+        return 'until virsh works' in text or (
+            'guest g1: found' in text and
+            u'guest {0}: found'.format(name) in text)
+    wait_for(decided)
+    # virsh's table escapes this name outside UTF-8 locales
+    # (g\xff\xffst); a dumpxml of the escaped name would fail on every
+    # rescan, and the guest would never be served.
+    assert 'until virsh works' not in daemon.log(), daemon.log()
+    assert_served(scene.accept('g1'), 'g1')
+    call = scene.accept('other').execute('env', request_id=1)
+    assert call.out == name.encode('utf-8') + b'|env|' + b(VERSION)
+    assert call.reply == {'return': {'exitcode': 0}, 'id': 1}
+    daemon.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -1175,11 +1130,8 @@ def test_requests_behind_a_running_command_are_read_up_to_16_mib(farm):
     _, end = new_guest(farm, 'budget')
     unexpected = {'class': 'GenericError',
                   'desc': "QMP input member 'padding' is unexpected"}
-    gate = Gate(farm.workdir.join('gate-budget'))
-    try:
-        end.start('gated', [gate.path, farm.workdir.join('budget.pid')],
-                  'run')
-        pid = wait_pids(farm.workdir.join('budget.pid'))[0]
+    with Gate(farm.join('gate-budget')) as gate:
+        pid = gate.hold(end, farm.join('budget.pid'))
         # Two lines of 9 MiB: the second one is read while less than
         # 16 MiB wait; after it, nothing is.
         end.send(padded_ping(1, 9 << 20) + padded_ping(2, 9 << 20))
@@ -1189,8 +1141,6 @@ def test_requests_behind_a_running_command_are_read_up_to_16_mib(farm):
         assert_served(farm.ends['g003'], 'g003')
         assert end.unread() > 0
         assert running(pid)
-    finally:
-        gate.release()
     call = end.read_call('run')
     assert (call.out, call.err) == (b'budget', b'')
     assert call.reply == {'return': {'exitcode': 0}, 'id': 'run'}
@@ -1218,72 +1168,56 @@ def test_sixteen_failed_requests_in_a_row_cut_the_guest_off(farm):
     assert replies == ([not_found] * 8 + [unexpected] * 7 +
                        [{'return': {}, 'id': 15}] + [unexpected] * 15)
     end.send(answer)  # the 16th in a row
-    assert end.read_to_eof() == b''
-    farm.daemon.wait_log('guest echoer: cut off')
-    assert ('negotiator: guest echoer: cut off for 30 s: 16 failed requests '
-            'in a row') in farm.daemon.lines()
+    assert_cut_off(farm, end, 'echoer', '16 failed requests in a row')
     assert_served(farm.ends['g004'], 'g004')
     two_scans_later(farm, 'after-echoer')
     assert not farm.stand_ins['echoer'].waiting(0)
 
 
 # ---------------------------------------------------------------------------
-# A socket path too long for AF_UNIX; --rescan nan and inf
+# A socket path too long for AF_UNIX
 # ---------------------------------------------------------------------------
 
-def test_guest_socket_path_too_long_is_a_warning():
-    wd = Workdir()
-    write_commands(wd.commands)
-    long_path = wd.join('x' * 120 + '.sock')
-    stand_ins = {'ok': StandIn(wd.join('ok.sock'))}
-    ends = {}
-    daemon = None
-    try:
-        daemon = Daemon(wd, ['--guest', 'g=' + long_path,
-                             '--guest', 'ok=' + stand_ins['ok'].path])
-        ends['ok'] = stand_ins['ok'].accept()
-        daemon.wait_log('guest g: cannot connect')
-        # SIGHUP retries at once: still the one warning.
-        daemon.send_signal(signal.SIGHUP)
-        daemon.wait_log('SIGHUP: looking for guests again')
-        assert_served(ends['ok'], 'ok')
-        assert [line for line in daemon.lines() if 'guest g:' in line] == [
-            'negotiator: guest g: found ({0})'.format(long_path),
-            'negotiator: guest g: cannot connect to {0}: AF_UNIX path too '
-            'long; retrying'.format(long_path)]
-        daemon.stop()
-    finally:
-        if daemon is not None:
-            daemon.kill()
-        close_all(stand_ins, ends)
-        wd.cleanup()
-
-
-@pytest.mark.parametrize('value', ['nan', 'inf'])
-def test_daemon_rescan_nan_or_inf_is_a_usage_error(value):
-    status, out, err = run_cli(['host', '--daemon', '--rescan', value],
-                               timeout=HANG)
-    assert (status, out) == (2, b'')
-    assert err.startswith(b'Usage: negotiator.py host [OPTIONS] GUEST|SOCKET')
-    assert err.rstrip(b'\n').split(b'\n')[-1] == (
-        b'negotiator.py: error: --rescan must be a positive number of seconds')
-    assert err.count(b'error') == 1
+def test_guest_socket_path_too_long_is_a_warning(scene):
+    long_path = scene.join('x' * 120 + '.sock')
+    daemon = scene.start(['--guest', 'g=' + long_path,
+                          '--guest', 'ok=' + scene.stand_in('ok').path])
+    end = scene.accept('ok')
+    daemon.wait_log('guest g: cannot connect')
+    # SIGHUP retries at once: still the one warning.
+    daemon.send_signal(signal.SIGHUP)
+    daemon.wait_log('SIGHUP: looking for guests again')
+    assert_served(end, 'ok')
+    assert [line for line in daemon.lines() if 'guest g:' in line] == [
+        'negotiator: guest g: found ({0})'.format(long_path),
+        'negotiator: guest g: cannot connect to {0}: AF_UNIX path too '
+        'long; retrying'.format(long_path)]
+    daemon.stop()
 
 
 # ---------------------------------------------------------------------------
 # virsh failing after it worked: the guests known so far stay served
 # ---------------------------------------------------------------------------
 
-def guest_g1_and_a_virsh_that_fails(wd, monkeypatch, commands, message):
-    """libvirt's test driver with one guest, g1, and a virsh first in PATH
-    that fails with ``message`` for the ``commands`` (a shell pattern)
-    while the file it returns exists; returns it and g1's stand-in."""
-    write_commands(wd.commands)
-    node = wd.join('node.xml')
-    flag = wd.join('virsh-fails')
-    bin_dir = wd.join('bin')
+def virsh_first_in_path(scene, monkeypatch, script):
+    """Puts WORKDIR/bin/virsh, the sh ``script``, first in PATH and makes
+    libvirt's test driver on WORKDIR/node.xml the default URI; returns the
+    node's path."""
+    bin_dir = scene.join('bin')
     os.mkdir(bin_dir)
-    make_command(bin_dir, 'virsh', (
+    make_command(bin_dir, 'virsh', script)
+    monkeypatch.setenv('PATH', bin_dir + os.pathsep + os.environ['PATH'])
+    node = scene.join('node.xml')
+    monkeypatch.setenv('LIBVIRT_DEFAULT_URI', 'test://' + node)
+    return node
+
+
+def guest_g1_and_a_virsh_that_fails(scene, monkeypatch, commands, message):
+    """libvirt's test driver with one guest, g1 (a stand-in of the scene),
+    and a virsh first in PATH that fails with ``message`` for the
+    ``commands`` (a shell pattern) while the file it returns exists."""
+    flag = scene.join('virsh-fails')
+    node = virsh_first_in_path(scene, monkeypatch, (
         "#!/bin/sh\n"
         "case \"$*\" in {0}) if [ -e '{1}' ]; then\n"
         "    echo '{2}' >&2\n"
@@ -1291,102 +1225,74 @@ def guest_g1_and_a_virsh_that_fails(wd, monkeypatch, commands, message):
         "fi;; esac\n"
         "exec '{3}' \"$@\"\n").format(commands, flag, message,
                                         which('virsh')))
-    monkeypatch.setenv('PATH', bin_dir + os.pathsep + os.environ['PATH'])
-    monkeypatch.setenv('LIBVIRT_DEFAULT_URI', 'test://' + node)
-    stand_ins = {'g1': StandIn(wd.join('g1.sock'))}
-    write_node(node, [domain_xml('g1', [('bind', stand_ins['g1'].path,
-                                         PORT)])])
-    return flag, stand_ins
+    write_node(node, [guest_domain('g1', scene.stand_in('g1'))])
+    return flag
 
 
 @needs_virsh
 def test_dumpxml_failing_from_the_start_is_not_taken_for_virsh_missing(
-        monkeypatch):
+        monkeypatch, scene):
     """virsh lists the domains but cannot describe them: the daemon says
     so, does not look in the channel directory, and serves the guest once
     dumpxml works."""
-    wd = Workdir()
-    flag, stand_ins = guest_g1_and_a_virsh_that_fails(
-        wd, monkeypatch, '*dumpxml*', 'error: dumpxml refused')
+    flag = guest_g1_and_a_virsh_that_fails(
+        scene, monkeypatch, '*dumpxml*', 'error: dumpxml refused')
     open(flag, 'w').close()
-    ends = {}
-    daemon = None
-    try:
-        daemon = Daemon(wd, ['--rescan', '3600'])
-        daemon.wait_log('until virsh works')
-        assert daemon.lines()[-1] == (
-            'negotiator: error: dumpxml refused; serving the guests known '
-            'so far until virsh works')
-        os.unlink(flag)
-        daemon.send_signal(signal.SIGHUP)
-        ends['g1'] = stand_ins['g1'].accept()
-        assert_served(ends['g1'], 'g1', 1)
-        assert 'negotiator: virsh works again' in daemon.lines()
-        daemon.stop()
-    finally:
-        if daemon is not None:
-            daemon.kill()
-        close_all(stand_ins, ends)
-        wd.cleanup()
+    daemon = scene.start(['--rescan', '3600'])
+    daemon.wait_log('until virsh works')
+    assert daemon.lines()[-1] == (
+        'negotiator: error: dumpxml refused; serving the guests known '
+        'so far until virsh works')
+    os.unlink(flag)
+    daemon.send_signal(signal.SIGHUP)
+    assert_served(scene.accept('g1'), 'g1', 1)
+    assert 'negotiator: virsh works again' in daemon.lines()
+    daemon.stop()
 
 
 @needs_virsh
-def test_virsh_failing_after_it_worked_keeps_the_guests(monkeypatch):
-    wd = Workdir()
-    flag, stand_ins = guest_g1_and_a_virsh_that_fails(
-        wd, monkeypatch, '*', 'error: failed to connect to the hypervisor')
-    ends = {}
-    daemon = None
-    try:
-        # No rescans but on SIGHUP.
-        daemon = Daemon(wd, ['--rescan', '3600'])
-        ends['g1'] = stand_ins['g1'].accept()
-        assert_served(ends['g1'], 'g1', 1)
-        open(flag, 'w').close()
-        daemon.send_signal(signal.SIGHUP)
-        daemon.wait_log('until virsh works')
-        assert ('negotiator: error: failed to connect to the hypervisor; '
-                'serving the guests known so far until virsh works'
-                ) in daemon.lines()
-        assert_served(ends['g1'], 'g1', 2)
-        os.unlink(flag)
-        daemon.send_signal(signal.SIGHUP)
-        daemon.wait_log('virsh works again')
-        assert_served(ends['g1'], 'g1', 3)
-        lines = daemon.lines()
-        assert 'negotiator: virsh works again' in lines
-        assert [line for line in lines if 'gone' in line] == []
-        assert [line for line in lines if 'guest g1: connected' in line] == [
-            'negotiator: guest g1: connected to {0}'.format(
-                stand_ins['g1'].path)]
-        assert not stand_ins['g1'].waiting(0)
-        daemon.stop()
-    finally:
-        if daemon is not None:
-            daemon.kill()
-        close_all(stand_ins, ends)
-        wd.cleanup()
+def test_virsh_failing_after_it_worked_keeps_the_guests(monkeypatch, scene):
+    flag = guest_g1_and_a_virsh_that_fails(
+        scene, monkeypatch, '*', 'error: failed to connect to the hypervisor')
+    # No rescans but on SIGHUP.
+    daemon = scene.start(['--rescan', '3600'])
+    end = scene.accept('g1')
+    assert_served(end, 'g1', 1)
+    open(flag, 'w').close()
+    daemon.send_signal(signal.SIGHUP)
+    daemon.wait_log('until virsh works')
+    assert ('negotiator: error: failed to connect to the hypervisor; '
+            'serving the guests known so far until virsh works'
+            ) in daemon.lines()
+    assert_served(end, 'g1', 2)
+    os.unlink(flag)
+    daemon.send_signal(signal.SIGHUP)
+    daemon.wait_log('virsh works again')
+    assert_served(end, 'g1', 3)
+    lines = daemon.lines()
+    assert 'negotiator: virsh works again' in lines
+    assert [line for line in lines if 'gone' in line] == []
+    assert [line for line in lines if 'guest g1: connected' in line] == [
+        'negotiator: guest g1: connected to {0}'.format(
+            scene.stand_ins['g1'].path)]
+    assert not scene.stand_ins['g1'].waiting(0)
+    daemon.stop()
 
 
 # libvirt's lifecycle events: a guest that starts is served at once
 # ---------------------------------------------------------------------------
 
-def a_virsh_with_events(wd, monkeypatch, event_script):
+def a_virsh_with_events(scene, monkeypatch, event_script):
     """A virsh first in PATH: ``event ...`` runs ``event_script`` (shell),
     anything else libvirt's test driver on the node returned, logging
     ``done ARGS`` to the file returned once it answered."""
-    node = wd.join('node.xml')
-    calls = wd.join('virsh-calls')
-    bin_dir = wd.join('bin')
-    os.mkdir(bin_dir)
-    make_command(bin_dir, 'virsh', (
+    calls = scene.join('virsh-calls')
+    node = virsh_first_in_path(scene, monkeypatch, (
         "#!/bin/sh\n"
         "case \"$*\" in event*) {0};; esac\n"
         "'{1}' \"$@\"; status=$?\n"
         "echo \"done $*\" >> '{2}'\n"
         "exit $status\n").format(event_script, which('virsh'), calls))
-    monkeypatch.setenv('PATH', bin_dir + os.pathsep + os.environ['PATH'])
-    monkeypatch.setenv('LIBVIRT_DEFAULT_URI', 'test://' + node)
     write_node(node, [])
     return node, calls
 
@@ -1400,104 +1306,65 @@ def lines_of(path):
 
 
 @needs_virsh
-def test_a_guest_that_starts_is_served_at_its_lifecycle_event(monkeypatch):
+def test_a_guest_that_starts_is_served_at_its_lifecycle_event(monkeypatch,
+                                                              scene):
     """No rescan is due for an hour: only the event can make the daemon
     look again."""
-    wd = Workdir()
-    write_commands(wd.commands)
-    started = wd.join('started')
-    node, calls = a_virsh_with_events(wd, monkeypatch, (
+    started = scene.join('started')
+    node, calls = a_virsh_with_events(scene, monkeypatch, (
         "while [ ! -e '{0}' ]; do sleep 0.05; done\n"
         "echo \"event 'lifecycle' for domain 'g1': Started Booted\"\n"
         "exec sleep 3600").format(started))
-    stand_ins = {'g1': StandIn(wd.join('g1.sock'))}
-    ends = {}
-    daemon = None
-    try:
-        daemon = Daemon(wd, ['--rescan', '3600'])
-        wait_for(lambda: any(line.startswith('done list')
-                             for line in lines_of(calls)))
-        write_node(node, [domain_xml('g1', [('bind', stand_ins['g1'].path,
-                                             PORT)])])
-        assert not stand_ins['g1'].waiting(0.2)
-        open(started, 'w').close()
-        ends['g1'] = stand_ins['g1'].accept()
-        assert_served(ends['g1'], 'g1')
-        assert [line.split(';')[0] for line in lines_of(calls)] == [
-            'done list', 'done list', 'done dumpxml --domain "1"']
-        daemon.stop()
-    finally:
-        if daemon is not None:
-            daemon.kill()
-        close_all(stand_ins, ends)
-        wd.cleanup()
+    stand_in = scene.stand_in('g1')
+    daemon = scene.start(['--rescan', '3600'])
+    wait_for(lambda: any(line.startswith('done list')
+                         for line in lines_of(calls)))
+    write_node(node, [guest_domain('g1', stand_in)])
+    assert not stand_in.waiting(0.2)
+    open(started, 'w').close()
+    assert_served(scene.accept('g1'), 'g1')
+    assert [line.split(';')[0] for line in lines_of(calls)] == [
+        'done list', 'done list', 'done dumpxml --domain "1"']
+    daemon.stop()
 
 
 @needs_virsh
 def test_a_guest_whose_socket_closes_is_looked_for_again_at_once(
-        monkeypatch):
+        monkeypatch, scene):
     """Its domain restarted: a new id, its socket at a new path."""
-    wd = Workdir()
-    write_commands(wd.commands)
-    node, calls = a_virsh_with_events(wd, monkeypatch, 'exec sleep 3600')
-    stand_ins = {'old': StandIn(wd.join('old.sock')),
-                 'new': StandIn(wd.join('new.sock'))}
-    write_node(node, [domain_xml('g1', [('bind', stand_ins['old'].path,
-                                         PORT)])])
-    ends = {}
-    daemon = None
-    try:
-        daemon = Daemon(wd, ['--rescan', '3600'])
-        ends['old'] = stand_ins['old'].accept()
-        assert_served(ends['old'], 'g1')
-        # Another domain started first: g1's id is 2 now.
-        write_node(node, [domain_xml('other'), domain_xml(
-            'g1', [('bind', stand_ins['new'].path, PORT)])])
-        stand_ins['old'].close()
-        ends.pop('old').close()
-        ends['new'] = stand_ins['new'].accept()
-        assert_served(ends['new'], 'g1')
-        assert [line for line in daemon.lines() if re.match(
-            'negotiator: guest g1: (gone|found|connected)', line)][-3:] == [
-            'negotiator: guest g1: gone',
-            'negotiator: guest g1: found ({0})'.format(stand_ins['new'].path),
-            'negotiator: guest g1: connected to {0}'.format(
-                stand_ins['new'].path)]
-        daemon.stop()
-    finally:
-        if daemon is not None:
-            daemon.kill()
-        close_all(stand_ins, ends)
-        wd.cleanup()
+    node, calls = a_virsh_with_events(scene, monkeypatch, 'exec sleep 3600')
+    old, new = scene.stand_in('old'), scene.stand_in('new')
+    write_node(node, [guest_domain('g1', old)])
+    daemon = scene.start(['--rescan', '3600'])
+    assert_served(scene.accept('old'), 'g1')
+    # Another domain started first: g1's id is 2 now.
+    write_node(node, [domain_xml('other'), guest_domain('g1', new)])
+    old.close()
+    scene.ends.pop('old').close()
+    assert_served(scene.accept('new'), 'g1')
+    assert [line for line in daemon.lines() if re.match(
+        'negotiator: guest g1: (gone|found|connected)', line)][-3:] == [
+        'negotiator: guest g1: gone',
+        'negotiator: guest g1: found ({0})'.format(new.path),
+        'negotiator: guest g1: connected to {0}'.format(new.path)]
+    daemon.stop()
 
 
 @needs_virsh
-def test_a_virsh_without_events_leaves_the_rescans(monkeypatch):
+def test_a_virsh_without_events_leaves_the_rescans(monkeypatch, scene):
     """virsh event fails (an old virsh): said once, tried again at every
     rescan, and the guests are still found by rescanning."""
-    wd = Workdir()
-    write_commands(wd.commands)
-    tries = wd.join('event-tries')
-    node, calls = a_virsh_with_events(wd, monkeypatch, (
+    tries = scene.join('event-tries')
+    node, calls = a_virsh_with_events(scene, monkeypatch, (
         "echo x >> '{0}'\n"
         "echo \"error: unknown command: 'event'\" >&2\n"
         "exit 1").format(tries))
-    stand_ins = {'g1': StandIn(wd.join('g1.sock'))}
-    ends = {}
-    daemon = None
-    try:
-        daemon = Daemon(wd, ['--rescan', '0.2'])
-        wait_for(lambda: len(lines_of(tries)) >= 3)
-        write_node(node, [domain_xml('g1', [('bind', stand_ins['g1'].path,
-                                             PORT)])])
-        ends['g1'] = stand_ins['g1'].accept()
-        assert_served(ends['g1'], 'g1')
-        assert [line for line in daemon.lines() if 'event' in line] == [
-            "negotiator: virsh event ended: error: unknown command: 'event'; "
-            "following guests by looking every 0.2 s"]
-        daemon.stop()
-    finally:
-        if daemon is not None:
-            daemon.kill()
-        close_all(stand_ins, ends)
-        wd.cleanup()
+    scene.stand_in('g1')
+    daemon = scene.start(['--rescan', '0.2'])
+    wait_for(lambda: len(lines_of(tries)) >= 3)
+    write_node(node, [guest_domain('g1', scene.stand_ins['g1'])])
+    assert_served(scene.accept('g1'), 'g1')
+    assert [line for line in daemon.lines() if 'event' in line] == [
+        "negotiator: virsh event ended: error: unknown command: 'event'; "
+        "following guests by looking every 0.2 s"]
+    daemon.stop()
