@@ -28,7 +28,6 @@ import errno
 import fcntl
 import grp
 import json
-import optparse
 import os
 import pwd
 import re
@@ -5862,11 +5861,169 @@ socket closes.
 SIGTERM or SIGINT stop it and the commands it runs."""
 
 
-class PlainFormatter(optparse.IndentedHelpFormatter):
-    """Prints the description's paragraphs and line breaks as written."""
+def decimal_int(text):
+    """``text`` as optparse's int type reads it, where that is int(): a
+    leading 0 (hexadecimal 0x, binary 0b or octal to optparse) raises
+    ValueError."""
+    if text.startswith('0'):
+        raise ValueError(text)
+    return int(text)
 
-    def format_description(self, description):
-        return description + '\n' if description else ''
+
+class LazyOptionParser(object):
+    """optparse's OptionParser as the modes declare it, but a command line
+    that parses needs no optparse: it imports textwrap, gettext and locale,
+    the largest cost left of a guest call's start-up on Python 2.
+
+    Options are parsed here as optparse parses them, stopping at the first
+    argument that is not an option (disable_interspersed_args).  Anything
+    else -- --help, --version, an abbreviated long option, grouped short
+    flags, an unknown option, a missing or wrong value -- is parsed by
+    optparse itself, built from the same declarations, as are usage errors
+    and help, so every message and exit status are optparse's.
+    """
+
+    #: optparse's actions that store into a ``dest``, whose default is None
+    #: unless given.
+    STORE_ACTIONS = ('store', 'store_const', 'store_true', 'store_false',
+                     'append', 'append_const', 'count')
+
+    #: The actions parsed here; optparse parses the others.
+    QUICK_ACTIONS = ('store', 'store_const', 'store_true', 'append')
+
+    #: How a value is read, by type (None: a flag, which takes none);
+    #: optparse parses the other types.
+    CONVERTERS = {None: None, 'string': lambda text: text,
+                  'int': decimal_int, 'float': float}
+
+    def __init__(self, **settings):
+        """:param settings: optparse.OptionParser's keyword arguments."""
+        self.settings = settings
+        self.groups = []  # (title[, description]) of each, in order
+        self.declared = []  # (group number, 0 for none; names; settings)
+        self.defaults = {}
+        self.quick_options = {}  # name -> (dest, convert, const, append)
+
+    def add_option(self, *names, **settings):
+        self.declare(0, names, settings)
+
+    def add_option_group(self, *title_and_description):
+        self.groups.append(title_and_description)
+        return LazyOptionGroup(self, len(self.groups))
+
+    def declare(self, group, names, settings):
+        """Records an option; its dest and default as optparse sets them."""
+        self.declared.append((group, names, settings))
+        action = settings.get('action', 'store')
+        kind = settings.get('type')
+        if kind is None and action in ('store', 'append'):
+            kind = 'string'
+        dest = settings.get('dest')
+        if dest is None and (action in self.STORE_ACTIONS or kind):
+            long_names = [name for name in names if name.startswith('--')]
+            dest = (long_names or names)[0].lstrip('-').replace('-', '_')
+        if dest is not None:  # a dest declared again keeps its default
+            self.defaults[dest] = settings.get('default',
+                                               self.defaults.get(dest))
+        if (action in self.QUICK_ACTIONS and kind in self.CONVERTERS and
+                'nargs' not in settings):
+            const = True if action == 'store_true' else settings.get('const')
+            for name in names:
+                self.quick_options[name] = (dest, self.CONVERTERS[kind],
+                                            const, action == 'append')
+
+    def parse_args(self, args, values=None):
+        """optparse's ``(values, rest)``; ``values``, when given, updated."""
+        try:
+            changes, rest = self.parse_quickly(args)
+        except (LookupError, ValueError):  # unknown, missing, wrong: optparse
+            return self.optparse_parser().parse_args(args, values)
+        if values is None:
+            values = OptionValues(self.defaults)
+        for dest, value, append in changes:
+            if append:
+                values.ensure_value(dest, []).append(value)
+            else:
+                setattr(values, dest, value)
+        return values, rest
+
+    def parse_quickly(self, args):
+        """``(changes, rest)``: each option's (dest, value, append) in
+        order, then the arguments after the options.  Raises KeyError,
+        IndexError or ValueError where optparse must decide."""
+        changes = []
+        rest = list(args)
+        while rest and rest[0].startswith('-') and rest[0] != '-':
+            arg = rest.pop(0)
+            if arg == '--':
+                break
+            if arg.startswith('--'):
+                name, _, value = arg.partition('=')
+            else:
+                name, value = arg[:2], arg[2:]
+            dest, convert, const, append = self.quick_options[name]
+            attached = len(arg) > len(name)
+            if convert is not None:
+                value = convert(value if attached else rest.pop(0))
+            elif attached:  # --flag=VALUE, or grouped flags (-nv)
+                raise ValueError(arg)
+            else:
+                value = const
+            changes.append((dest, value, append))
+        return changes, rest
+
+    def optparse_parser(self):
+        """The same parser in optparse (imported only here)."""
+        import optparse
+
+        class PlainFormatter(optparse.IndentedHelpFormatter):
+            """Prints the description's paragraphs and line breaks as
+            written."""
+
+            def format_description(self, description):
+                return description + '\n' if description else ''
+
+        parser = optparse.OptionParser(formatter=PlainFormatter(),
+                                       **self.settings)
+        parser.disable_interspersed_args()
+        containers = [parser] + [parser.add_option_group(*group)
+                                 for group in self.groups]
+        for group, names, settings in self.declared:
+            containers[group].add_option(*names, **settings)
+        return parser
+
+    def error(self, message):
+        """Prints the usage and ``message`` to stderr; exits with status 2."""
+        self.optparse_parser().error(message)
+
+    def print_help(self, file=None):
+        self.optparse_parser().print_help(file)
+
+
+class LazyOptionGroup(object):
+    """What LazyOptionParser.add_option_group returns: its options are the
+    parser's, shown under the group's title."""
+
+    def __init__(self, parser, number):
+        self.parser = parser
+        self.number = number
+
+    def add_option(self, *names, **settings):
+        self.parser.declare(self.number, names, settings)
+
+
+class OptionValues(object):
+    """The options parsed, as optparse.Values: an attribute for each."""
+
+    def __init__(self, defaults):
+        self.__dict__.update(defaults)
+
+    def ensure_value(self, name, value):
+        """The attribute, set to ``value`` first if None (optparse's, used
+        by append)."""
+        if getattr(self, name, None) is None:
+            setattr(self, name, value)
+        return getattr(self, name)
 
 
 def make_parser(text, mode_options=True):
@@ -5876,10 +6033,8 @@ def make_parser(text, mode_options=True):
     name = os.path.basename(sys.argv[0])
     if name == '-c':  # python -c 'import negotiator; negotiator.main_exit()'
         name = 'negotiator'
-    parser = optparse.OptionParser(usage=usage, description=description,
-                                   version='%prog ' + __version__, prog=name,
-                                   formatter=PlainFormatter())
-    parser.disable_interspersed_args()
+    parser = LazyOptionParser(usage=usage, description=description,
+                              version='%prog ' + __version__, prog=name)
     if not mode_options:
         return parser
     parser.add_option('-v', '--verbose', action='store_const', const=2,
@@ -5891,7 +6046,7 @@ def make_parser(text, mode_options=True):
 
 
 def add_call_options(parser, other_side):
-    group = optparse.OptionGroup(parser, 'Calling the ' + other_side)
+    group = parser.add_option_group('Calling the ' + other_side)
     group.add_option('-t', '--timeout', type='float', metavar='SECONDS',
                      default=DEFAULT_TIMEOUT,
                      help='give up after SECONDS, killing the command on the '
@@ -5909,7 +6064,6 @@ def add_call_options(parser, other_side):
     group.add_option('--json', action='store_true',
                      help='print one JSON object with the result instead '
                      'of the output')
-    parser.add_option_group(group)
 
 
 def add_service_options(parser, who):
@@ -5930,8 +6084,8 @@ def guest_parser():
                       help='serve a UNIX socket at PATH instead of a port '
                       '(to try negotiator without a VM)')
     add_service_options(parser, 'the host')
-    group = optparse.OptionGroup(
-        parser, 'Requests served (qemu-ga\'s options)',
+    group = parser.add_option_group(
+        'Requests served (qemu-ga\'s options)',
         '    LIST: request names, comma-separated; the options may be\n'
         '    repeated; "help" prints the names.  Without either option,\n'
         '    guest-exec, guest-exec-status and guest-file-* are refused,\n'
@@ -5942,7 +6096,6 @@ def guest_parser():
     group.add_option('-b', '--block-rpcs', metavar='LIST', action='append',
                      help='refuse these requests ("Command ... has been '
                      'disabled")')
-    parser.add_option_group(group)
     parser.add_option('--call', action='store_true',
                       help='run COMMAND [ARG...] on the host')
     add_call_options(parser, 'host')
@@ -5961,15 +6114,14 @@ def host_parser():
                       default=DEFAULT_PARALLEL,
                       help='with --all, call N guests at once (default: '
                       '%default)')
-    group = optparse.OptionGroup(parser, 'Finding guests')
+    group = parser.add_option_group('Finding guests')
     group.add_option('--connect', metavar='URI',
                      help='libvirt URI for virsh (default: virsh\'s own)')
     group.add_option('--channel-dir', metavar='DIR',
                      help='look for guests\' sockets in DIR instead of '
                      'asking virsh (libvirt keeps them in {0}, which is '
                      'scanned when virsh fails)'.format(DEFAULT_CHANNEL_DIR))
-    parser.add_option_group(group)
-    group = optparse.OptionGroup(parser, 'Host daemon')
+    group = parser.add_option_group('Host daemon')
     group.add_option('--daemon', action='store_true',
                      help='serve every guest\'s calls to the host')
     group.add_option('--guest', metavar='NAME=SOCKET', action='append',
@@ -5983,7 +6135,6 @@ def host_parser():
                      '(virsh list, or the --guest pairs or --channel-dir '
                      'again; default: %default)')
     add_service_options(group, 'guests')
-    parser.add_option_group(group)
     return parser
 
 

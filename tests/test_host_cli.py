@@ -235,6 +235,168 @@ def test_host_usage_errors(args, message):
 
 
 # ---------------------------------------------------------------------------
+# Parsing the command line without optparse, exactly as optparse does
+# ---------------------------------------------------------------------------
+
+PARSERS = {
+    'main': lambda: negotiator.make_parser(negotiator.MAIN_USAGE,
+                                           mode_options=False),
+    'guest': negotiator.guest_parser,
+    'host': negotiator.host_parser,
+}
+
+#: (mode, arguments, parsed without optparse)
+COMMAND_LINES = [
+    ('main', [], True),
+    ('main', ['guest', '--call', 'x'], True),
+    ('main', ['--', 'host'], True),
+    ('main', ['-', 'guest'], True),
+    ('main', ['--version'], False),
+    ('main', ['--vers', 'guest'], False),
+    ('main', ['--version=1'], False),
+    ('main', ['-h'], False),
+    ('main', ['--help', 'guest'], False),
+    ('main', ['-x', 'guest'], False),
+    ('guest', ['--call', '-t', '5', '-n', 'x', '-v'], True),
+    ('guest', ['--call', '--timeout=0.5', '--no-stdin', 'x'], True),
+    ('guest', ['-t5', '--stdin', '--call', 'x'], True),
+    ('guest', ['-t', '-1', '--call', 'x'], True),
+    ('guest', ['-t', '-inf', '--json', '--list'], True),
+    ('guest', ['--timeout', '1e3', '--ping'], True),
+    ('guest', ['-v'], True),
+    ('guest', ['-q'], True),
+    ('guest', ['-v', '-q', '--quiet', '--verbose'], True),
+    ('guest', ['-a', 'x', '-a', 'y,z', '--allow-rpcs=w', '-bq'], True),
+    ('guest', ['--block-rpcs', '', '--block-rpcs='], True),
+    ('guest', ['--listen', '/s', '--commands-dir=/c', '--syslog'], True),
+    ('guest', ['--device', '--listen'], True),
+    ('guest', ['--device='], True),
+    ('guest', ['--call', '--', '-t', '5'], True),
+    ('guest', ['--', '--call'], True),
+    ('guest', ['x', '--call'], True),
+    ('guest', ['-', '--call'], True),
+    ('guest', ['-nv', '--call', 'x'], False),
+    ('guest', ['-vq'], False),
+    ('guest', ['-n5'], False),
+    ('guest', ['--cal', 'x'], False),
+    ('guest', ['--c', 'x'], False),
+    ('guest', ['--timeout'], False),
+    ('guest', ['-t'], False),
+    ('guest', ['-a'], False),
+    ('guest', ['-t', 'soon'], False),
+    ('guest', ['--timeout=', '--call'], False),
+    ('guest', ['--timeout', '--call', 'x'], False),
+    ('guest', ['-tq'], False),
+    ('guest', ['--stdin=yes'], False),
+    ('guest', ['--bogus'], False),
+    ('guest', ['-z', 'x'], False),
+    ('guest', ['--help'], False),
+    ('guest', ['-h', '--call'], False),
+    ('guest', ['--version'], False),
+    ('host', ['g', 'uptime'], True),
+    ('host', ['-t', '3', '-n', 'g', 'uptime', '-t', '4'], True),
+    ('host', ['g', '-t', '3', 'uptime'], True),
+    ('host', ['--all', '--parallel', '4', 'uptime'], True),
+    ('host', ['--parallel=4', '--all', 'x'], True),
+    ('host', ['--parallel', '-3'], True),
+    ('host', ['--parallel', ' 7 '], True),
+    ('host', ['--daemon', '--guest', 'a=/s', '--guest=b=/t', '--rescan',
+              '2.5', '--syslog', '--commands-dir', '/c', '-v'], True),
+    ('host', ['--connect', 'qemu:///system', '--channel-dir=/d',
+              '--list-guests'], True),
+    ('host', ['--list', '--ping', '--json', '--stdin', '--no-stdin', 'g'],
+     True),
+    ('host', ['--rescan=inf', '--daemon'], True),
+    ('host', ['--parallel', '010'], False),
+    ('host', ['--parallel', '0x1f'], False),
+    ('host', ['--parallel', '0b11'], False),
+    ('host', ['--parallel', '0'], False),
+    ('host', ['--parallel', '1.5'], False),
+    ('host', ['--parallel', 'x'], False),
+    ('host', ['--parallel'], False),
+    ('host', ['--list-g'], False),
+    ('host', ['--li'], False),
+    ('host', ['--all', '-nq', 'x'], False),
+    ('host', ['--rescan'], False),
+    ('host', ['--daemon=yes'], False),
+    ('host', ['--guests', 'a=/s'], False),
+    ('host', ['-h', 'g'], False),
+    ('host', ['--version', 'g'], False),
+]
+
+
+def parse_or_exit(parser, args, values, capsys):
+    """What ``parser`` makes of ``args``: ('parsed', its values' attributes,
+    the rest), or ('exit', status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        values, rest = parser.parse_args(args, values)
+    except SystemExit as e:
+        out, err = capsys.readouterr()
+        return ('exit', e.code, out, err)
+    return ('parsed', dict(vars(values)), rest)
+
+
+def refuse_optparse():
+    raise AssertionError('optparse used')
+
+
+@pytest.mark.parametrize('mode, args, quick', COMMAND_LINES, ids=[
+    '{0} {1}'.format(mode, ' '.join(args)) for mode, args, _ in COMMAND_LINES])
+def test_command_line_parses_as_optparse_parses_it(mode, args, quick, capsys):
+    """The same values and arguments left, or the same help, version or
+    usage error and exit status, as optparse's parser declared alike;
+    optparse itself is used only where a command line needs it."""
+    parser = PARSERS[mode]()
+    if quick:
+        parser.optparse_parser = refuse_optparse
+    expected = parse_or_exit(PARSERS[mode]().optparse_parser(), args, None,
+                             capsys)
+    assert parse_or_exit(parser, args, None, capsys) == expected
+
+
+def test_options_between_guest_and_command_parse_into_the_same_values(
+        capsys):
+    """As parse_host_mode parses them (appending to --guest's list), with
+    the second part parsed here, then by optparse (abbreviated)."""
+    first = ['--guest', 'a=/s', '-t', '2', 'g', '--guest', 'b=/t', '-q', 'c']
+    for second_quick in (True, False):
+        parser = negotiator.host_parser()
+        real = negotiator.host_parser().optparse_parser()
+        results = []
+        for each in (parser, real):
+            values, rest = each.parse_args(first)
+            if not second_quick:
+                rest = [arg.replace('--guest', '--gue') for arg in rest]
+            results.append(parse_or_exit(each, rest[1:], values, capsys))
+        assert results[0] == results[1]
+        assert results[0][1]['guests'] == ['a=/s', 'b=/t']
+
+
+def test_a_command_line_that_parses_imports_no_optparse():
+    """optparse (with textwrap, gettext and locale) costs a guest call's
+    start-up most on Python 2: only help and usage errors need it."""
+    quick = [(mode, args) for mode, args, quick in COMMAND_LINES if quick]
+    code = (
+        'import sys\n'
+        'sys.path.insert(0, {0!r})\n'
+        'import negotiator\n'
+        'parsers = {{"main": lambda: negotiator.make_parser(\n'
+        '    negotiator.MAIN_USAGE, mode_options=False),\n'
+        '    "guest": negotiator.guest_parser,\n'
+        '    "host": negotiator.host_parser}}\n'
+        'for mode, args in {1!r}:\n'
+        '    parsers[mode]().parse_args(args)\n'
+        'negotiator.parse_host_mode(["-n", "g", "-t", "3", "uptime"])\n'
+        'print("optparse" in sys.modules)\n'
+    ).format(os.path.dirname(NEGOTIATOR), quick)
+    process = subprocess.Popen([sys.executable, '-c', code],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = communicate(process, b'', time.time() + HANG)
+    assert (process.returncode, out, err) == (0, b'False\n', b'')
+
+
+# ---------------------------------------------------------------------------
 # Exit statuses
 # ---------------------------------------------------------------------------
 
