@@ -5883,11 +5883,6 @@ class LazyOptionParser(object):
     and help, so every message and exit status are optparse's.
     """
 
-    #: optparse's actions that store into a ``dest``, whose default is None
-    #: unless given.
-    STORE_ACTIONS = ('store', 'store_const', 'store_true', 'store_false',
-                     'append', 'append_const', 'count')
-
     #: The actions parsed here; optparse parses the others.
     QUICK_ACTIONS = ('store', 'store_const', 'store_true', 'append')
 
@@ -5919,14 +5914,13 @@ class LazyOptionParser(object):
         if kind is None and action in ('store', 'append'):
             kind = 'string'
         dest = settings.get('dest')
-        if dest is None and (action in self.STORE_ACTIONS or kind):
+        if dest is None:  # (every action declared here stores)
             long_names = [name for name in names if name.startswith('--')]
             dest = (long_names or names)[0].lstrip('-').replace('-', '_')
         if dest is not None:  # a dest declared again keeps its default
             self.defaults[dest] = settings.get('default',
                                                self.defaults.get(dest))
-        if (action in self.QUICK_ACTIONS and kind in self.CONVERTERS and
-                'nargs' not in settings):
+        if action in self.QUICK_ACTIONS and kind in self.CONVERTERS:
             const = True if action == 'store_true' else settings.get('const')
             for name in names:
                 self.quick_options[name] = (dest, self.CONVERTERS[kind],
