@@ -29,6 +29,25 @@ def b(text):
     return text.encode('utf-8')
 
 
+def tracebacks(text):
+    """Each Python traceback in a log or a console, with the three lines
+    before it: what a failure shows rather than the whole text."""
+    lines = text.splitlines()
+    found = []
+    for n, line in enumerate(lines):
+        if 'Traceback' in line:
+            end = n + 1
+            while end < len(lines) and lines[end][:1] in (' ', '\t'):
+                end += 1
+            found.append('\n'.join(lines[max(n - 3, 0):end + 1]))
+    return found
+
+
+def assert_no_traceback(text):
+    found = tracebacks(text)
+    assert not found, '\n...\n'.join(found)
+
+
 def cli(args, **kwargs):
     """run_cli(), also checking that no traceback reached stderr."""
     status, out, err = run_cli(args, **kwargs)
@@ -153,7 +172,7 @@ class GuestProcess(object):
             wait_for(lambda: self.process.poll() is not None)
         self.log_file.close()
         text = self.log()
-        assert 'Traceback' not in text, text
+        assert_no_traceback(text)
         assert self.process.returncode == 0, (self.process.returncode, text)
         return text
 

@@ -29,8 +29,9 @@ import time
 import pytest
 
 import negotiator
-from helpers import (HANG, NEGOTIATOR, ROOT, RawClient, Workdir, b,
-                     make_command, process_state, run_cli, running, wait_for)
+from helpers import (HANG, NEGOTIATOR, ROOT, RawClient, Workdir,
+                     assert_no_traceback, b, make_command, process_state,
+                     run_cli, running, wait_for)
 
 PORT = negotiator.GUEST_TO_HOST_PORT
 MAX_LINE = negotiator.MAX_LINE
@@ -375,7 +376,7 @@ class Daemon(object):
         took = time.time() - started
         self.log_file.close()
         text = self.log()
-        assert 'Traceback' not in text, text
+        assert_no_traceback(text)
         assert 'internal error' not in text, text
         assert self.process.returncode == 0, (self.process.returncode, text)
         return took

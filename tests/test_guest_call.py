@@ -37,8 +37,9 @@ import tty
 import pytest
 
 import negotiator
-from helpers import (HANG, NEGOTIATOR, ROOT, Workdir, b, communicate,
-                     make_command, remove_quietly, run_cli, wait_for)
+from helpers import (HANG, NEGOTIATOR, ROOT, Workdir, assert_no_traceback,
+                     b, communicate, make_command, remove_quietly, run_cli,
+                     wait_for)
 
 GUEST_NAME = 'g1'
 
@@ -296,7 +297,7 @@ class Port(object):
                     raise
             self.log_file.close()
             text = self.log()
-            assert 'Traceback' not in text, text
+            assert_no_traceback(text)
             assert 'internal error' not in text, text
             assert self.daemon.returncode == 0, (self.daemon.returncode, text)
         finally:

@@ -23,8 +23,9 @@ import time
 import pytest
 
 import negotiator
-from helpers import (HANG, NEGOTIATOR, Agent, RawClient, make_command,
-                     process_state, run_cli, scripted_agent, wait_for)
+from helpers import (HANG, NEGOTIATOR, Agent, RawClient,
+                     assert_no_traceback, make_command, process_state,
+                     run_cli, scripted_agent, wait_for)
 
 COMMANDS = {
     'echo-args': '#!/bin/sh\nprintf "%s\\n" "$@"\n',
@@ -566,7 +567,7 @@ class Daemon(object):
             end.close()
         with open(self.log_path) as handle:
             log = handle.read()
-        assert 'Traceback' not in log, log
+        assert_no_traceback(log)
         return log
 
 
@@ -610,7 +611,7 @@ def test_a_fault_while_connecting_to_a_guest_is_tried_again(workdir):
         log = handle.read()
     assert ('negotiator: guest vm1: internal error, trying again later: '
             'ZeroDivisionError: injected') in log.splitlines(), log
-    assert 'Traceback' not in log, log
+    assert_no_traceback(log)
 
 
 def test_the_daemon_answers_what_once_stopped_it(workdir):

@@ -30,7 +30,7 @@ import time
 import pytest
 
 import negotiator
-from helpers import ROOT, Workdir, make_command
+from helpers import ROOT, Workdir, assert_no_traceback, make_command
 
 sys.path.insert(0, os.path.join(ROOT, 'scripts', 'guest'))
 import guestimage  # noqa: E402
@@ -98,7 +98,7 @@ def domain(libvirtd, commands):
     finally:
         booted.stop()
     # The agents log to the console: whatever happened, never a traceback.
-    assert 'Traceback' not in console, console
+    assert_no_traceback(console)
 
 
 def virsh(libvirtd, *args):
@@ -294,7 +294,7 @@ class HostDaemon(object):
             self.reader.join()
             self.process.stdout.close()
             self.workdir.cleanup()
-        assert 'Traceback' not in self.log(), self.log()
+        assert_no_traceback(self.log())
         return self.log()
 
 

@@ -30,7 +30,8 @@ import time
 import pytest
 
 import negotiator
-from helpers import ROOT, Workdir, communicate, make_command, wait_for
+from helpers import (ROOT, Workdir, assert_no_traceback, communicate,
+                     make_command, wait_for)
 
 sys.path.insert(0, os.path.join(ROOT, 'scripts', 'guest'))
 from qemu import Guest  # noqa: E402
@@ -162,7 +163,7 @@ def guest(request):
     booted.stop()
     workdir.cleanup()
     # The agent logs to the console: whatever happened, never a traceback.
-    assert 'Traceback' not in console, console
+    assert_no_traceback(console)
 
 
 def host(guest, *args, **kwargs):
@@ -409,7 +410,7 @@ class HostDaemon(object):
             if self.process.poll() is None:
                 self.process.terminate()
             assert self.process.wait(30) == 0, self.log()
-            assert 'Traceback' not in self.log(), self.log()
+            assert_no_traceback(self.log())
         finally:
             # "hold" commands left running by a killed daemon end too.
             open(self.workdir.join('gate'), 'w').close()
@@ -502,7 +503,7 @@ def test_qemu_killed_and_started_again(guest, figures):
         assert daemon.log().count('guest vm1: connected') >= cycles + 1
     finally:
         daemon.stop()
-    assert 'Traceback' not in guest.console()
+    assert_no_traceback(guest.console())
 
 
 def test_guest_rebooted_from_inside(guest, figures):
@@ -544,7 +545,7 @@ def test_guest_rebooted_from_inside(guest, figures):
         assert daemon.log().count('guest vm1: connected') == 1
         console = rebooting.console()
         assert console.count('negotiator-guest: starting') == cycles + 1
-        assert 'Traceback' not in console, console
+        assert_no_traceback(console)
     finally:
         if daemon is not None:
             daemon.stop()
