@@ -29,9 +29,9 @@ def b(text):
     return text.encode('utf-8')
 
 
-def tracebacks(text):
-    """Each Python traceback in a log or a console, with the three lines
-    before it: what a failure shows rather than the whole text."""
+def assert_no_traceback(text):
+    """Fail if a log or a console holds a Python traceback, showing each
+    with the three lines before it rather than the whole text."""
     lines = text.splitlines()
     found = []
     for n, line in enumerate(lines):
@@ -40,11 +40,6 @@ def tracebacks(text):
             while end < len(lines) and lines[end][:1] in (' ', '\t'):
                 end += 1
             found.append('\n'.join(lines[max(n - 3, 0):end + 1]))
-    return found
-
-
-def assert_no_traceback(text):
-    found = tracebacks(text)
     assert not found, '\n...\n'.join(found)
 
 
